@@ -1,0 +1,79 @@
+"""``sidecar demo``: the emulator, the sidecar and the embedded store on localhost, working."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+
+import aiohttp
+from aiohttp import web
+
+from sidecar.app import create_app
+from sidecar.emulator import EmulatorConfig, create_emulator_app
+from sidecar.settings import load_settings
+
+__all__ = ["run_demo"]
+
+DEMO_KEY = "sk-bf-demo-key"
+EMULATOR_LATENCY_MS = 60.0
+
+
+def run_demo(*, port: int = 8080, once: bool = False) -> int:
+    """Run the demo until Ctrl-C (or, with ``once``, until the requests are shown)."""
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_demo(port, once))
+    return 0
+
+
+async def _start(app: web.Application, port: int) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    return runner, runner.addresses[0][1]
+
+
+async def _demo(port: int, once: bool) -> None:
+    emulator, emulator_port = await _start(
+        create_emulator_app(EmulatorConfig(latency_ms=EMULATOR_LATENCY_MS)), 0
+    )
+    upstream = f"http://127.0.0.1:{emulator_port}"
+    settings = load_settings(
+        {}, upstream_kind="bifrost", upstream_url=upstream, port=port, key_secret="demo-only"
+    )
+    sidecar, sidecar_port = await _start(create_app(settings), port)
+    base = f"http://127.0.0.1:{sidecar_port}"
+    auth = {"Authorization": f"Bearer {DEMO_KEY}"}
+    try:
+        async with aiohttp.ClientSession(headers=auth) as http:
+            async with http.post(
+                f"{upstream}/v1/containers", json={"name": "demo", "memory_limit": "1g"}
+            ) as response:
+                container_id = (await response.json())["id"]
+            url = f"{base}/openai/v1/containers/{container_id}"
+            print(f"\nemulator (a stand-in for the gateway, {EMULATOR_LATENCY_MS:.0f} ms a call)")
+            print(f"  {upstream}  created container {container_id}")
+            print(f"sidecar  {base}  (embedded store)\n")
+            for attempt in ("first", "second"):
+                started = time.perf_counter()
+                async with http.get(url) as response:
+                    body = await response.json()
+                elapsed_ms = (time.perf_counter() - started) * 1000
+                debug = body["extra_fields"].get("cache_debug", {})
+                print(
+                    f"{attempt:>6} GET {url}\n"
+                    f"        -> {response.status} in {elapsed_ms:.1f} ms, status "
+                    f"{body.get('status')!r}, cache_debug {json.dumps(debug)}"
+                )
+        print("\nTry it yourself:")
+        print(f"  curl -s -H 'Authorization: Bearer {DEMO_KEY}' {url}")
+        print(f"  curl -s -H 'Authorization: Bearer sk-bf-someone-else' {url}   # 404")
+        print(f"  curl -s '{base}/v1/containers/{container_id}'   # 401: no credential")
+        if not once:
+            print("\nCtrl-C stops the demo.")
+            await asyncio.Event().wait()
+    finally:
+        await sidecar.cleanup()
+        await emulator.cleanup()

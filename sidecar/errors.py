@@ -1,0 +1,137 @@
+"""The sidecar's errors, each mapped to the gateway's error shape in one place (``wire``).
+
+SidecarError                      an answer that is not a container
+├── RequestError                  the caller's mistake (4xx, ``is_bifrost_error: false``)
+│   ├── MissingCredential         401: no credential header
+│   ├── InvalidParameter          400: a bad path, query or header value, naming it
+│   ├── UnsupportedOperation      400: the provider has no containers API
+│   ├── RouteNotFound             404: no such route
+│   └── NotCached                 504: ``only-if-cached`` and nothing usable cached
+├── UpstreamReplyError            the upstream answered an error: relayed as it came
+└── UpstreamFailure               the upstream could not be reached or made no sense
+    ├── UpstreamTimeout           504
+    ├── UpstreamUnavailable       502: connection refused, reset, DNS...
+    └── UpstreamMalformed         502: a 200 whose body is not a container
+
+StoreUnavailable                  Redis failed; never reaches a caller (fail-open)
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "InvalidParameter",
+    "MissingCredential",
+    "NotCached",
+    "RequestError",
+    "RouteNotFound",
+    "SidecarError",
+    "StoreUnavailable",
+    "UnsupportedOperation",
+    "UpstreamFailure",
+    "UpstreamMalformed",
+    "UpstreamReplyError",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
+]
+
+
+class SidecarError(Exception):
+    """An error answered in the gateway's ``BifrostError`` shape."""
+
+    status = 500
+    type = ""
+    code = ""
+    param = ""
+    is_bifrost_error = True
+
+    def __init__(self, message: str, *, param: str = "", code: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        if param:
+            self.param = param
+        if code:
+            self.code = code
+
+
+class RequestError(SidecarError):
+    """The caller's mistake: a 4xx that is never cached and never reaches the upstream."""
+
+    status = 400
+    type = "invalid_request_error"
+    is_bifrost_error = False
+
+
+class MissingCredential(RequestError):
+    """No credential header: 401."""
+
+    status = 401
+    type = "authentication_error"
+    code = "missing_credential"
+
+
+class InvalidParameter(RequestError):
+    """A path, query or header value that cannot be right: 400 naming it."""
+
+    code = "invalid_parameter"
+
+
+class UnsupportedOperation(RequestError):
+    """The provider has no containers API: 400 (the gateway answers 500 on /openai/...)."""
+
+    code = "unsupported_operation"
+
+
+class RouteNotFound(RequestError):
+    """No such route: 404."""
+
+    status = 404
+    code = "not_found"
+
+
+class NotCached(RequestError):
+    """``Cache-Control: only-if-cached`` and nothing usable is cached: 504 (RFC 9111 5.2.1.7)."""
+
+    status = 504
+    type = "cache_miss"
+    code = "only_if_cached"
+
+
+class UpstreamReplyError(SidecarError):
+    """The upstream answered with an error: relayed with its status and gateway-shaped body."""
+
+    def __init__(self, status: int, body: bytes, *, retry_after: str | None = None) -> None:
+        super().__init__(f"upstream answered HTTP {status}")
+        self.status = status
+        self.body = body
+        """The error in the gateway's shape, ready JSON."""
+        self.retry_after = retry_after
+
+
+class UpstreamFailure(SidecarError):
+    """The upstream could not be reached or made no sense: the gateway's own fault."""
+
+    status = 502
+    type = "upstream_error"
+
+
+class UpstreamTimeout(UpstreamFailure):
+    """The upstream took longer than ``SIDECAR_UPSTREAM_TIMEOUT_S``: 504."""
+
+    status = 504
+    code = "upstream_timeout"
+
+
+class UpstreamUnavailable(UpstreamFailure):
+    """The upstream could not be reached: 502."""
+
+    code = "upstream_unavailable"
+
+
+class UpstreamMalformed(UpstreamFailure):
+    """The upstream answered 200 with something that is not a container: 502."""
+
+    code = "upstream_malformed_response"
+
+
+class StoreUnavailable(Exception):
+    """Redis failed or is being skipped after a failure; callers serve from upstream."""

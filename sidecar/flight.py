@@ -1,0 +1,80 @@
+"""In-process single-flight: concurrent callers with the same key share one running call.
+
+The shared call runs in a task owned by the :class:`SingleFlight`, so a caller that is cancelled
+never cancels it; :meth:`SingleFlight.close` cancels and awaits what is left at shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Generic, TypeVar
+
+__all__ = ["BackgroundTasks", "SingleFlight"]
+
+log = logging.getLogger(__name__)
+
+K = TypeVar("K", bound=Hashable)
+T = TypeVar("T")
+
+
+class SingleFlight(Generic[K, T]):
+    """Coalesces concurrent calls per key."""
+
+    def __init__(self) -> None:
+        self._running: dict[K, asyncio.Task[T]] = {}
+
+    def __len__(self) -> int:
+        return len(self._running)
+
+    async def run(self, key: K, call: Callable[[], Awaitable[T]]) -> tuple[T, bool]:
+        """The result of the call running for ``key`` (starting it if none), and whether joined."""
+        task = self._running.get(key)
+        joined = task is not None
+        if task is None:
+            task = asyncio.ensure_future(call())
+            self._running[key] = task
+            task.add_done_callback(lambda done: self._finished(key, done))
+        return await asyncio.shield(task), joined
+
+    def _finished(self, key: K, task: asyncio.Task[T]) -> None:
+        if self._running.get(key) is task:
+            del self._running[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: nobody may be left waiting for it
+
+    async def close(self) -> None:
+        """Cancel and await the calls still running."""
+        tasks = list(self._running.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class BackgroundTasks:
+    """Owns fire-and-forget tasks so that each is cancelled and awaited at shutdown."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[object]] = set()
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def spawn(self, work: Awaitable[object]) -> None:
+        """Run ``work`` in the background."""
+        task: asyncio.Task[object] = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[object]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("background task failed: %r", task.exception())
+
+    async def close(self) -> None:
+        """Cancel and await every task still running."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,54 @@
+"""Every Redis key the sidecar and the workers use, built in one place.
+
+Keys of one container share a Redis Cluster hash tag (``{provider:container_id}``), so the record,
+its lock and its grants live in one slot and a hit is one ``MGET``.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+__all__ = ["KeySpace", "cache_id_for"]
+
+_CACHE_ID_NAMESPACE = uuid.UUID("5f0d3c6e-8a51-4c43-9a39-0c1f3b1f6a10")
+
+
+def cache_id_for(provider: str, container_id: str) -> str:
+    """The stable public id of a cache entry (a UUIDv5; reveals nothing about the key)."""
+    return str(uuid.uuid5(_CACHE_ID_NAMESPACE, f"{provider}/{container_id}"))
+
+
+class KeySpace:
+    """Builds keys under one prefix (``SIDECAR_KEY_PREFIX``)."""
+
+    __slots__ = ("prefix",)
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def _tag(self, provider: str, container_id: str) -> str:
+        return f"{self.prefix}:{{{provider}:{container_id}}}"
+
+    def record(self, provider: str, container_id: str) -> str:
+        """The cached record."""
+        return f"{self._tag(provider, container_id)}:rec"
+
+    def grant(self, provider: str, container_id: str, fingerprint: str) -> str:
+        """Proof that the upstream answered this credential for this container."""
+        return f"{self._tag(provider, container_id)}:grant:{fingerprint}"
+
+    def negative(self, provider: str, container_id: str, fingerprint: str) -> str:
+        """A cached 404 for one credential (another project may well see the container)."""
+        return f"{self._tag(provider, container_id)}:neg:{fingerprint}"
+
+    def lock(self, provider: str, container_id: str, fingerprint: str) -> str:
+        """The cross-replica fetch lock of one credential for one container."""
+        return f"{self._tag(provider, container_id)}:lock:{fingerprint}"
+
+    def cache_id(self, cache_id: str) -> str:
+        """Maps a public cache_id back to its container (for purges)."""
+        return f"{self.prefix}:cid:{cache_id}"
+
+    def hot(self, provider: str, container_id: str) -> str:
+        """When the entry was last read (drives refresh-ahead)."""
+        return f"{self._tag(provider, container_id)}:hot"

@@ -1,0 +1,60 @@
+"""The one place where errors become answers in the gateway's ``BifrostError`` shape."""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from sidecar.errors import RouteNotFound, SidecarError, UpstreamReplyError
+from sidecar.wire import error_body
+
+__all__ = ["error_middleware", "error_response"]
+
+log = logging.getLogger(__name__)
+
+
+def error_response(exc: SidecarError, provider: str) -> web.Response:
+    """The gateway-shaped answer for ``exc``."""
+    if isinstance(exc, UpstreamReplyError):
+        response = web.Response(body=exc.body, status=exc.status, content_type="application/json")
+        if exc.retry_after:
+            response.headers["Retry-After"] = exc.retry_after
+        return response
+    return web.Response(
+        body=error_body(exc, provider), status=exc.status, content_type="application/json"
+    )
+
+
+def _provider(request: web.Request) -> str:
+    provider = request.query.get("provider", "")
+    if not provider and not request.path.startswith("/v1/"):
+        return "openai"
+    return provider[:64]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answer every error in the gateway's shape; never a stack trace."""
+    try:
+        return await handler(request)
+    except SidecarError as exc:
+        if exc.status >= 500:
+            log.warning("%s %s: %s", request.method, request.path, exc.message)
+        return error_response(exc, _provider(request))
+    except web.HTTPException as exc:
+        if exc.status == 404:
+            return error_response(
+                RouteNotFound(f"no route for {request.method} {request.path[:200]}"),
+                _provider(request),
+            )
+        if exc.status == 405:
+            not_allowed = RouteNotFound(f"method {request.method} not allowed here")
+            not_allowed.status = 405
+            not_allowed.code = "method_not_allowed"
+            return error_response(not_allowed, _provider(request))
+        raise
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(SidecarError("internal error in the sidecar"), _provider(request))

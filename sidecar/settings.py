@@ -1,0 +1,259 @@
+"""One validated settings object, loaded once from the environment (``SIDECAR_`` prefix).
+
+Every field below is read from ``SIDECAR_<FIELD NAME IN UPPER CASE>``. A malformed value, an
+unknown ``SIDECAR_`` variable or a missing required one stops start-up with a message that names
+the variable. Secrets are wrapped in :class:`Secret`, whose repr never shows the value.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+__all__ = [
+    "CONTAINER_PROVIDERS",
+    "PROVIDERS",
+    "Secret",
+    "Settings",
+    "SettingsError",
+    "load_settings",
+]
+
+ENV_PREFIX = "SIDECAR_"
+
+#: The gateway's provider enum, as published in the endpoint's reference page.
+PROVIDERS: frozenset[str] = frozenset(
+    (
+        "openai", "azure", "anthropic", "bedrock", "cohere", "vertex", "vllm", "mistral",
+        "ollama", "groq", "sgl", "parasail", "perplexity", "replicate", "cerebras", "gemini",
+        "openrouter", "elevenlabs", "huggingface", "nebius", "xai", "runway", "fireworks",
+    )
+)  # fmt: skip
+#: Providers that implement the containers API in current gateway versions.
+CONTAINER_PROVIDERS: frozenset[str] = frozenset({"openai", "azure"})
+
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+NonNegSeconds = Annotated[float, msgspec.Meta(ge=0)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+Fraction = Annotated[float, msgspec.Meta(ge=0, le=1)]
+Positive = Annotated[int, msgspec.Meta(gt=0)]
+
+
+class SettingsError(ValueError):
+    """A setting is missing, unknown or malformed; the message names the variable."""
+
+
+class Secret:
+    """A string that never shows itself in a repr, a log line or an exception."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """The secret value, for the one place that needs it."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    """The sidecar's and the worker's configuration. Field docs are the operator's reference."""
+
+    # -- serving
+    host: str = "0.0.0.0"
+    """Address the sidecar listens on."""
+    port: Port = 8080
+    """Port the sidecar listens on."""
+    access_log: bool = True
+    """One log line per request with its status and duration."""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Log level of the sidecar and the worker."""
+    shutdown_timeout_s: Seconds = 10.0
+    """How long in-flight requests may take to finish after SIGTERM."""
+
+    # -- upstream
+    upstream_kind: Literal["bifrost", "openai"] = "bifrost"
+    """``bifrost``: a Bifrost gateway; ``openai``: an OpenAI-compatible API (``/v1/containers``)."""
+    upstream_url: str = ""
+    """Base URL of the gateway or API, e.g. ``http://bifrost:8080`` (required)."""
+    upstream_timeout_s: Seconds = 10.0
+    """Total time allowed for one upstream call."""
+    upstream_connect_timeout_s: Seconds = 2.0
+    """Time allowed to open a connection to the upstream."""
+    upstream_max_connections: Positive = 100
+    """Size of the upstream connection pool."""
+    container_providers: frozenset[str] = CONTAINER_PROVIDERS
+    """Providers whose containers API exists upstream (comma-separated); others get 400."""
+
+    # -- cache
+    redis_url: str = ""
+    """Redis for the cache (``redis://``, ``rediss://``, ``unix://``). Empty: embedded store."""
+    redis_cluster: bool = False
+    """Treat ``redis_url`` as a Redis Cluster seed node."""
+    redis_socket_timeout_s: Seconds = 0.25
+    """Per-command Redis timeout; past it the request is served from upstream (fail-open)."""
+    redis_connect_timeout_s: Seconds = 0.25
+    """Redis connect timeout."""
+    redis_retry_after_s: Seconds = 1.0
+    """After a Redis failure, how long to serve from upstream before trying Redis again."""
+    key_prefix: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,32}$")] = "bcs"
+    """Prefix of every Redis key the sidecar writes."""
+    key_secret: Secret | None = None
+    """HMAC key for credential fingerprints; share it across replicas so grants are shared."""
+    fresh_ttl_s: Seconds = 10.0
+    """How long a cached container is fresh."""
+    max_stale_s: NonNegSeconds = 60.0
+    """How long past freshness a container is still served at once while it is refreshed."""
+    stale_if_error_s: NonNegSeconds = 300.0
+    """How long past ``max_stale_s`` a container is served while the upstream fails."""
+    negative_ttl_s: NonNegSeconds = 5.0
+    """How long an upstream 404 is cached (0 disables negative caching)."""
+    terminal_ttl_s: Seconds = 3600.0
+    """How long a container in a terminal status (not ``running``) stays fresh."""
+    grant_ttl_s: Seconds = 60.0
+    """How long an upstream answer for a credential lets that credential read the cache."""
+    freshness_threshold: Fraction = 0.0
+    """Lowest freshness (``cache_debug.similarity``) served without revalidating."""
+    lock_age_s: Seconds = 5.0
+    """How long a fetch may hold the cross-replica lock before another replica may fetch too."""
+
+    # -- background refresh (worker)
+    queue_redis_url: str = ""
+    """Redis for the arq job queue; empty: the cache's Redis. Must not be a cluster."""
+    queue_name: str = "bcs:queue"
+    """arq queue name."""
+    service_api_key: Secret | None = None
+    """Credential the workers use upstream; empty: no background refresh."""
+    service_api_keys: Mapping[str, Secret] = msgspec.field(default_factory=dict)
+    """Per-provider service credentials, from ``SIDECAR_SERVICE_API_KEY_<PROVIDER>``."""
+    hot_window_s: Seconds = 120.0
+    """Entries read within this window are refreshed ahead of going stale."""
+    refresh_tick_s: Seconds = 1.0
+    """How often the refresh-ahead scan runs."""
+    provider_concurrency: Positive = 50
+    """Concurrent upstream calls per provider, shared by all workers."""
+    retry_after_default_s: Seconds = 5.0
+    """Back-off after a 429 without Retry-After."""
+    refresh_max_tries: Positive = 4
+    """Attempts of one refresh job on 5xx or timeouts (exponential back-off with jitter)."""
+    worker_max_jobs: Positive = 500
+    """Concurrent jobs per worker process."""
+    worker_metrics_port: Port = 9090
+    """Port of the worker's metrics and health endpoint (0: off)."""
+
+    # -- operations
+    admin_token: Secret | None = None
+    """Bearer token of the admin endpoints (``/api/cache/...``); empty: endpoints off."""
+
+    def service_key_for(self, provider: str) -> Secret | None:
+        """The service credential for ``provider``, per-provider override first."""
+        return self.service_api_keys.get(provider, self.service_api_key)
+
+
+_FIELDS = {f.name: f for f in msgspec.structs.fields(Settings)}
+_PER_PROVIDER_KEY = re.compile(r"^SIDECAR_SERVICE_API_KEY_([A-Z0-9]+)$")
+
+
+def _env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def _dec_hook(tp: type, obj: Any) -> Any:
+    if tp is Secret and isinstance(obj, str):
+        return Secret(obj)
+    raise NotImplementedError
+
+
+def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Read and validate the settings from ``env`` (default ``os.environ``) plus overrides."""
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    service_keys: dict[str, str] = {}
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        field = name[len(ENV_PREFIX) :].lower()
+        match = _PER_PROVIDER_KEY.match(name)
+        if field in _FIELDS and field != "service_api_keys":
+            raw[field] = _parse(field, value)
+        elif match and match.group(1).lower() in PROVIDERS:
+            service_keys[match.group(1).lower()] = value
+        else:
+            raise SettingsError(f"{name}: unknown setting (see README, 'Configuration')")
+    for key in ("key_secret", "service_api_key", "admin_token"):
+        if raw.get(key) == "":
+            del raw[key]
+    raw["service_api_keys"] = service_keys
+    raw.update(overrides)
+    try:
+        settings = msgspec.convert(raw, Settings, strict=False, dec_hook=_dec_hook)
+    except msgspec.ValidationError as exc:
+        raise SettingsError(_explain(exc)) from None
+    _check(settings)
+    return settings
+
+
+_BOOLEANS = {"1": True, "true": True, "yes": True, "on": True,
+             "0": False, "false": False, "no": False, "off": False}  # fmt: skip
+
+
+def _parse(field: str, value: str) -> Any:
+    if field == "container_providers":
+        return [part.strip().lower() for part in value.split(",") if part.strip()]
+    if _FIELDS[field].type is bool:
+        return _BOOLEANS.get(value.strip().lower(), value)
+    return value.strip()
+
+
+def _explain(exc: msgspec.ValidationError) -> str:
+    message = str(exc)
+    match = re.search(r"at `\$\.(\w+)", message)
+    if not match:
+        return message
+    name = match.group(1)
+    variable = _env_name(name) if name != "service_api_keys" else "SIDECAR_SERVICE_API_KEY_*"
+    return f"{variable}: {message.split(' - at ')[0]}"
+
+
+def _check(settings: Settings) -> None:
+    if not settings.upstream_url:
+        if settings.upstream_kind == "bifrost":
+            raise SettingsError(
+                "SIDECAR_UPSTREAM_URL: required (the gateway's base URL, e.g. http://bifrost:8080)"
+            )
+    elif not re.match(r"^https?://[^/\s]+", settings.upstream_url):
+        raise SettingsError(
+            f"SIDECAR_UPSTREAM_URL: expected an http(s) URL, got {settings.upstream_url!r}"
+        )
+    for url_field in ("redis_url", "queue_redis_url"):
+        url = getattr(settings, url_field)
+        if url and not re.match(r"^(rediss?|unix|redis\+sentinel)://", url):
+            raise SettingsError(
+                f"{_env_name(url_field)}: expected a redis://, rediss://, unix:// or "
+                "redis+sentinel:// URL (credentials in it are never logged)"
+            )
+    unknown = settings.container_providers - PROVIDERS
+    if unknown:
+        raise SettingsError(
+            f"SIDECAR_CONTAINER_PROVIDERS: unknown provider(s) {', '.join(sorted(unknown))}"
+        )
+
+
+def upstream_base(settings: Settings) -> str:
+    """The upstream base URL without a trailing slash (OpenAI's public API by default)."""
+    return (settings.upstream_url or "https://api.openai.com").rstrip("/")

@@ -1,0 +1,170 @@
+"""The cache store: records, grants and fetch locks in Redis, failing open.
+
+A hit is one ``MGET`` of the record and the caller's grant (one slot, so cluster-safe). Every
+method raises :class:`StoreUnavailable` when Redis fails; after a failure the store skips Redis
+for ``SIDECAR_REDIS_RETRY_AFTER_S`` so callers do not each pay a timeout, and it logs the outage
+once when it starts and once when it ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, NamedTuple, TypeVar
+
+from redis.exceptions import RedisError
+
+from sidecar.errors import StoreUnavailable
+from sidecar.keys import KeySpace
+from sidecar.records import Record, decode_record, encode_record
+
+__all__ = ["Breaker", "CacheStore", "Lookup"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_UNLOCK = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
+
+
+class Breaker:
+    """Tracks Redis health: open (skipping Redis) for a while after each failure."""
+
+    def __init__(self, retry_after_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._retry_after_s = retry_after_s
+        self._clock = clock
+        self._skip_until = 0.0
+        self.down_since: float | None = None
+        self.down_seconds_total = 0.0
+        self.failures_total = 0
+
+    @property
+    def down(self) -> bool:
+        """True while Redis is considered unavailable."""
+        return self.down_since is not None
+
+    def check(self) -> None:
+        """Raise StoreUnavailable while Redis is being skipped."""
+        if self._skip_until and self._clock() < self._skip_until:
+            raise StoreUnavailable("redis skipped after a recent failure")
+
+    def failure(self, exc: BaseException) -> None:
+        """Record a failure; the first of an outage is logged."""
+        now = self._clock()
+        self.failures_total += 1
+        self._skip_until = now + self._retry_after_s
+        if self.down_since is None:
+            self.down_since = now
+            log.warning(
+                "redis unavailable (%s: %s): serving from upstream (fail-open) until it recovers",
+                type(exc).__name__,
+                exc,
+            )
+
+    def success(self) -> None:
+        """Record a success; the end of an outage is logged."""
+        if self.down_since is not None:
+            outage = self._clock() - self.down_since
+            self.down_seconds_total += outage
+            self.down_since = None
+            self._skip_until = 0.0
+            log.info("redis recovered after %.1fs of fail-open serving", outage)
+
+
+class Lookup(NamedTuple):
+    """What one hit-path read found."""
+
+    record: Record | None
+    granted: bool
+    """The upstream answered this credential for this container within the grant TTL."""
+    negative: Record | None
+    """A cached 404 for this credential."""
+
+
+class CacheStore:
+    """Records, grants and locks in Redis (or the embedded fakeredis)."""
+
+    def __init__(self, redis: Any, keys: KeySpace, breaker: Breaker) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.breaker = breaker
+        self._unlock = redis.register_script(_UNLOCK)
+
+    async def _call(self, op: Callable[[], Awaitable[T]]) -> T:
+        self.breaker.check()
+        try:
+            result = await op()
+        except (RedisError, OSError, TimeoutError) as exc:
+            self.breaker.failure(exc)
+            raise StoreUnavailable(str(exc)) from exc
+        self.breaker.success()
+        return result
+
+    async def lookup(self, provider: str, container_id: str, fingerprint: str) -> Lookup:
+        """The cached record, whether this credential may see it, and its cached 404 if any."""
+        keys = self.keys
+        raw, grant, negative = await self._call(
+            lambda: self.redis.mget(
+                keys.record(provider, container_id),
+                keys.grant(provider, container_id, fingerprint),
+                keys.negative(provider, container_id, fingerprint),
+            )
+        )
+        return Lookup(
+            decode_record(raw) if raw is not None else None,
+            grant is not None,
+            decode_record(negative) if negative is not None else None,
+        )
+
+    async def read(self, provider: str, container_id: str) -> Record | None:
+        """The cached record, whoever asks (workers and admin only)."""
+        raw = await self._call(lambda: self.redis.get(self.keys.record(provider, container_id)))
+        return decode_record(raw) if raw is not None else None
+
+    async def save(
+        self,
+        record: Record,
+        *,
+        retention_ms: int,
+        cache_id: str,
+        fingerprint: str | None = None,
+        grant_ms: int = 0,
+    ) -> None:
+        """Store ``record`` for ``retention_ms`` and, with a fingerprint, grant that credential."""
+        keys, provider, cid = self.keys, record.provider, record.container_id
+
+        async def op() -> None:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.set(keys.record(provider, cid), encode_record(record), px=retention_ms)
+                if fingerprint is not None:
+                    pipe.set(keys.grant(provider, cid, fingerprint), b"1", px=grant_ms)
+                pipe.set(keys.cache_id(cache_id), f"{provider}/{cid}", px=retention_ms)
+                await pipe.execute()
+
+        await self._call(op)
+
+    async def save_negative(self, record: Record, fingerprint: str, ttl_ms: int) -> None:
+        """Cache a 404 for one credential."""
+        key = self.keys.negative(record.provider, record.container_id, fingerprint)
+        await self._call(lambda: self.redis.set(key, encode_record(record), px=ttl_ms))
+
+    async def revoke(self, provider: str, container_id: str, fingerprint: str) -> None:
+        """Drop a credential's grant (the upstream refused it)."""
+        await self._call(
+            lambda: self.redis.delete(self.keys.grant(provider, container_id, fingerprint))
+        )
+
+    async def try_lock(
+        self, provider: str, container_id: str, fingerprint: str, token: str, ttl_ms: int
+    ) -> bool:
+        """Take the cross-replica fetch lock; it lapses after ``ttl_ms`` if its holder dies."""
+        key = self.keys.lock(provider, container_id, fingerprint)
+        return bool(await self._call(lambda: self.redis.set(key, token, nx=True, px=ttl_ms)))
+
+    async def unlock(self, provider: str, container_id: str, fingerprint: str, token: str) -> None:
+        """Release the lock if it is still ours."""
+        key = self.keys.lock(provider, container_id, fingerprint)
+        await self._call(lambda: self._unlock(keys=[key], args=[token]))

@@ -1,0 +1,105 @@
+"""The upstream: a Bifrost gateway or an OpenAI-compatible API, answered in the gateway's shape.
+
+Third-party failures are translated here (``UpstreamTimeout``, ``UpstreamUnavailable``,
+``UpstreamMalformed``); an error the upstream answers comes back as an :class:`UpstreamReply`
+whose body is already a gateway ``BifrostError``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import aiohttp
+import msgspec
+
+from sidecar import __version__
+from sidecar.errors import UpstreamMalformed, UpstreamTimeout, UpstreamUnavailable
+from sidecar.settings import Settings, upstream_base
+from sidecar.wire import Container, gateway_error_from_openai, normalize_container
+
+__all__ = ["Upstream", "UpstreamReply", "create_session"]
+
+log = logging.getLogger(__name__)
+USER_AGENT = f"bifrost-container-sidecar/{__version__}"
+
+
+class UpstreamReply(msgspec.Struct, frozen=True, gc=False):
+    """What the upstream answered: a container (status 200) or a gateway-shaped error."""
+
+    status: int
+    body: bytes
+    """The container's gateway JSON without extra_fields, or the error's gateway JSON."""
+    container: Container | None = None
+    retry_after: str | None = None
+
+
+def create_session(settings: Settings) -> aiohttp.ClientSession:
+    """The pooled HTTP client for upstream calls."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=settings.upstream_max_connections, ttl_dns_cache=300),
+        timeout=aiohttp.ClientTimeout(
+            total=settings.upstream_timeout_s, sock_connect=settings.upstream_connect_timeout_s
+        ),
+        headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
+        raise_for_status=False,
+    )
+
+
+class Upstream:
+    """Retrieves containers from the configured upstream."""
+
+    def __init__(self, session: aiohttp.ClientSession, settings: Settings) -> None:
+        self._session = session
+        self._kind = settings.upstream_kind
+        self._base = upstream_base(settings)
+
+    def url(self, provider: str, container_id: str) -> str:
+        """The upstream URL of a container (ids are validated to URL-safe characters)."""
+        if self._kind == "bifrost":
+            return f"{self._base}/openai/v1/containers/{container_id}?provider={provider}"
+        return f"{self._base}/v1/containers/{container_id}"
+
+    async def retrieve(
+        self, provider: str, container_id: str, credential_headers: Iterable[tuple[str, str]]
+    ) -> UpstreamReply:
+        """One upstream retrieve with the given credential headers."""
+        url = self.url(provider, container_id)
+        try:
+            async with self._session.get(url, headers=dict(credential_headers)) as response:
+                status = response.status
+                raw = await response.read()
+                retry_after = response.headers.get("Retry-After")
+        except TimeoutError as exc:
+            raise UpstreamTimeout(f"upstream did not answer in time ({url.split('?')[0]})") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamUnavailable(
+                f"upstream unreachable: {type(exc).__name__}: {exc}".rstrip(": ")
+            ) from exc
+        if status == 200:
+            try:
+                payload = msgspec.json.decode(raw)
+            except msgspec.DecodeError:
+                raise UpstreamMalformed(
+                    "upstream answered 200 with a body that is not JSON"
+                ) from None
+            body, container = normalize_container(payload)
+            if container.id != container_id:
+                raise UpstreamMalformed(
+                    f"upstream answered container {container.id!r} for {container_id!r}"
+                )
+            return UpstreamReply(200, body, container)
+        return UpstreamReply(status, self._error_body(status, raw, provider), None, retry_after)
+
+    def _error_body(self, status: int, raw: bytes, provider: str) -> bytes:
+        if self._kind == "bifrost" and _is_gateway_error(raw):
+            return raw
+        return gateway_error_from_openai(status, raw, provider)
+
+
+def _is_gateway_error(raw: bytes) -> bool:
+    try:
+        document = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        return False
+    return isinstance(document, dict) and "is_bifrost_error" in document

@@ -1,0 +1,204 @@
+"""The gateway's JSON shapes: containers, ``extra_fields``, ``cache_debug`` and errors.
+
+Field order and omission follow the gateway's Go structs (``omitempty``): see
+``../shared/reference/bifrost-containers.md``. Containers are kept as JSON bytes so that unknown
+upstream fields survive and a hit never re-encodes the container.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from sidecar.errors import SidecarError, UpstreamMalformed
+
+__all__ = [
+    "REQUEST_TYPE",
+    "CacheDebug",
+    "Container",
+    "ExtraFields",
+    "error_body",
+    "gateway_error_from_openai",
+    "normalize_container",
+    "render_container",
+    "with_cache_debug",
+]
+
+REQUEST_TYPE = "container_retrieve"
+
+
+class CacheDebug(msgspec.Struct, omit_defaults=True, gc=False):
+    """``extra_fields.cache_debug``: what the cache did for this answer."""
+
+    cache_hit: bool
+    cache_id: str | None = None
+    hit_type: str | None = None
+    requested_provider: str | None = None
+    requested_model: str | None = None
+    provider_used: str | None = None
+    model_used: str | None = None
+    input_tokens: int | None = None
+    threshold: float | None = None
+    similarity: float | None = None
+
+
+class ExtraFields(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
+    """A response's ``extra_fields``: ``request_type``, ``latency``, ``chunk_index`` always."""
+
+    request_type: str
+    provider: str = ""
+    latency: int
+    chunk_index: int
+    cache_debug: CacheDebug | None = None
+
+
+class _ErrorField(msgspec.Struct, omit_defaults=True, gc=False):
+    message: str
+    type: str = ""
+    code: str = ""
+    param: str = ""
+
+
+class _ErrorExtraFields(msgspec.Struct, omit_defaults=True, gc=False):
+    provider: str = ""
+    request_type: str = ""
+    raw_response: msgspec.Raw | None = None
+    cache_debug: CacheDebug | None = None
+
+
+class _BifrostError(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
+    type: str = ""
+    is_bifrost_error: bool
+    status_code: int
+    error: _ErrorField
+    extra_fields: _ErrorExtraFields
+
+
+class ExpiresAfter(msgspec.Struct, gc=False):
+    anchor: str = ""
+    minutes: int = 0
+
+
+class Container(msgspec.Struct, gc=False):
+    """The known fields of a container, for type checks; unknown fields are kept aside."""
+
+    id: str
+    name: str = ""
+    created_at: int = 0
+    object: str = ""
+    status: str = ""
+    expires_after: ExpiresAfter | None = None
+    last_active_at: int = 0
+    memory_limit: str = ""
+    metadata: dict[str, str] | None = None
+
+
+_encoder = msgspec.json.Encoder()
+_ALWAYS = ("id", "object", "name", "created_at")
+_ORDER = (
+    "id", "object", "name", "created_at", "status", "expires_after",
+    "last_active_at", "memory_limit", "metadata",
+)  # fmt: skip
+
+
+def normalize_container(payload: Any) -> tuple[bytes, Container]:
+    """The container's gateway JSON (omitempty applied, unknown fields kept) and typed fields."""
+    if not isinstance(payload, dict):
+        raise UpstreamMalformed("upstream answered 200 with a body that is not a container")
+    try:
+        container = msgspec.convert(payload, Container)
+    except msgspec.ValidationError as exc:
+        raise UpstreamMalformed(f"upstream container is malformed: {exc}") from None
+    if not container.id:
+        raise UpstreamMalformed("upstream container has no id")
+    out: dict[str, Any] = {}
+    for name in _ORDER:
+        value = payload.get(name)
+        if name in _ALWAYS and name != "object":
+            out[name] = value if value is not None else ("" if name == "name" else 0)
+        elif value not in (None, "", 0, {}, []) or value is False:
+            out[name] = value
+    for name, value in payload.items():
+        if name not in out and name not in _ORDER and name != "extra_fields":
+            out[name] = value
+    return _encoder.encode(out), container
+
+
+def predicted_expiry(container: Container) -> int:
+    """When the container will expire if nobody touches it (unix s), or 0 if unknown."""
+    after = container.expires_after
+    if after is None or after.minutes <= 0 or not container.last_active_at:
+        return 0
+    if after.anchor not in ("", "last_active_at"):
+        return 0
+    return container.last_active_at + after.minutes * 60
+
+
+def render_container(body: bytes, provider: str, latency_ms: int, debug: CacheDebug) -> bytes:
+    """The answer to a retrieve: the stored container plus this request's ``extra_fields``."""
+    extra = ExtraFields(
+        request_type=REQUEST_TYPE,
+        provider=provider,
+        latency=latency_ms,
+        chunk_index=0,
+        cache_debug=debug,
+    )
+    return b"".join((body[:-1], b',"extra_fields":', _encoder.encode(extra), b"}"))
+
+
+def error_body(exc: SidecarError, provider: str, request_type: str = REQUEST_TYPE) -> bytes:
+    """A sidecar error in the gateway's ``BifrostError`` shape."""
+    return _encoder.encode(
+        _BifrostError(
+            is_bifrost_error=exc.is_bifrost_error,
+            status_code=exc.status,
+            type=exc.type,
+            error=_ErrorField(message=exc.message, type=exc.type, code=exc.code, param=exc.param),
+            extra_fields=_ErrorExtraFields(provider=provider, request_type=request_type),
+        )
+    )
+
+
+class _OpenAIError(msgspec.Struct, gc=False):
+    message: str = ""
+    type: str | None = None
+    code: str | int | None = None
+    param: str | None = None
+
+
+class _OpenAIEnvelope(msgspec.Struct, gc=False):
+    error: _OpenAIError
+
+
+def gateway_error_from_openai(status: int, raw: bytes, provider: str) -> bytes:
+    """Map an OpenAI-style error answer to the gateway's shape, keeping the body as raw_response."""
+    try:
+        upstream = msgspec.json.decode(raw, type=_OpenAIEnvelope).error
+        raw_response: msgspec.Raw | None = msgspec.Raw(raw)
+    except msgspec.DecodeError:
+        upstream = _OpenAIError(message=f"upstream answered HTTP {status}")
+        raw_response = None
+    return _encoder.encode(
+        _BifrostError(
+            is_bifrost_error=False,
+            status_code=status,
+            error=_ErrorField(
+                message=upstream.message or f"upstream answered HTTP {status}",
+                type=upstream.type or "",
+                code=str(upstream.code) if upstream.code is not None else "",
+                param=upstream.param or "",
+            ),
+            extra_fields=_ErrorExtraFields(
+                provider=provider, request_type=REQUEST_TYPE, raw_response=raw_response
+            ),
+        )
+    )
+
+
+def with_cache_debug(error_json: bytes, debug: CacheDebug) -> bytes:
+    """A stored error answer with this request's ``cache_debug`` added to its extra_fields."""
+    document = msgspec.json.decode(error_json)
+    extra = document.setdefault("extra_fields", {})
+    extra["cache_debug"] = msgspec.to_builtins(debug)
+    return _encoder.encode(document)

@@ -1,0 +1,291 @@
+"""The serving path end to end: real sidecar, real Redis, the emulator as the gateway."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import pytest
+
+from sidecar.credentials import CredentialReader
+from sidecar.keys import KeySpace
+from tests.conftest import Emulator, Running
+
+KEY_A = "sk-bf-team-a"
+KEY_A2 = "sk-bf-team-a2"  # same project as KEY_A
+KEY_B = "sk-bf-team-b"  # another project
+AUTH_A = {"Authorization": f"Bearer {KEY_A}"}
+
+
+async def get(
+    http: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, Any], Any]:
+    async with http.get(url, headers=headers if headers is not None else AUTH_A) as response:
+        return response.status, await response.json(), response.headers
+
+
+async def test_miss_then_hit_in_the_gateways_shape(
+    sidecar: Running, emulator: Emulator, http: aiohttp.ClientSession
+) -> None:
+    container = await emulator.create(KEY_A, metadata={"team": "a"})
+    url = f"{sidecar.url}/openai/v1/containers/{container['id']}"
+
+    status, first, _ = await get(http, url)
+    assert status == 200
+    extra = first.pop("extra_fields")
+    assert list(first) == [
+        "id", "object", "name", "created_at", "status", "expires_after",
+        "last_active_at", "memory_limit", "metadata",
+    ]  # fmt: skip
+    assert first["id"] == container["id"]
+    assert first["status"] == "running"
+    assert first["metadata"] == {"team": "a"}
+    assert extra["request_type"] == "container_retrieve"
+    assert extra["provider"] == "openai"
+    assert extra["chunk_index"] == 0
+    assert isinstance(extra["latency"], int)
+    miss_debug = extra["cache_debug"]
+    assert miss_debug["cache_hit"] is False
+    assert set(miss_debug) == {"cache_hit", "cache_id", "requested_provider", "provider_used"}
+    assert miss_debug["requested_provider"] == miss_debug["provider_used"] == "openai"
+
+    status, second, _ = await get(http, url)
+    assert status == 200
+    hit_extra = second.pop("extra_fields")
+    assert second == first
+    hit_debug = hit_extra["cache_debug"]
+    assert hit_debug == {
+        "cache_hit": True,
+        "cache_id": miss_debug["cache_id"],
+        "hit_type": "direct",
+        "requested_provider": "openai",
+        "provider_used": "openai",
+        "threshold": 0.0,
+        "similarity": 1.0,
+    }
+    assert set(hit_extra) == {"request_type", "provider", "latency", "chunk_index", "cache_debug"}
+    assert emulator.retrieves(container["id"]) == 1
+
+
+async def test_every_route_answers_and_shares_one_entry(
+    sidecar: Running, emulator: Emulator, http: aiohttp.ClientSession
+) -> None:
+    cid = (await emulator.create(KEY_A))["id"]
+    ids = set()
+    for path in (
+        f"/openai/v1/containers/{cid}",
+        f"/openai/containers/{cid}",
+        f"/v1/containers/{cid}?provider=openai",
+    ):
+        status, body, _ = await get(http, sidecar.url + path)
+        assert status == 200, body
+        ids.add(body["extra_fields"]["cache_debug"]["cache_id"])
+    assert len(ids) == 1
+    assert emulator.retrieves(cid) == 1
+
+
+async def test_empty_fields_are_omitted_and_unknown_fields_survive(
+    start_sidecar: Any, make_settings: Any, emulator: Emulator, http: aiohttp.ClientSession
+) -> None:
+    # Straight to the OpenAI-shaped API: network_policy is an unknown field to the gateway.
+    sidecar = await start_sidecar(make_settings(upstream_kind="openai"))
+    cid = (await emulator.create(KEY_A))["id"]
+    emulator.state.update_container(cid, memory_limit="", network_policy={"type": "allowlist",
+                                    "allowed_domains": ["pypi.org"]})  # fmt: skip
+    url = f"{sidecar.url}/openai/v1/containers/{cid}"
+    for expect_hit in (False, True):
+        status, body, _ = await get(http, url)
+        assert status == 200
+        assert "memory_limit" not in body
+        assert body["network_policy"] == {"type": "allowlist", "allowed_domains": ["pypi.org"]}
+        assert body["extra_fields"]["cache_debug"]["cache_hit"] is expect_hit
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "status", "param", "code"),
+    [
+        ("/openai/v1/containers/cntr_ok", {}, 401, "", "missing_credential"),
+        ("/openai/v1/containers/cntr_ok", {"Authorization": "Bearer "}, 401, "", "missing_credential"),
+        ("/v1/containers/cntr_ok", AUTH_A, 400, "provider", "invalid_parameter"),
+        ("/openai/v1/containers/cntr_ok?provider=nope", AUTH_A, 400, "provider", "invalid_parameter"),
+        ("/openai/v1/containers/cntr_ok?provider=anthropic", AUTH_A, 400, "provider",
+         "unsupported_operation"),
+        ("/v1/containers/cntr_ok?provider=groq", AUTH_A, 400, "provider", "unsupported_operation"),
+        ("/openai/v1/containers/" + "a" * 129, AUTH_A, 400, "container_id", "invalid_parameter"),
+        ("/openai/v1/containers/cntr%20x", AUTH_A, 400, "container_id", "invalid_parameter"),
+        ("/openai/v1/containers/..%2Fadmin", AUTH_A, 400, "container_id", "invalid_parameter"),
+        ("/openai/v1/containers/cntr.1", AUTH_A, 400, "container_id", "invalid_parameter"),
+        ("/openai/v1/containers/_leading", AUTH_A, 400, "container_id", "invalid_parameter"),
+        ("/openai/v1/containers/cntr%00", AUTH_A, 400, "container_id", "invalid_parameter"),
+        ("/openai/v1/containers/cntr_ok", {**AUTH_A, "x-bf-cache-threshold": "high"}, 400,
+         "x-bf-cache-threshold", "invalid_parameter"),
+    ],
+)  # fmt: skip
+async def test_bad_requests_get_a_clear_error_and_no_upstream_call(
+    sidecar: Running,
+    emulator: Emulator,
+    http: aiohttp.ClientSession,
+    path: str,
+    headers: dict[str, str],
+    status: int,
+    param: str,
+    code: str,
+) -> None:
+    got, body, _ = await get(http, sidecar.url + path, headers)
+    assert got == status
+    assert body["is_bifrost_error"] is False
+    assert body["status_code"] == status
+    assert body["error"]["code"] == code
+    assert body["error"].get("param", "") == param
+    assert body["error"]["message"]
+    assert body["extra_fields"]["request_type"] == "container_retrieve"
+    assert emulator.retrieves() == 0
+
+
+async def test_unsupported_provider_message_matches_the_gateway(
+    sidecar: Running, http: aiohttp.ClientSession
+) -> None:
+    _, body, _ = await get(http, f"{sidecar.url}/openai/v1/containers/cntr_1?provider=mistral")
+    assert body["error"]["message"] == "container_retrieve is not supported by mistral provider"
+    assert body["extra_fields"]["provider"] == "mistral"
+
+
+async def test_threshold_header_is_clamped(
+    sidecar: Running, emulator: Emulator, http: aiohttp.ClientSession
+) -> None:
+    cid = (await emulator.create(KEY_A))["id"]
+    url = f"{sidecar.url}/openai/v1/containers/{cid}"
+    await get(http, url)
+    _, body, _ = await get(http, url, {**AUTH_A, "x-bf-cache-threshold": "7"})
+    assert body["extra_fields"]["cache_debug"]["threshold"] == 1.0
+    assert body["extra_fields"]["cache_debug"]["cache_hit"] is True
+    _, body, _ = await get(http, url, {**AUTH_A, "x-bf-cache-threshold": "-1"})
+    assert body["extra_fields"]["cache_debug"]["threshold"] == 0.0
+
+
+async def test_unknown_route_is_a_gateway_shaped_404(
+    sidecar: Running, http: aiohttp.ClientSession
+) -> None:
+    status, body, _ = await get(http, f"{sidecar.url}/nothing/here")
+    assert status == 404
+    assert body["error"]["code"] == "not_found"
+
+
+async def test_upstream_errors_are_relayed_and_not_cached(
+    sidecar: Running, emulator: Emulator, http: aiohttp.ClientSession
+) -> None:
+    cid = (await emulator.create(KEY_A))["id"]
+    url = f"{sidecar.url}/openai/v1/containers/{cid}"
+    emulator.state.add_fault(kind="status", status=503, count=1)
+    status, body, _ = await get(http, url)
+    assert status == 503
+    assert body["is_bifrost_error"] is False
+    assert body["status_code"] == 503
+    status, body, _ = await get(http, url)
+    assert status == 200
+    assert body["extra_fields"]["cache_debug"]["cache_hit"] is False
+    assert emulator.retrieves(cid) == 2
+
+
+async def test_openai_errors_are_mapped_to_the_gateway_shape(
+    start_sidecar: Any, make_settings: Any, emulator: Emulator, http: aiohttp.ClientSession
+) -> None:
+    sidecar = await start_sidecar(make_settings(upstream_kind="openai"))
+    status, body, _ = await get(http, f"{sidecar.url}/openai/v1/containers/cntr_missing")
+    assert status == 404
+    assert body["is_bifrost_error"] is False
+    assert body["error"]["message"] == "Container with id 'cntr_missing' not found."
+    assert body["error"]["type"] == "invalid_request_error"
+    assert body["extra_fields"]["raw_response"]["error"]["message"].startswith("Container")
+
+
+@pytest.mark.parametrize(
+    ("fault", "status", "code"),
+    [
+        ({"kind": "timeout"}, 504, "upstream_timeout"),
+        ({"kind": "malformed"}, 502, "upstream_malformed_response"),
+        ({"kind": "reset"}, 502, "upstream_unavailable"),
+    ],
+)
+async def test_upstream_failures_are_the_gateways_own_errors(
+    start_sidecar: Any,
+    make_settings: Any,
+    emulator: Emulator,
+    http: aiohttp.ClientSession,
+    fault: dict[str, Any],
+    status: int,
+    code: str,
+) -> None:
+    sidecar = await start_sidecar(make_settings(upstream_timeout_s=0.3))
+    cid = (await emulator.create(KEY_A))["id"]
+    emulator.state.add_fault(count=1, **fault)
+    got, body, _ = await get(http, f"{sidecar.url}/openai/v1/containers/{cid}")
+    assert got == status
+    assert body["is_bifrost_error"] is True
+    assert body["error"]["code"] == code
+    got, body, _ = await get(http, f"{sidecar.url}/openai/v1/containers/{cid}")
+    assert got == 200
+    assert body["extra_fields"]["cache_debug"]["cache_hit"] is False
+
+
+async def test_concurrent_cold_requests_make_one_upstream_call(
+    sidecar: Running, emulator: Emulator, http: aiohttp.ClientSession
+) -> None:
+    cid = (await emulator.create(KEY_A))["id"]
+    emulator.state.set_latency(50)
+    url = f"{sidecar.url}/openai/v1/containers/{cid}"
+    results = await asyncio.gather(*(get(http, url) for _ in range(200)))
+    assert {status for status, _, _ in results} == {200}
+    assert emulator.retrieves(cid) == 1
+
+
+async def test_replicas_sharing_redis_make_one_upstream_call(
+    start_sidecar: Any, make_settings: Any, emulator: Emulator, http: aiohttp.ClientSession
+) -> None:
+    replicas = [await start_sidecar(make_settings()) for _ in range(3)]
+    cid = (await emulator.create(KEY_A))["id"]
+    emulator.state.set_latency(100)
+    results = await asyncio.gather(
+        *(get(http, f"{r.url}/openai/v1/containers/{cid}") for r in replicas for _ in range(20))
+    )
+    assert {status for status, _, _ in results} == {200}
+    assert emulator.retrieves(cid) == 1
+
+
+async def test_a_crashed_lock_holder_does_not_block_others(
+    start_sidecar: Any,
+    make_settings: Any,
+    emulator: Emulator,
+    http: aiohttp.ClientSession,
+    redis_server: Any,
+) -> None:
+    sidecar = await start_sidecar(make_settings(lock_age_s=0.3))
+    cid = (await emulator.create(KEY_A))["id"]
+    credential = CredentialReader("bifrost", "test-secret").read(
+        {"authorization": f"Bearer {KEY_A}"}
+    )
+    assert credential is not None
+    # Another replica took the fetch lock and died: nobody will ever release it.
+    lock = KeySpace("bcs").lock("openai", cid, credential.fingerprint)
+    redis_server.client().set(lock, "dead-replica", px=60_000)
+    status, body, _ = await get(http, f"{sidecar.url}/openai/v1/containers/{cid}")
+    assert status == 200
+    assert body["extra_fields"]["cache_debug"]["cache_hit"] is False
+    assert emulator.retrieves(cid) == 1
+
+
+async def test_a_cancelled_waiter_does_not_cancel_the_shared_fetch(
+    sidecar: Running, emulator: Emulator, http: aiohttp.ClientSession
+) -> None:
+    cid = (await emulator.create(KEY_A))["id"]
+    emulator.state.set_latency(300)
+    url = f"{sidecar.url}/openai/v1/containers/{cid}"
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(get(http, url), 0.05)
+    emulator.state.set_latency(0)
+    await asyncio.sleep(0.4)
+    status, body, _ = await get(http, url)
+    assert status == 200
+    assert body["extra_fields"]["cache_debug"]["cache_hit"] is True
+    assert emulator.retrieves(cid) == 1

@@ -1,0 +1,86 @@
+"""Tenant safety: a cached answer never reaches a credential the upstream would refuse."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+
+from tests.conftest import Emulator, RedisServer, Running
+from tests.sidecar.test_retrieve import AUTH_A, KEY_A, KEY_A2, KEY_B, get
+
+
+async def test_a_record_is_never_shown_to_a_credential_the_upstream_refuses(
+    sidecar: Running, emulator: Emulator, http: aiohttp.ClientSession
+) -> None:
+    cid = (await emulator.create(KEY_A))["id"]
+    url = f"{sidecar.url}/openai/v1/containers/{cid}"
+    status, _, _ = await get(http, url)
+    assert status == 200
+    for _ in range(3):
+        status, body, _ = await get(http, url, {"Authorization": f"Bearer {KEY_B}"})
+        assert status == 404
+        assert "id" not in body
+        assert body["error"]["message"] == f"Container with id '{cid}' not found."
+    # Every other-project request was checked upstream: nothing cached was shown to it.
+    assert emulator.retrieves(cid) == 1 + 3 - 2  # two of B's 404s came from its negative entry
+    status, body, _ = await get(http, url)
+    assert status == 200
+    assert body["extra_fields"]["cache_debug"]["cache_hit"] is True
+
+
+async def test_a_second_credential_is_proven_once_then_served_from_cache(
+    sidecar: Running, emulator: Emulator, http: aiohttp.ClientSession
+) -> None:
+    cid = (await emulator.create(KEY_A))["id"]
+    url = f"{sidecar.url}/openai/v1/containers/{cid}"
+    await get(http, url)
+    a2 = {"Authorization": f"Bearer {KEY_A2}"}
+    _, first, _ = await get(http, url, a2)
+    _, second, _ = await get(http, url, a2)
+    assert first["extra_fields"]["cache_debug"]["cache_hit"] is False
+    assert second["extra_fields"]["cache_debug"]["cache_hit"] is True
+    assert emulator.retrieves(cid) == 2
+
+
+async def test_a_revoked_credential_loses_access_once_its_grant_lapses(
+    start_sidecar: Any, make_settings: Any, emulator: Emulator, http: aiohttp.ClientSession
+) -> None:
+    sidecar = await start_sidecar(make_settings(grant_ttl_s=0.2))
+    cid = (await emulator.create(KEY_A))["id"]
+    url = f"{sidecar.url}/openai/v1/containers/{cid}"
+    a2 = {"Authorization": f"Bearer {KEY_A2}"}
+    assert (await get(http, url, a2))[0] == 200
+    emulator.state.revoke_key(KEY_A2)
+    import asyncio
+
+    await asyncio.sleep(0.3)
+    status, body, _ = await get(http, url, a2)
+    assert status == 401
+    assert body["error"]["code"] == "invalid_api_key"
+
+
+async def test_credentials_never_reach_redis_in_clear(
+    sidecar: Running, emulator: Emulator, http: aiohttp.ClientSession, redis_server: RedisServer
+) -> None:
+    cid = (await emulator.create(KEY_A))["id"]
+    url = f"{sidecar.url}/openai/v1/containers/{cid}"
+    await get(http, url)
+    await get(http, url, {"x-bf-vk": "sk-bf-vk-secret-value"})
+    await get(http, url, {"Authorization": f"Bearer {KEY_B}"})
+    client = redis_server.client()
+    dump = b"".join(key + (client.dump(key) or b"") for key in client.keys("*"))
+    assert dump, "the sidecar wrote to Redis"
+    for secret in (KEY_A, "sk-bf-vk-secret-value", KEY_B, "team-a", "vk-secret"):
+        assert secret.encode() not in dump
+
+
+async def test_gateway_credential_headers_are_all_accepted(
+    sidecar: Running, emulator: Emulator, http: aiohttp.ClientSession
+) -> None:
+    cid = (await emulator.create(KEY_A))["id"]
+    url = f"{sidecar.url}/openai/v1/containers/{cid}"
+    for header in ("x-api-key", "x-goog-api-key", "x-bf-vk"):
+        status, body, _ = await get(http, url, {header: KEY_A})
+        assert status == 200, (header, body)
+    assert (await get(http, url, AUTH_A))[0] == 200
