@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -9,9 +11,11 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from sidecar.announce import listen_for_changes
 from sidecar.connections import create_redis
 from sidecar.credentials import CredentialReader
 from sidecar.keys import KeySpace
+from sidecar.local import LocalCache
 from sidecar.middleware import error_middleware
 from sidecar.service import ContainerService
 from sidecar.settings import Settings
@@ -38,6 +42,7 @@ def create_app(settings: Settings, *, embedded_server: Any = None) -> web.Applic
     app.cleanup_ctx.append(_redis)
     app.cleanup_ctx.append(_http)
     app.cleanup_ctx.append(_services)
+    app.cleanup_ctx.append(_announcements)
     for path in ("/openai/v1/containers/{container_id}", "/openai/containers/{container_id}"):
         app.router.add_get(path, retrieve_openai, allow_head=False)
     app.router.add_get("/v1/containers/{container_id}", retrieve_native, allow_head=False)
@@ -68,7 +73,9 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     store = CacheStore(
         app[REDIS], KeySpace(settings.key_prefix), Breaker(settings.redis_retry_after_s)
     )
-    service = ContainerService(store, Upstream(app[HTTP], settings), settings)
+    service = ContainerService(
+        store, Upstream(app[HTTP], settings), settings, local=LocalCache(settings.local_ttl_s)
+    )
     app[SERVICES] = Services(
         settings=settings,
         credentials=CredentialReader(settings.upstream_kind, secret),
@@ -77,3 +84,17 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     )
     yield
     await service.close()
+
+
+async def _announcements(app: web.Application) -> AsyncIterator[None]:
+    services = app[SERVICES]
+    local = services.service.local
+    if not local.enabled or app[SETTINGS].redis_cluster:
+        # Cluster pub/sub is not offered by the async cluster client: copies just time out.
+        yield
+        return
+    task = asyncio.create_task(listen_for_changes(app[REDIS], services.store.keys, local))
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

@@ -6,6 +6,7 @@ its lock and its grants live in one slot and a hit is one ``MGET``.
 
 from __future__ import annotations
 
+import functools
 import uuid
 
 __all__ = ["KeySpace", "cache_id_for"]
@@ -13,6 +14,7 @@ __all__ = ["KeySpace", "cache_id_for"]
 _CACHE_ID_NAMESPACE = uuid.UUID("5f0d3c6e-8a51-4c43-9a39-0c1f3b1f6a10")
 
 
+@functools.lru_cache(maxsize=65_536)
 def cache_id_for(provider: str, container_id: str) -> str:
     """The stable public id of a cache entry (a UUIDv5; reveals nothing about the key)."""
     return str(uuid.uuid5(_CACHE_ID_NAMESPACE, f"{provider}/{container_id}"))
@@ -25,6 +27,11 @@ class KeySpace:
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
+
+    @property
+    def changes(self) -> str:
+        """The channel on which record changes are announced (``provider/container_id``)."""
+        return f"{self.prefix}:changes"
 
     def _tag(self, provider: str, container_id: str) -> str:
         return f"{self.prefix}:{{{provider}:{container_id}}}"

@@ -21,6 +21,7 @@ from sidecar.credentials import Credential
 from sidecar.errors import StoreUnavailable, UpstreamFailure, UpstreamReplyError
 from sidecar.flight import BackgroundTasks, SingleFlight
 from sidecar.keys import cache_id_for
+from sidecar.local import LocalCache
 from sidecar.policy import Freshness, Policy, State
 from sidecar.records import Record
 from sidecar.settings import Settings
@@ -80,8 +81,10 @@ class ContainerService:
         upstream: Upstream,
         settings: Settings,
         refresher: Refresher | None = None,
+        local: LocalCache | None = None,
     ) -> None:
         self.store = store
+        self.local = local or LocalCache(settings.local_ttl_s)
         self.upstream = upstream
         self.policy = Policy(settings)
         self.refresher = refresher
@@ -99,12 +102,19 @@ class ContainerService:
 
     async def retrieve(self, query: Query) -> Outcome:
         """The answer to one retrieve; upstream refusals raise ``UpstreamReplyError``."""
+        fingerprint = query.credential.fingerprint
+        copy = self.local.get(query.provider, query.container_id, fingerprint)
+        if copy is not None:
+            freshness = self.policy.assess(copy, now_ms())
+            if freshness.state is State.FRESH and freshness.similarity >= query.threshold:
+                return Outcome("hit", copy, cache_id_for(query.provider, query.container_id),
+                               freshness)  # fmt: skip
         try:
-            found = await self.store.lookup(
-                query.provider, query.container_id, query.credential.fingerprint
-            )
+            found = await self.store.lookup(query.provider, query.container_id, fingerprint)
         except StoreUnavailable:
-            found = Lookup(None, False, None)
+            found = Lookup(None, 0, None)
+        if found.record is not None and found.granted:
+            self.local.put(found.record, fingerprint, found.grant_left_ms / 1000)
         served = self._from_cache(query, found, now_ms())
         if served is not None:
             return served
@@ -212,8 +222,10 @@ class ContainerService:
                     grant_ms=self._grant_ms,
                 )
             )
+            self.local.put(record, fingerprint, self._grant_ms / 1000)
             return Outcome("miss", record, cache_id, stored=stored)
         if reply.status in _REFUSALS:
+            self.local.revoke(query.provider, query.container_id, fingerprint)
             await self._quietly(self.store.revoke(query.provider, query.container_id, fingerprint))
         if reply.status == 404 and self._negative_ms > 0:
             negative = Record(

@@ -129,6 +129,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """How long an upstream answer for a credential lets that credential read the cache."""
     freshness_threshold: Fraction = 0.0
     """Lowest freshness (``cache_debug.similarity``) served without revalidating."""
+    local_ttl_s: NonNegSeconds = 2.0
+    """How long a process keeps its own copy of a record and grant (0: always ask Redis)."""
     lock_age_s: Seconds = 5.0
     """How long a fetch may hold the cross-replica lock before another replica may fetch too."""
 

@@ -78,10 +78,25 @@ class Lookup(NamedTuple):
     """What one hit-path read found."""
 
     record: Record | None
-    granted: bool
-    """The upstream answered this credential for this container within the grant TTL."""
+    grant_left_ms: int
+    """How long this credential may still see the record (0: the upstream must answer it)."""
     negative: Record | None
     """A cached 404 for this credential."""
+
+    @property
+    def granted(self) -> bool:
+        """The upstream answered this credential for this container within the grant TTL."""
+        return self.grant_left_ms > 0
+
+
+def _grant_left_ms(value: bytes | None) -> int:
+    """Grants hold their expiry (unix ms), so a local copy never outlives them."""
+    if value is None:
+        return 0
+    try:
+        return max(0, int(value) - time.time_ns() // 1_000_000)
+    except ValueError:
+        return 0
 
 
 class CacheStore:
@@ -115,7 +130,7 @@ class CacheStore:
         )
         return Lookup(
             decode_record(raw) if raw is not None else None,
-            grant is not None,
+            _grant_left_ms(grant),
             decode_record(negative) if negative is not None else None,
         )
 
@@ -140,8 +155,10 @@ class CacheStore:
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.set(keys.record(provider, cid), encode_record(record), px=retention_ms)
                 if fingerprint is not None:
-                    pipe.set(keys.grant(provider, cid, fingerprint), b"1", px=grant_ms)
+                    expiry = time.time_ns() // 1_000_000 + grant_ms
+                    pipe.set(keys.grant(provider, cid, fingerprint), expiry, px=grant_ms)
                 pipe.set(keys.cache_id(cache_id), f"{provider}/{cid}", px=retention_ms)
+                pipe.publish(keys.changes, f"{provider}/{cid}")
                 await pipe.execute()
 
         await self._call(op)
