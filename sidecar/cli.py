@@ -89,6 +89,7 @@ def serve() -> int:
         return 2
     configure_logging(settings.log_level)
     from sidecar.app import create_app
+    from worker.embedded import start_embedded_worker  # the embedded default's worker
 
     log.info(
         "sidecar %s: %s upstream %s, listening on %s:%d",
@@ -99,7 +100,7 @@ def serve() -> int:
         settings.port,
     )
     web.run_app(
-        create_app(settings),
+        create_app(settings, embedded_worker=start_embedded_worker),
         host=settings.host,
         port=settings.port,
         access_log=logging.getLogger("sidecar.access") if settings.access_log else None,

@@ -13,6 +13,7 @@ from aiohttp import web
 from sidecar.app import create_app
 from sidecar.emulator import EmulatorConfig, create_emulator_app
 from sidecar.settings import load_settings
+from worker.embedded import start_embedded_worker
 
 __all__ = ["run_demo"]
 
@@ -41,9 +42,16 @@ async def _demo(port: int, once: bool) -> None:
     )
     upstream = f"http://127.0.0.1:{emulator_port}"
     settings = load_settings(
-        {}, upstream_kind="bifrost", upstream_url=upstream, port=port, key_secret="demo-only"
+        {},
+        upstream_kind="bifrost",
+        upstream_url=upstream,
+        port=port,
+        key_secret="demo-only",
+        service_api_key=DEMO_KEY,
     )
-    sidecar, sidecar_port = await _start(create_app(settings), port)
+    sidecar, sidecar_port = await _start(
+        create_app(settings, embedded_worker=start_embedded_worker), port
+    )
     base = f"http://127.0.0.1:{sidecar_port}"
     auth = {"Authorization": f"Bearer {DEMO_KEY}"}
     try:

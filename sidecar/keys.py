@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import uuid
 
-__all__ = ["KeySpace", "cache_id_for"]
+__all__ = ["KeySpace", "cache_id_for", "member", "parse_member"]
 
 _CACHE_ID_NAMESPACE = uuid.UUID("5f0d3c6e-8a51-4c43-9a39-0c1f3b1f6a10")
 
@@ -56,6 +56,32 @@ class KeySpace:
         """Maps a public cache_id back to its container (for purges)."""
         return f"{self.prefix}:cid:{cache_id}"
 
-    def hot(self, provider: str, container_id: str) -> str:
-        """When the entry was last read (drives refresh-ahead)."""
-        return f"{self._tag(provider, container_id)}:hot"
+    @property
+    def hot(self) -> str:
+        """Sorted set: ``provider/container_id`` scored by when it was last read (unix ms)."""
+        return f"{self.prefix}:hot"
+
+    @property
+    def due(self) -> str:
+        """Sorted set: ``provider/container_id`` scored by when it stops being fresh (unix ms)."""
+        return f"{self.prefix}:due"
+
+    def backoff(self, provider: str) -> str:
+        """Set while a provider's 429 Retry-After runs; nobody refreshes from it until then."""
+        return f"{self.prefix}:backoff:{provider}"
+
+    def semaphore(self, provider: str) -> str:
+        """Sorted set of the upstream calls in flight to a provider (the concurrency cap)."""
+        return f"{self.prefix}:sem:{provider}"
+
+
+def member(provider: str, container_id: str) -> str:
+    """How a container is named inside the hot and due sets and on the change channel."""
+    return f"{provider}/{container_id}"
+
+
+def parse_member(value: str | bytes) -> tuple[str, str]:
+    """``(provider, container_id)`` of a member."""
+    text = value.decode() if isinstance(value, bytes) else value
+    provider, _, container_id = text.partition("/")
+    return provider, container_id

@@ -83,6 +83,12 @@ class Policy:
             return Freshness(State.STALE_IF_ERROR, 0.0, ttl_s, age_s)
         return Freshness(State.DEAD, 0.0, ttl_s, age_s)
 
+    def due_ms(self, record: Record) -> int | None:
+        """When refresh-ahead should renew ``record``; None when it is never polled."""
+        if record.negative or record.terminal:
+            return None
+        return self.fresh_until_ms(record)
+
     def retention_ms(self, record: Record) -> int:
         """How long Redis keeps ``record``: as long as any window may still serve it."""
         fresh_ms = self.fresh_until_ms(record) - record.fetched_at_ms

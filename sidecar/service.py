@@ -23,11 +23,12 @@ from sidecar.flight import BackgroundTasks, SingleFlight
 from sidecar.keys import cache_id_for
 from sidecar.local import LocalCache
 from sidecar.policy import Freshness, Policy, State
+from sidecar.reads import ReadTracker
 from sidecar.records import Record
 from sidecar.settings import Settings
 from sidecar.store import CacheStore, Lookup
+from sidecar.throttle import Throttle
 from sidecar.upstream import Upstream, UpstreamReply
-from sidecar.wire import predicted_expiry
 
 __all__ = ["ContainerService", "Outcome", "Query", "Refresher"]
 
@@ -63,8 +64,8 @@ class Outcome(msgspec.Struct, frozen=True, gc=False):
 class Refresher(Protocol):
     """Schedules background refreshes (the arq queue); absent when there is no service key."""
 
-    async def enqueue_refresh(self, provider: str, container_id: str) -> None:
-        """Ask a worker to refresh one container."""
+    async def enqueue_refresh(self, provider: str, container_id: str, due_ms: int) -> None:
+        """Ask a worker to refresh a container whose freshness ended at ``due_ms``."""
 
 
 def now_ms() -> int:
@@ -82,12 +83,15 @@ class ContainerService:
         settings: Settings,
         refresher: Refresher | None = None,
         local: LocalCache | None = None,
+        reads: ReadTracker | None = None,
     ) -> None:
         self.store = store
         self.local = local or LocalCache(settings.local_ttl_s)
         self.upstream = upstream
         self.policy = Policy(settings)
         self.refresher = refresher
+        self.reads = reads
+        self.throttle = Throttle(store, settings.retry_after_default_s)
         self._settings = settings
         self._grant_ms = int(settings.grant_ttl_s * 1000)
         self._negative_ms = int(settings.negative_ttl_s * 1000)
@@ -103,6 +107,8 @@ class ContainerService:
     async def retrieve(self, query: Query) -> Outcome:
         """The answer to one retrieve; upstream refusals raise ``UpstreamReplyError``."""
         fingerprint = query.credential.fingerprint
+        if self.reads is not None:
+            self.reads.note(query.provider, query.container_id)
         copy = self.local.get(query.provider, query.container_id, fingerprint)
         if copy is not None:
             freshness = self.policy.assess(copy, now_ms())
@@ -115,7 +121,7 @@ class ContainerService:
             found = Lookup(None, 0, None)
         if found.record is not None and found.granted:
             self.local.put(found.record, fingerprint, found.grant_left_ms / 1000)
-        served = self._from_cache(query, found, now_ms())
+        served = await self._from_cache(query, found, now_ms())
         if served is not None:
             return served
         key = (query.provider, query.container_id, query.credential.fingerprint)
@@ -123,7 +129,8 @@ class ContainerService:
         outcome, joined = await self._flights.run(key, lambda: self._fetch(query, stale))
         return msgspec.structs.replace(outcome, collapsed=True) if joined else outcome
 
-    def _from_cache(self, query: Query, found: Lookup, now: int) -> Outcome | None:
+    async def _from_cache(self, query: Query, found: Lookup, now: int) -> Outcome | None:
+        """What the cache can answer without the upstream, if anything."""
         cache_id = cache_id_for(query.provider, query.container_id)
         if found.negative is not None:
             freshness = self.policy.assess(found.negative, now)
@@ -137,14 +144,18 @@ class ContainerService:
             return None
         if freshness.state is State.FRESH:
             return Outcome("hit", record, cache_id, freshness)
-        if freshness.state is State.STALE and self.refresher is not None:
-            self._schedule_refresh(query)
+        if freshness.state is State.DEAD:
+            return None
+        if await self.throttle.active(query.provider):
+            # Rate limited: nobody refreshes from this provider until Retry-After passes.
+            return Outcome("stale", record, cache_id, freshness)
+        refreshable = self._settings.service_key_for(query.provider) is not None
+        if freshness.state is State.STALE and self.refresher is not None and refreshable:
+            due_ms = self.policy.fresh_until_ms(record)
+            refresh = self.refresher.enqueue_refresh(query.provider, query.container_id, due_ms)
+            self._background.spawn(refresh)
             return Outcome("stale", record, cache_id, freshness)
         return None
-
-    def _schedule_refresh(self, query: Query) -> None:
-        assert self.refresher is not None
-        self._background.spawn(self.refresher.enqueue_refresh(query.provider, query.container_id))
 
     async def _fetch(self, query: Query, stale: Record | None) -> Outcome:
         """Fetch upstream once for this credential, unless another replica just did."""
@@ -193,7 +204,7 @@ class ContainerService:
                 return False
             for record in (found.record, found.negative):
                 if record is not None and record.fetched_at_ms >= started:
-                    served = self._from_cache(query, found, now_ms())
+                    served = await self._from_cache(query, found, now_ms())
                     if served is not None:
                         return msgspec.structs.replace(served, collapsed=True)
 
@@ -201,25 +212,11 @@ class ContainerService:
         """Store what the upstream answered and turn it into an outcome (or raise its error)."""
         cache_id = cache_id_for(query.provider, query.container_id)
         fingerprint = query.credential.fingerprint
-        if reply.status == 200 and reply.container is not None:
-            container = reply.container
-            record = Record(
-                provider=query.provider,
-                container_id=query.container_id,
-                status_code=200,
-                body=reply.body,
-                fetched_at_ms=now_ms(),
-                status=container.status,
-                last_active_at=container.last_active_at,
-                expires_at=predicted_expiry(container),
-            )
+        if reply.status == 200:
+            record = reply.record(query.provider, query.container_id, now_ms())
             stored = await self._quietly(
                 self.store.save(
-                    record,
-                    retention_ms=self.policy.retention_ms(record),
-                    cache_id=cache_id,
-                    fingerprint=fingerprint,
-                    grant_ms=self._grant_ms,
+                    record, self.policy, fingerprint=fingerprint, grant_ms=self._grant_ms
                 )
             )
             self.local.put(record, fingerprint, self._grant_ms / 1000)
@@ -228,17 +225,13 @@ class ContainerService:
             self.local.revoke(query.provider, query.container_id, fingerprint)
             await self._quietly(self.store.revoke(query.provider, query.container_id, fingerprint))
         if reply.status == 404 and self._negative_ms > 0:
-            negative = Record(
-                provider=query.provider,
-                container_id=query.container_id,
-                status_code=404,
-                body=reply.body,
-                fetched_at_ms=now_ms(),
-            )
+            negative = reply.record(query.provider, query.container_id, now_ms())
             stored = await self._quietly(
                 self.store.save_negative(negative, fingerprint, self._negative_ms)
             )
             return Outcome("miss", negative, cache_id, stored=stored)
+        if reply.status == 429:
+            await self.throttle.obey(query.provider, reply.retry_after)
         if reply.status >= 500 or reply.status == 429:
             served = self._stale_if_error(query, stale)
             if served is not None:

@@ -145,9 +145,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Per-provider service credentials, from ``SIDECAR_SERVICE_API_KEY_<PROVIDER>``."""
     hot_window_s: Seconds = 120.0
     """Entries read within this window are refreshed ahead of going stale."""
-    refresh_tick_s: Seconds = 1.0
-    """How often the refresh-ahead scan runs."""
-    provider_concurrency: Positive = 50
+    refresh_tick_s: Annotated[int, msgspec.Meta(ge=1, le=60)] = 1
+    """How often the refresh-ahead scan runs (whole seconds dividing 60)."""
+    refresh_lead_s: NonNegSeconds = 0.5
+    """How long before an entry goes stale refresh-ahead renews it (plus up to half as jitter)."""
+    provider_concurrency: Positive = 200
     """Concurrent upstream calls per provider, shared by all workers."""
     retry_after_default_s: Seconds = 5.0
     """Back-off after a 429 without Retry-After."""
@@ -161,6 +163,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # -- operations
     admin_token: Secret | None = None
     """Bearer token of the admin endpoints (``/api/cache/...``); empty: endpoints off."""
+
+    @property
+    def refresh_enabled(self) -> bool:
+        """True when some provider has a service credential: workers refresh in background."""
+        return self.service_api_key is not None or bool(self.service_api_keys)
 
     def service_key_for(self, provider: str) -> Secret | None:
         """The service credential for ``provider``, per-provider override first."""
@@ -249,6 +256,11 @@ def _check(settings: Settings) -> None:
                 f"{_env_name(url_field)}: expected a redis://, rediss://, unix:// or "
                 "redis+sentinel:// URL (credentials in it are never logged)"
             )
+    if 60 % settings.refresh_tick_s:
+        raise SettingsError(
+            f"SIDECAR_REFRESH_TICK_S: must divide 60 (1, 2, 3, 4, 5, 6, 10, 12, 15, 20 or 30), "
+            f"got {settings.refresh_tick_s}"
+        )
     unknown = settings.container_providers - PROVIDERS
     if unknown:
         raise SettingsError(

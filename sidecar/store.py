@@ -16,7 +16,8 @@ from typing import Any, NamedTuple, TypeVar
 from redis.exceptions import RedisError
 
 from sidecar.errors import StoreUnavailable
-from sidecar.keys import KeySpace
+from sidecar.keys import KeySpace, cache_id_for, member, parse_member
+from sidecar.policy import Policy
 from sidecar.records import Record, decode_record, encode_record
 
 __all__ = ["Breaker", "CacheStore", "Lookup"]
@@ -89,8 +90,8 @@ class Lookup(NamedTuple):
         return self.grant_left_ms > 0
 
 
-def _grant_left_ms(value: bytes | None) -> int:
-    """Grants hold their expiry (unix ms), so a local copy never outlives them."""
+def _ms_left(value: bytes | None) -> int:
+    """Grants and back-offs hold their expiry (unix ms): what is left of it."""
     if value is None:
         return 0
     try:
@@ -130,7 +131,7 @@ class CacheStore:
         )
         return Lookup(
             decode_record(raw) if raw is not None else None,
-            _grant_left_ms(grant),
+            _ms_left(grant),
             decode_record(negative) if negative is not None else None,
         )
 
@@ -142,14 +143,20 @@ class CacheStore:
     async def save(
         self,
         record: Record,
+        policy: Policy,
         *,
-        retention_ms: int,
-        cache_id: str,
         fingerprint: str | None = None,
         grant_ms: int = 0,
     ) -> None:
-        """Store ``record`` for ``retention_ms`` and, with a fingerprint, grant that credential."""
+        """Store ``record`` as long as ``policy`` may serve it; with a fingerprint, grant it.
+
+        The record enters the refresh-ahead index at the end of its freshness (a terminal one
+        leaves it), and the other processes are told to drop their copies.
+        """
         keys, provider, cid = self.keys, record.provider, record.container_id
+        name = member(provider, cid)
+        retention_ms, due_ms = policy.retention_ms(record), policy.due_ms(record)
+        cache_id = cache_id_for(provider, cid)
 
         async def op() -> None:
             async with self.redis.pipeline(transaction=False) as pipe:
@@ -157,8 +164,12 @@ class CacheStore:
                 if fingerprint is not None:
                     expiry = time.time_ns() // 1_000_000 + grant_ms
                     pipe.set(keys.grant(provider, cid, fingerprint), expiry, px=grant_ms)
-                pipe.set(keys.cache_id(cache_id), f"{provider}/{cid}", px=retention_ms)
-                pipe.publish(keys.changes, f"{provider}/{cid}")
+                pipe.set(keys.cache_id(cache_id), name, px=retention_ms)
+                if due_ms is None:
+                    pipe.zrem(keys.due, name)
+                else:
+                    pipe.zadd(keys.due, {name: due_ms})
+                pipe.publish(keys.changes, name)
                 await pipe.execute()
 
         await self._call(op)
@@ -167,6 +178,62 @@ class CacheStore:
         """Cache a 404 for one credential."""
         key = self.keys.negative(record.provider, record.container_id, fingerprint)
         await self._call(lambda: self.redis.set(key, encode_record(record), px=ttl_ms))
+
+    async def delete(self, provider: str, container_id: str) -> None:
+        """Forget a container (deleted upstream, or purged) and tell the other processes."""
+        keys, name = self.keys, member(provider, container_id)
+
+        async def op() -> None:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.delete(keys.record(provider, container_id))
+                pipe.zrem(keys.due, name)
+                pipe.publish(keys.changes, name)
+                await pipe.execute()
+
+        await self._call(op)
+
+    async def set_backoff(self, provider: str, backoff_ms: int) -> None:
+        """Hold off refreshes from ``provider`` (a 429) for ``backoff_ms``."""
+        until = time.time_ns() // 1_000_000 + backoff_ms
+        key = self.keys.backoff(provider)
+        await self._call(lambda: self.redis.set(key, until, px=max(1, backoff_ms)))
+
+    async def backoff_left_ms(self, provider: str) -> int:
+        """How long refreshes from ``provider`` must still wait (0: go ahead)."""
+        return _ms_left(await self._call(lambda: self.redis.get(self.keys.backoff(provider))))
+
+    async def mark_read(self, names: list[str], at_ms: int) -> None:
+        """Note that these containers were read (refresh-ahead keeps them fresh)."""
+        await self._call(lambda: self.redis.zadd(self.keys.hot, dict.fromkeys(names, at_ms)))
+
+    async def due_for_refresh(
+        self, horizon_ms: int, read_since_ms: int, limit: int = 10_000
+    ) -> list[tuple[str, str, int]]:
+        """Entries whose freshness ends by ``horizon_ms`` and that were read since then.
+
+        Entries nobody read since ``read_since_ms`` leave the index: they lapse unpolled.
+        """
+        keys = self.keys
+
+        async def op() -> list[tuple[str, str, int]]:
+            await self.redis.zremrangebyscore(keys.hot, "-inf", read_since_ms - 1)
+            due = await self.redis.zrangebyscore(
+                keys.due, "-inf", horizon_ms, start=0, num=limit, withscores=True
+            )
+            if not due:
+                return []
+            names = [name for name, _ in due]
+            read_at = await self.redis.zmscore(keys.hot, names)
+            cold = [name for name, at in zip(names, read_at, strict=True) if at is None]
+            if cold:
+                await self.redis.zrem(keys.due, *cold)
+            return [
+                (*parse_member(name), int(score))
+                for (name, score), at in zip(due, read_at, strict=True)
+                if at is not None
+            ]
+
+        return await self._call(op)
 
     async def revoke(self, provider: str, container_id: str, fingerprint: str) -> None:
         """Drop a credential's grant (the upstream refused it)."""

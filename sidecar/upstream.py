@@ -15,8 +15,14 @@ import msgspec
 
 from sidecar import __version__
 from sidecar.errors import UpstreamMalformed, UpstreamTimeout, UpstreamUnavailable
+from sidecar.records import Record
 from sidecar.settings import Settings, upstream_base
-from sidecar.wire import Container, gateway_error_from_openai, normalize_container
+from sidecar.wire import (
+    Container,
+    gateway_error_from_openai,
+    normalize_container,
+    predicted_expiry,
+)
 
 __all__ = ["Upstream", "UpstreamReply", "create_session"]
 
@@ -32,6 +38,28 @@ class UpstreamReply(msgspec.Struct, frozen=True, gc=False):
     """The container's gateway JSON without extra_fields, or the error's gateway JSON."""
     container: Container | None = None
     retry_after: str | None = None
+
+    def record(self, provider: str, container_id: str, fetched_at_ms: int) -> Record:
+        """The cache record of this answer (a container, or a 404 as a negative entry)."""
+        container = self.container
+        if container is None:
+            return Record(
+                provider=provider,
+                container_id=container_id,
+                status_code=self.status,
+                body=self.body,
+                fetched_at_ms=fetched_at_ms,
+            )
+        return Record(
+            provider=provider,
+            container_id=container_id,
+            status_code=200,
+            body=self.body,
+            fetched_at_ms=fetched_at_ms,
+            status=container.status,
+            last_active_at=container.last_active_at,
+            expires_at=predicted_expiry(container),
+        )
 
 
 def create_session(settings: Settings) -> aiohttp.ClientSession:

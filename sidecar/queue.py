@@ -1,0 +1,143 @@
+"""The refresh queue as the sidecar sees it: job names (defined once) and how to enqueue.
+
+The sidecar only enqueues; the workers (``worker/``) run the jobs. Each container has at most
+one refresh job at a time (arq ``_job_id``, results not kept), and each process sends at most one
+enqueue per container per second, so a thousand stale reads make one job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from arq.connections import ArqRedis, RedisSettings, create_pool
+from redis.exceptions import RedisError
+
+from sidecar.settings import Settings, SettingsError
+
+__all__ = [
+    "REFRESH_AHEAD_JOB",
+    "REFRESH_JOB",
+    "ArqRefresher",
+    "create_queue_pool",
+    "queue_redis_settings",
+    "refresh_job_id",
+]
+
+log = logging.getLogger(__name__)
+
+REFRESH_JOB = "refresh_container"
+REFRESH_AHEAD_JOB = "refresh_ahead"
+_ENQUEUE_DEDUP_S = 1.0
+
+
+def refresh_job_id(provider: str, container_id: str) -> str:
+    """The one job id a container's refresh has while it is queued or running."""
+    return f"refresh:{provider}:{container_id}"
+
+
+def queue_redis_settings(settings: Settings) -> RedisSettings:
+    """arq's connection settings: ``SIDECAR_QUEUE_REDIS_URL``, else the cache's Redis.
+
+    ``redis+sentinel://host1:26379,host2:26379/<master name>/<db>`` selects Sentinel.
+    """
+    url = settings.queue_redis_url or settings.redis_url
+    if not url:
+        raise SettingsError("SIDECAR_QUEUE_REDIS_URL: a queue needs a Redis (none configured)")
+    if settings.redis_cluster and not settings.queue_redis_url:
+        raise SettingsError(
+            "SIDECAR_QUEUE_REDIS_URL: required with SIDECAR_REDIS_CLUSTER (arq cannot run on a "
+            "cluster): point it at a plain or Sentinel-managed Redis"
+        )
+    common: dict[str, Any] = {"conn_timeout": 2, "conn_retries": 3, "conn_retry_delay": 1}
+    if not url.startswith("redis+sentinel://"):
+        return dataclasses.replace(RedisSettings.from_dsn(url), **common)
+    parts = urlsplit(url)
+    hosts = []
+    for node in parts.netloc.rpartition("@")[2].split(","):
+        host, _, port = node.rpartition(":")
+        hosts.append((host or node, int(port or 26379)))
+    path = [p for p in parts.path.split("/") if p]
+    return RedisSettings(
+        host=hosts,  # arq takes a list of sentinels here
+        sentinel=True,
+        sentinel_master=path[0] if path else "mymaster",
+        database=int(path[1]) if len(path) > 1 else 0,
+        password=unquote(parts.password) if parts.password else None,
+        **common,
+    )
+
+
+async def create_queue_pool(settings: Settings) -> ArqRedis:
+    """A connection pool to the queue's Redis."""
+    return await create_pool(queue_redis_settings(settings), default_queue_name=settings.queue_name)
+
+
+class ArqRefresher:
+    """Enqueues refresh jobs for the workers; connects to the queue on first use.
+
+    A queue that cannot be reached costs nothing but the refresh: stale entries keep being
+    served (and revalidated once they leave the stale window), and the outage is logged once.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._pool: ArqRedis | None = None
+        self._retry_at = 0.0
+        self._connecting = asyncio.Lock()
+        self._expires_s = max(settings.max_stale_s, 30.0)
+        self._recent: dict[tuple[str, str], float] = {}
+        self.enqueued = 0
+        self.deduplicated = 0
+
+    async def close(self) -> None:
+        """Close the queue connection."""
+        if self._pool is not None:
+            await self._pool.aclose()
+
+    async def _queue(self) -> ArqRedis | None:
+        if self._pool is not None or time.monotonic() < self._retry_at:
+            return self._pool
+        async with self._connecting:
+            if self._pool is None and time.monotonic() >= self._retry_at:
+                try:
+                    self._pool = await create_queue_pool(self._settings)
+                except (OSError, RedisError) as exc:
+                    self._retry_at = time.monotonic() + 5.0
+                    log.warning("refresh queue unreachable (%s); retrying in 5s", exc)
+        return self._pool
+
+    async def enqueue_refresh(self, provider: str, container_id: str, due_ms: int) -> None:
+        """Ask a worker to refresh a container whose freshness ends at ``due_ms``."""
+        now = time.monotonic()
+        key = (provider, container_id)
+        if self._recent.get(key, 0.0) > now:
+            self.deduplicated += 1
+            return
+        if len(self._recent) > 10_000:
+            self._recent = {k: v for k, v in self._recent.items() if v > now}
+        self._recent[key] = now + _ENQUEUE_DEDUP_S
+        pool = await self._queue()
+        if pool is None:
+            return
+        try:
+            job = await pool.enqueue_job(
+                REFRESH_JOB,
+                provider,
+                container_id,
+                due_ms,
+                _job_id=refresh_job_id(provider, container_id),
+                _queue_name=self._settings.queue_name,
+                _expires=self._expires_s,
+            )
+        except (OSError, RedisError) as exc:
+            log.debug("enqueue of %s/%s failed: %s", provider, container_id, exc)
+            return
+        if job is None:
+            self.deduplicated += 1
+        else:
+            self.enqueued += 1

@@ -1,0 +1,60 @@
+"""A provider's 429 back-off, shared through Redis so that every process obeys it."""
+
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import time
+
+from sidecar.errors import StoreUnavailable
+from sidecar.store import CacheStore
+
+__all__ = ["Throttle", "retry_after_ms"]
+
+
+def retry_after_ms(value: str | None, default_s: float) -> int:
+    """Milliseconds to wait for a ``Retry-After`` value (seconds or an HTTP date)."""
+    if value:
+        try:
+            return max(0, int(float(value) * 1000))
+        except ValueError:
+            try:
+                when = email.utils.parsedate_to_datetime(value)
+            except (TypeError, ValueError):
+                pass
+            else:
+                return max(0, int((when.timestamp() - time.time()) * 1000))
+    return int(default_s * 1000)
+
+
+class Throttle:
+    """Whether refreshes from a provider must wait; Redis is asked at most every 250 ms."""
+
+    def __init__(self, store: CacheStore, default_s: float, recheck_s: float = 0.25) -> None:
+        self._store = store
+        self._default_s = default_s
+        self._recheck_s = recheck_s
+        self._known: dict[str, tuple[float, float]] = {}  # provider -> (until, checked_at)
+
+    async def active(self, provider: str) -> bool:
+        """True while the provider's back-off runs."""
+        now = time.monotonic()
+        until, checked_at = self._known.get(provider, (0.0, -1e9))
+        if until > now:
+            return True
+        if now - checked_at < self._recheck_s:
+            return False
+        try:
+            left_ms = await self._store.backoff_left_ms(provider)
+        except StoreUnavailable:
+            left_ms = 0
+        self._known[provider] = (now + left_ms / 1000, now)
+        return left_ms > 0
+
+    async def obey(self, provider: str, retry_after: str | None) -> float:
+        """Start a back-off after a 429; returns its length in seconds."""
+        wait_ms = retry_after_ms(retry_after, self._default_s)
+        self._known[provider] = (time.monotonic() + wait_ms / 1000, time.monotonic())
+        with contextlib.suppress(StoreUnavailable):
+            await self._store.set_backoff(provider, wait_ms)
+        return wait_ms / 1000

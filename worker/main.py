@@ -1,0 +1,152 @@
+"""The arq worker: refresh jobs, the refresh-ahead tick, and the resources they share."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from arq import Retry, cron
+from arq.worker import func
+
+from sidecar.connections import create_redis
+from sidecar.errors import StoreUnavailable
+from sidecar.keys import KeySpace
+from sidecar.queue import REFRESH_AHEAD_JOB, REFRESH_JOB, queue_redis_settings, refresh_job_id
+from sidecar.settings import Settings
+from sidecar.store import Breaker, CacheStore
+from sidecar.upstream import Upstream, create_session
+from worker.limits import ProviderLimiter
+from worker.refresh import RefreshPlanner, RefreshRunner, RetryLater
+
+__all__ = ["WorkerDeps", "refresh_ahead", "refresh_container", "worker_options"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerDeps:
+    """What the jobs use, built once per worker process at start-up."""
+
+    settings: Settings
+    redis: Any
+    session: aiohttp.ClientSession
+    runner: RefreshRunner
+    planner: RefreshPlanner
+
+
+def build_deps(settings: Settings, redis: Any, session: aiohttp.ClientSession) -> WorkerDeps:
+    """Wire the refresh machinery onto a cache Redis and an HTTP session."""
+    keys = KeySpace(settings.key_prefix)
+    store = CacheStore(redis, keys, Breaker(settings.redis_retry_after_s))
+    limiter = ProviderLimiter(
+        redis, keys, settings.provider_concurrency, lease_s=settings.upstream_timeout_s + 5
+    )
+    return WorkerDeps(
+        settings=settings,
+        redis=redis,
+        session=session,
+        runner=RefreshRunner(store, Upstream(session, settings), limiter, settings),
+        planner=RefreshPlanner(store, settings),
+    )
+
+
+async def refresh_container(
+    ctx: dict[str, Any], provider: str, container_id: str, due_ms: int
+) -> str:
+    """Job: refresh one container with the service credential."""
+    deps: WorkerDeps = ctx["deps"]
+    attempt = int(ctx.get("job_try", 1))
+    try:
+        return await deps.runner.refresh(provider, container_id, due_ms, attempt)
+    except StoreUnavailable:
+        return "store-unavailable"
+    except RetryLater as exc:
+        if attempt >= deps.settings.refresh_max_tries:
+            log.warning("refresh of %s/%s failed %d times: %s", provider, container_id,
+                        attempt, exc)  # fmt: skip
+            return "failed"
+        raise Retry(defer=exc.delay_s) from exc
+
+
+async def refresh_ahead(ctx: dict[str, Any]) -> int:
+    """Cron job: enqueue the renewals of read entries that go stale before the next tick."""
+    deps: WorkerDeps = ctx["deps"]
+    queue = ctx["redis"]
+    enqueued = 0
+    for provider, container_id, due_ms, delay_s in await deps.planner.plan():
+        job = await queue.enqueue_job(
+            REFRESH_JOB,
+            provider,
+            container_id,
+            due_ms,
+            _job_id=refresh_job_id(provider, container_id),
+            _queue_name=deps.settings.queue_name,
+            _defer_by=delay_s,
+            _expires=delay_s + deps.settings.max_stale_s + 30,
+        )
+        enqueued += job is not None
+    return enqueued
+
+
+async def _startup(ctx: dict[str, Any]) -> None:
+    settings: Settings = ctx["settings"]
+    redis = create_redis(settings)
+    session = create_session(settings)
+    ctx["deps"] = build_deps(settings, redis, session)
+    log.info(
+        "worker ready: queue %r, %d concurrent jobs, refresh-ahead every %ds for entries read "
+        "in the last %.0fs",
+        settings.queue_name,
+        settings.worker_max_jobs,
+        settings.refresh_tick_s,
+        settings.hot_window_s,
+    )
+
+
+async def _shutdown(ctx: dict[str, Any]) -> None:
+    deps: WorkerDeps | None = ctx.get("deps")
+    if deps is not None:
+        await deps.session.close()
+        await deps.redis.aclose()
+
+
+def worker_options(settings: Settings) -> dict[str, Any]:
+    """Keyword arguments of ``arq.Worker`` for these settings."""
+    job_timeout_s = settings.upstream_timeout_s * 2 + 5
+    tick = settings.refresh_tick_s
+    return {
+        "functions": [
+            func(
+                refresh_container,
+                name=REFRESH_JOB,
+                keep_result=0,
+                max_tries=settings.refresh_max_tries + 1,
+                timeout=job_timeout_s,
+            )
+        ],
+        "cron_jobs": [
+            cron(
+                refresh_ahead,
+                name=REFRESH_AHEAD_JOB,
+                second=set(range(0, 60, tick)),
+                microsecond=0,
+                unique=True,
+                run_at_startup=True,
+                keep_result=0,
+                timeout=max(tick * 5, 10),
+            )
+        ],
+        "redis_settings": queue_redis_settings(settings),
+        "queue_name": settings.queue_name,
+        "max_jobs": settings.worker_max_jobs,
+        "job_timeout": job_timeout_s,
+        "keep_result": 0,
+        "poll_delay": 0.05,
+        "job_completion_wait": int(settings.shutdown_timeout_s),
+        "health_check_interval": 10,
+        "on_startup": _startup,
+        "on_shutdown": _shutdown,
+        "ctx": {"settings": settings},
+    }
