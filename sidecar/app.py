@@ -17,9 +17,10 @@ from sidecar.credentials import CredentialReader
 from sidecar.keys import KeySpace
 from sidecar.local import LocalCache
 from sidecar.middleware import error_middleware
+from sidecar.outcomes import Refresher
 from sidecar.queue import ArqRefresher
 from sidecar.reads import ReadTracker
-from sidecar.service import ContainerService, Refresher
+from sidecar.service import ContainerService
 from sidecar.settings import Settings
 from sidecar.state import SERVICES, Services
 from sidecar.store import Breaker, CacheStore

@@ -9,20 +9,18 @@ a Redis lock that lapses after ``lock_age_s``), which proves access and refreshe
 from __future__ import annotations
 
 import asyncio
-import logging
 import secrets
 import time
 from collections.abc import Awaitable
-from typing import Protocol
 
 import msgspec
 
-from sidecar.credentials import Credential
-from sidecar.errors import StoreUnavailable, UpstreamFailure, UpstreamReplyError
+from sidecar.errors import NotCached, StoreUnavailable, UpstreamFailure, UpstreamReplyError
 from sidecar.flight import BackgroundTasks, SingleFlight
 from sidecar.keys import cache_id_for
 from sidecar.local import LocalCache
-from sidecar.policy import Freshness, Policy, State
+from sidecar.outcomes import Outcome, Query, Refresher
+from sidecar.policy import Policy, State
 from sidecar.reads import ReadTracker
 from sidecar.records import Record
 from sidecar.settings import Settings
@@ -30,42 +28,10 @@ from sidecar.store import CacheStore, Lookup
 from sidecar.throttle import Throttle
 from sidecar.upstream import Upstream, UpstreamReply
 
-__all__ = ["ContainerService", "Outcome", "Query", "Refresher"]
-
-log = logging.getLogger(__name__)
+__all__ = ["ContainerService", "now_ms"]
 
 _REFUSALS = (401, 403, 404)
-
-
-class Query(msgspec.Struct, frozen=True, gc=False):
-    """One parsed retrieve request."""
-
-    provider: str
-    container_id: str
-    credential: Credential
-    threshold: float
-    """Lowest freshness the caller accepts from the cache."""
-
-
-class Outcome(msgspec.Struct, frozen=True, gc=False):
-    """How a retrieve was answered; ``record`` is the container (or the cached 404) served."""
-
-    kind: str
-    """``hit``, ``stale``, ``negative``, ``miss``, ``stale-if-error`` or ``fail-open``."""
-    record: Record
-    cache_id: str
-    freshness: Freshness | None = None
-    collapsed: bool = False
-    """This request waited for a fetch another request started."""
-    stored: bool = False
-    """The upstream's answer was written to the cache."""
-
-
-class Refresher(Protocol):
-    """Schedules background refreshes (the arq queue); absent when there is no service key."""
-
-    async def enqueue_refresh(self, provider: str, container_id: str, due_ms: int) -> None:
-        """Ask a worker to refresh a container whose freshness ended at ``due_ms``."""
+FlightKey = tuple[str, str, str, bool]
 
 
 def now_ms() -> int:
@@ -81,87 +47,96 @@ class ContainerService:
         store: CacheStore,
         upstream: Upstream,
         settings: Settings,
+        *,
         refresher: Refresher | None = None,
         local: LocalCache | None = None,
         reads: ReadTracker | None = None,
     ) -> None:
         self.store = store
-        self.local = local or LocalCache(settings.local_ttl_s)
         self.upstream = upstream
         self.policy = Policy(settings)
         self.refresher = refresher
+        self.local = local or LocalCache(settings.local_ttl_s)
         self.reads = reads
         self.throttle = Throttle(store, settings.retry_after_default_s)
         self._settings = settings
         self._grant_ms = int(settings.grant_ttl_s * 1000)
         self._negative_ms = int(settings.negative_ttl_s * 1000)
-        self._lock_ms = int(settings.lock_age_s * 1000)
-        self._flights: SingleFlight[tuple[str, str, str], Outcome] = SingleFlight()
+        self._flights: SingleFlight[FlightKey, Outcome] = SingleFlight()
         self._background = BackgroundTasks()
 
     async def close(self) -> None:
-        """Cancel the fetches still running."""
+        """Cancel the fetches and enqueues still running."""
         await self._flights.close()
         await self._background.close()
 
     async def retrieve(self, query: Query) -> Outcome:
         """The answer to one retrieve; upstream refusals raise ``UpstreamReplyError``."""
+        provider, cid, rules = query.provider, query.container_id, query.rules
         fingerprint = query.credential.fingerprint
         if self.reads is not None:
-            self.reads.note(query.provider, query.container_id)
-        copy = self.local.get(query.provider, query.container_id, fingerprint)
-        if copy is not None:
+            self.reads.note(provider, cid)
+        if not rules.no_cache and (copy := self.local.get(provider, cid, fingerprint)):
             freshness = self.policy.assess(copy, now_ms())
-            if freshness.state is State.FRESH and freshness.similarity >= query.threshold:
-                return Outcome("hit", copy, cache_id_for(query.provider, query.container_id),
-                               freshness)  # fmt: skip
+            if freshness.state is State.FRESH and rules.admits(freshness):
+                return Outcome("hit", copy, cache_id_for(provider, cid), freshness)
         try:
-            found = await self.store.lookup(query.provider, query.container_id, fingerprint)
+            found = await self.store.lookup(provider, cid, fingerprint)
         except StoreUnavailable:
             found = Lookup(None, 0, None)
         if found.record is not None and found.granted:
             self.local.put(found.record, fingerprint, found.grant_left_ms / 1000)
-        served = await self._from_cache(query, found, now_ms())
-        if served is not None:
+        if not rules.no_cache and (served := await self._from_cache(query, found)):
             return served
-        key = (query.provider, query.container_id, query.credential.fingerprint)
+        if rules.only_if_cached:
+            raise NotCached("only-if-cached: nothing usable is cached for this request")
         stale = found.record if found.granted else None
-        outcome, joined = await self._flights.run(key, lambda: self._fetch(query, stale))
+        if rules.no_cache:
+            forward = "request"
+        elif found.record is None:
+            forward = "uri-miss"
+        else:
+            forward = "stale" if found.granted else "vary-miss"
+        key = (provider, cid, fingerprint, rules.no_store)
+        outcome, joined = await self._flights.run(key, lambda: self._fetch(query, stale, forward))
         return msgspec.structs.replace(outcome, collapsed=True) if joined else outcome
 
-    async def _from_cache(self, query: Query, found: Lookup, now: int) -> Outcome | None:
+    async def _from_cache(self, query: Query, found: Lookup) -> Outcome | None:
         """What the cache can answer without the upstream, if anything."""
         cache_id = cache_id_for(query.provider, query.container_id)
+        rules, now = query.rules, now_ms()
         if found.negative is not None:
             freshness = self.policy.assess(found.negative, now)
-            if freshness.state is State.FRESH:
+            if freshness.state is State.FRESH and rules.admits(freshness):
                 return Outcome("negative", found.negative, cache_id, freshness)
         record = found.record
         if record is None or not found.granted:
             return None
         freshness = self.policy.assess(record, now)
-        if freshness.similarity < query.threshold:
+        if freshness.state is State.DEAD or not rules.admits(freshness):
             return None
         if freshness.state is State.FRESH:
             return Outcome("hit", record, cache_id, freshness)
-        if freshness.state is State.DEAD:
-            return None
+        stale = Outcome("stale", record, cache_id, freshness)
         if await self.throttle.active(query.provider):
-            # Rate limited: nobody refreshes from this provider until Retry-After passes.
-            return Outcome("stale", record, cache_id, freshness)
-        refreshable = self._settings.service_key_for(query.provider) is not None
-        if freshness.state is State.STALE and self.refresher is not None and refreshable:
+            return stale  # rate limited: nobody refreshes from this provider until Retry-After
+        in_window = freshness.state is State.STALE
+        if self._can_refresh(query.provider) and (in_window or rules.max_stale_s is not None):
             due_ms = self.policy.fresh_until_ms(record)
-            refresh = self.refresher.enqueue_refresh(query.provider, query.container_id, due_ms)
-            self._background.spawn(refresh)
-            return Outcome("stale", record, cache_id, freshness)
+            enqueue = self.refresher.enqueue_refresh(query.provider, query.container_id, due_ms)  # type: ignore[union-attr]
+            self._background.spawn(enqueue)
+            return stale
+        if rules.max_stale_s is not None or (rules.only_if_cached and in_window):
+            return stale  # the caller accepts it; it revalidates inline when it must
         return None
 
-    async def _fetch(self, query: Query, stale: Record | None) -> Outcome:
+    def _can_refresh(self, provider: str) -> bool:
+        return self.refresher is not None and self._settings.service_key_for(provider) is not None
+
+    async def _fetch(self, query: Query, stale: Record | None, forward: str) -> Outcome:
         """Fetch upstream once for this credential, unless another replica just did."""
-        started = now_ms()
         token = secrets.token_hex(8)
-        locked = await self._lock(query, token, started)
+        locked = await self._lock(query, token, now_ms())
         if isinstance(locked, Outcome):
             return locked
         try:
@@ -169,10 +144,9 @@ class ContainerService:
                 query.provider, query.container_id, query.credential.headers
             )
         except UpstreamFailure:
-            served = self._stale_if_error(query, stale)
-            if served is None:
-                raise
-            return served
+            if served := self._stale_if_error(query, stale, None):
+                return served
+            raise
         finally:
             if locked:
                 await self._quietly(
@@ -180,20 +154,18 @@ class ContainerService:
                         query.provider, query.container_id, query.credential.fingerprint, token
                     )
                 )
-        return await self._absorb(query, reply, stale)
+        return await self._absorb(query, reply, stale, forward)
 
     async def _lock(self, query: Query, token: str, started: int) -> bool | Outcome:
         """Take the fetch lock; while another replica holds it, wait for its answer instead."""
-        provider, cid, fingerprint = (
-            query.provider,
-            query.container_id,
-            query.credential.fingerprint,
-        )
+        provider, cid = query.provider, query.container_id
+        fingerprint = query.credential.fingerprint
+        lock_ms = int(self._settings.lock_age_s * 1000)
         deadline = time.monotonic() + self._settings.lock_age_s
         delay = 0.005
         while True:
             try:
-                if await self.store.try_lock(provider, cid, fingerprint, token, self._lock_ms):
+                if await self.store.try_lock(provider, cid, fingerprint, token, lock_ms):
                     return True
                 if time.monotonic() >= deadline:
                     return False  # the holder is too old: go anyway (nginx proxy_cache_lock_age)
@@ -202,43 +174,48 @@ class ContainerService:
                 found = await self.store.lookup(provider, cid, fingerprint)
             except StoreUnavailable:
                 return False
-            for record in (found.record, found.negative):
-                if record is not None and record.fetched_at_ms >= started:
-                    served = await self._from_cache(query, found, now_ms())
-                    if served is not None:
-                        return msgspec.structs.replace(served, collapsed=True)
+            fresh = [r for r in (found.record, found.negative) if r and r.fetched_at_ms >= started]
+            if fresh and (served := await self._from_cache(query, found)):
+                return msgspec.structs.replace(served, collapsed=True)
 
-    async def _absorb(self, query: Query, reply: UpstreamReply, stale: Record | None) -> Outcome:
+    async def _absorb(
+        self, query: Query, reply: UpstreamReply, stale: Record | None, forward: str
+    ) -> Outcome:
         """Store what the upstream answered and turn it into an outcome (or raise its error)."""
-        cache_id = cache_id_for(query.provider, query.container_id)
-        fingerprint = query.credential.fingerprint
+        provider, cid = query.provider, query.container_id
+        fingerprint, no_store = query.credential.fingerprint, query.rules.no_store
+        cache_id = cache_id_for(provider, cid)
         if reply.status == 200:
-            record = reply.record(query.provider, query.container_id, now_ms())
-            stored = await self._quietly(
-                self.store.save(
-                    record, self.policy, fingerprint=fingerprint, grant_ms=self._grant_ms
-                )
-            )
-            self.local.put(record, fingerprint, self._grant_ms / 1000)
-            return Outcome("miss", record, cache_id, stored=stored)
+            record = reply.record(provider, cid, now_ms())
+            stored = not no_store and await self._quietly(
+                self.store.save(record, self.policy, fingerprint=fingerprint,
+                                grant_ms=self._grant_ms, read=self.reads is not None)
+            )  # fmt: skip
+            if not no_store:
+                self.local.put(record, fingerprint, self._grant_ms / 1000)
+            return Outcome("miss", record, cache_id, forward=forward, upstream_status=200,
+                           stored=stored)  # fmt: skip
         if reply.status in _REFUSALS:
-            self.local.revoke(query.provider, query.container_id, fingerprint)
-            await self._quietly(self.store.revoke(query.provider, query.container_id, fingerprint))
+            self.local.revoke(provider, cid, fingerprint)
+            await self._quietly(self.store.revoke(provider, cid, fingerprint))
         if reply.status == 404 and self._negative_ms > 0:
-            negative = reply.record(query.provider, query.container_id, now_ms())
-            stored = await self._quietly(
+            negative = reply.record(provider, cid, now_ms())
+            stored = not no_store and await self._quietly(
                 self.store.save_negative(negative, fingerprint, self._negative_ms)
             )
-            return Outcome("miss", negative, cache_id, stored=stored)
+            return Outcome("miss", negative, cache_id, forward=forward, upstream_status=404,
+                           stored=stored)  # fmt: skip
         if reply.status == 429:
-            await self.throttle.obey(query.provider, reply.retry_after)
-        if reply.status >= 500 or reply.status == 429:
-            served = self._stale_if_error(query, stale)
-            if served is not None:
-                return served
+            await self.throttle.obey(provider, reply.retry_after)
+        if (reply.status >= 500 or reply.status == 429) and (
+            served := self._stale_if_error(query, stale, reply.status)
+        ):
+            return served
         raise UpstreamReplyError(reply.status, reply.body, retry_after=reply.retry_after)
 
-    def _stale_if_error(self, query: Query, stale: Record | None) -> Outcome | None:
+    def _stale_if_error(
+        self, query: Query, stale: Record | None, status: int | None
+    ) -> Outcome | None:
         """RFC 5861 stale-if-error: a stale record the caller may see, while the upstream fails."""
         if stale is None or stale.negative:
             return None
@@ -246,7 +223,8 @@ class ContainerService:
         if freshness.state is State.DEAD:
             return None
         cache_id = cache_id_for(query.provider, query.container_id)
-        return Outcome("stale-if-error", stale, cache_id, freshness)
+        return Outcome("stale-if-error", stale, cache_id, freshness, forward="stale",
+                       upstream_status=status)  # fmt: skip
 
     async def _quietly(self, write: Awaitable[object]) -> bool:
         """Await a store write; Redis trouble is not the caller's problem."""

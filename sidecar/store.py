@@ -147,6 +147,7 @@ class CacheStore:
         *,
         fingerprint: str | None = None,
         grant_ms: int = 0,
+        read: bool = False,
     ) -> None:
         """Store ``record`` as long as ``policy`` may serve it; with a fingerprint, grant it.
 
@@ -169,6 +170,8 @@ class CacheStore:
                     pipe.zrem(keys.due, name)
                 else:
                     pipe.zadd(keys.due, {name: due_ms})
+                if read:  # a caller's read, not a worker's refresh: refresh-ahead keeps it fresh
+                    pipe.zadd(keys.hot, {name: time.time_ns() // 1_000_000})
                 pipe.publish(keys.changes, name)
                 await pipe.execute()
 
@@ -224,7 +227,13 @@ class CacheStore:
                 return []
             names = [name for name, _ in due]
             read_at = await self.redis.zmscore(keys.hot, names)
-            cold = [name for name, at in zip(names, read_at, strict=True) if at is None]
+            # Unread entries that are already stale leave the index (a read puts them back).
+            now = time.time_ns() // 1_000_000
+            cold = [
+                name
+                for (name, score), at in zip(due, read_at, strict=True)
+                if at is None and score < now
+            ]
             if cold:
                 await self.redis.zrem(keys.due, *cold)
             return [

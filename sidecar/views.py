@@ -1,23 +1,25 @@
-"""HTTP handlers: parse, call the service, answer in the gateway's shape."""
+"""HTTP handlers for retrievals: parse, call the service, answer in the gateway's shape."""
 
 from __future__ import annotations
 
-import math
 import re
 import time
 
 from aiohttp import web
 
+from sidecar.controls import Rules, parse_rules
 from sidecar.errors import InvalidParameter, MissingCredential, UnsupportedOperation
-from sidecar.service import Outcome, Query
+from sidecar.headers import cache_headers
+from sidecar.outcomes import Outcome, Query
 from sidecar.settings import PROVIDERS, Settings
 from sidecar.state import SERVICES
 from sidecar.wire import REQUEST_TYPE, CacheDebug, render_container, with_cache_debug
 
-__all__ = ["retrieve_native", "retrieve_openai"]
+__all__ = ["parse_container_id", "parse_provider", "retrieve_native", "retrieve_openai"]
 
 _CONTAINER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
-_HIT_TYPES = {"hit": "direct", "stale": "direct", "negative": "direct"}
+_HIT_TYPES = {"hit": "direct", "stale": "direct", "negative": "direct",
+              "stale-if-error": "stale_if_error"}  # fmt: skip
 
 
 async def retrieve_openai(request: web.Request) -> web.Response:
@@ -36,24 +38,20 @@ async def _retrieve(request: web.Request, *, provider_required: bool) -> web.Res
     settings = services.settings
     credential = services.credentials.read(request.headers)
     if credential is None:
-        raise MissingCredential(
-            "a credential is required: send it as 'Authorization: Bearer <key>'"
-            + (
-                ", x-api-key, x-goog-api-key or x-bf-vk"
-                if settings.upstream_kind == "bifrost"
-                else ""
-            )
-        )
+        where = "'Authorization: Bearer <key>'"
+        if settings.upstream_kind == "bifrost":
+            where += ", x-api-key, x-goog-api-key or x-bf-vk"
+        raise MissingCredential(f"a credential is required: send it as {where}")
     provider = parse_provider(request.query.get("provider", ""), provider_required, settings)
     query = Query(
         provider=provider,
         container_id=parse_container_id(request.match_info["container_id"]),
         credential=credential,
-        threshold=parse_threshold(request.headers.get("x-bf-cache-threshold"), settings),
+        rules=parse_rules(request.headers, settings.freshness_threshold),
     )
     outcome = await services.service.retrieve(query)
     latency_ms = int((time.perf_counter() - started) * 1000)
-    return render(outcome, provider, query.threshold, latency_ms)
+    return render(outcome, provider, query.rules, latency_ms)
 
 
 def parse_provider(provider: str, required: bool, settings: Settings) -> str:
@@ -85,40 +83,27 @@ def parse_container_id(value: str) -> str:
     return value
 
 
-def parse_threshold(value: str | None, settings: Settings) -> float:
-    """``x-bf-cache-threshold``: a number, clamped to [0, 1] as the gateway does."""
-    if value is None:
-        return settings.freshness_threshold
-    try:
-        threshold = float(value)
-    except ValueError:
-        threshold = math.nan
-    if math.isnan(threshold):
-        raise InvalidParameter(
-            f"x-bf-cache-threshold must be a number between 0 and 1, got {value[:32]!r}",
-            param="x-bf-cache-threshold",
-        )
-    return min(1.0, max(0.0, threshold))
-
-
-def render(outcome: Outcome, provider: str, threshold: float, latency_ms: int) -> web.Response:
-    """The response for an outcome: the container, or the cached 404, with ``cache_debug``."""
+def render(outcome: Outcome, provider: str, rules: Rules, latency_ms: int) -> web.Response:
+    """The response for an outcome: the container, or the 404, with ``cache_debug``."""
     record = outcome.record
     hit_type = _HIT_TYPES.get(outcome.kind)
-    if outcome.kind == "stale-if-error":
-        hit_type = "stale_if_error"
-    freshness = outcome.freshness
+    hit = hit_type is not None
     debug = CacheDebug(
-        cache_hit=hit_type is not None,
+        cache_hit=hit,
         cache_id=outcome.cache_id,
         hit_type=hit_type,
         requested_provider=provider,
         provider_used=record.provider,
-        threshold=threshold if hit_type is not None else None,
-        similarity=freshness.similarity if hit_type is not None and freshness else None,
+        threshold=rules.threshold if hit else None,
+        similarity=outcome.freshness.similarity if hit and outcome.freshness else None,
     )
     if record.negative:
         body = with_cache_debug(record.body, debug)
     else:
         body = render_container(record.body, provider, latency_ms, debug)
-    return web.Response(body=body, status=record.status_code, content_type="application/json")
+    return web.Response(
+        body=body,
+        status=record.status_code,
+        content_type="application/json",
+        headers=cache_headers(outcome),
+    )

@@ -1,0 +1,37 @@
+"""Response headers that say what the cache did: ``Cache-Status`` (RFC 9211) and ``Age``."""
+
+from __future__ import annotations
+
+from sidecar.outcomes import Outcome
+
+__all__ = ["CACHE_NAME", "cache_headers"]
+
+CACHE_NAME = "bifrost-sidecar"
+
+
+def cache_headers(outcome: Outcome) -> dict[str, str]:
+    """``Cache-Status`` for every answer; ``Age`` for answers from the cache."""
+    freshness = outcome.freshness
+    parts = [CACHE_NAME]
+    if outcome.kind == "miss":
+        parts.append(f"fwd={outcome.forward or 'uri-miss'}")
+        if outcome.upstream_status is not None:
+            parts.append(f"fwd-status={outcome.upstream_status}")
+        if outcome.stored:
+            parts.append("stored")
+    elif outcome.kind == "stale-if-error":
+        parts.append("fwd=stale")
+        if outcome.upstream_status is not None:
+            parts.append(f"fwd-status={outcome.upstream_status}")
+    else:
+        parts.append("hit")
+    if freshness is not None:
+        parts.append(f"ttl={int(freshness.ttl_s // 1)}")
+    if outcome.collapsed:
+        parts.append("collapsed")
+    if outcome.kind == "stale-if-error":
+        parts.append("detail=stale-if-error")
+    headers = {"Cache-Status": "; ".join(parts)}
+    if freshness is not None:
+        headers["Age"] = str(int(freshness.age_s))
+    return headers

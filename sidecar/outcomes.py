@@ -1,0 +1,53 @@
+"""The retrieve use case's vocabulary: the query, how it was answered, and who refreshes."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import msgspec
+
+from sidecar.controls import Rules
+from sidecar.credentials import Credential
+from sidecar.policy import Freshness
+from sidecar.records import Record
+
+__all__ = ["Outcome", "Query", "Refresher"]
+
+
+class Query(msgspec.Struct, frozen=True, gc=False):
+    """One parsed retrieve request."""
+
+    provider: str
+    container_id: str
+    credential: Credential
+    rules: Rules = Rules()
+
+
+class Outcome(msgspec.Struct, frozen=True, gc=False):
+    """How a retrieve was answered; ``record`` is the container (or the cached 404) served."""
+
+    kind: str
+    """``hit``, ``stale``, ``negative``, ``miss`` or ``stale-if-error``."""
+    record: Record
+    cache_id: str
+    freshness: Freshness | None = None
+    forward: str = ""
+    """Why the upstream was asked (RFC 9211 ``fwd``): uri-miss, vary-miss, stale or request."""
+    upstream_status: int | None = None
+    """What the upstream answered when it was asked (``fwd-status``)."""
+    collapsed: bool = False
+    """This request waited for a fetch another request started."""
+    stored: bool = False
+    """The upstream's answer was written to the cache."""
+
+    @property
+    def from_cache(self) -> bool:
+        """The answer came from the cache (``cache_hit``)."""
+        return self.kind != "miss"
+
+
+class Refresher(Protocol):
+    """Schedules background refreshes (the arq queue); absent when there is no service key."""
+
+    async def enqueue_refresh(self, provider: str, container_id: str, due_ms: int) -> None:
+        """Ask a worker to refresh a container whose freshness ended at ``due_ms``."""
