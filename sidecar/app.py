@@ -5,24 +5,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
 
+from sidecar import admin, health, proxy
 from sidecar.announce import listen_for_changes
 from sidecar.connections import create_redis
 from sidecar.credentials import CredentialReader
 from sidecar.keys import KeySpace
 from sidecar.local import LocalCache
-from sidecar.middleware import error_middleware
+from sidecar.metrics import Metrics, counter, gauge
+from sidecar.middleware import error_middleware, observe_middleware
 from sidecar.outcomes import Refresher
 from sidecar.queue import ArqRefresher
-from sidecar.reads import ReadTracker
+from sidecar.reads import ReadTracker, flush_every
 from sidecar.service import ContainerService
 from sidecar.settings import Settings
-from sidecar.state import SERVICES, Services
+from sidecar.state import LIFECYCLE, SERVICES, Lifecycle, Services
+from sidecar.stats import FleetStats
 from sidecar.store import Breaker, CacheStore
 from sidecar.upstream import Upstream, create_session
 from sidecar.views import retrieve_native, retrieve_openai
@@ -34,9 +37,18 @@ log = logging.getLogger(__name__)
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings", Settings)
 REDIS: web.AppKey[Any] = web.AppKey("redis", object)
 HTTP: web.AppKey[aiohttp.ClientSession] = web.AppKey("http", aiohttp.ClientSession)
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 EMBEDDED_SERVER: web.AppKey[Any] = web.AppKey("embedded_server", object)
 EMBEDDED_WORKER: web.AppKey[Any] = web.AppKey("embedded_worker", object)
 REFRESHER: web.AppKey[Any] = web.AppKey("refresher", object)
+
+#: Retrieval routes, and the prefixes under which the rest of the container API is proxied.
+RETRIEVE_ROUTES = {
+    "/openai/v1/containers/{container_id}": retrieve_openai,
+    "/openai/containers/{container_id}": retrieve_openai,
+    "/v1/containers/{container_id}": retrieve_native,
+}
+PROXY_PREFIXES = ("/openai/v1", "/openai", "/v1")
 
 
 class ClosableRefresher(Refresher, Protocol):
@@ -46,8 +58,8 @@ class ClosableRefresher(Refresher, Protocol):
         """Release them."""
 
 
-#: Builds the in-process worker of the embedded default from the settings, Redis and session.
-EmbeddedWorkerFactory = Callable[[Settings, Any, aiohttp.ClientSession], ClosableRefresher]
+#: Builds the in-process worker of the embedded default.
+EmbeddedWorkerFactory = Callable[[Settings, Any, aiohttp.ClientSession, Metrics], ClosableRefresher]
 
 
 def create_app(
@@ -61,19 +73,20 @@ def create_app(
     Without ``SIDECAR_REDIS_URL`` it runs on an embedded store (``embedded_server``, a fakeredis
     server, may be shared) and, given ``embedded_worker``, refreshes in-process.
     """
-    app = web.Application(middlewares=[error_middleware])
+    app = web.Application(middlewares=[observe_middleware, error_middleware])
     app[SETTINGS] = settings
+    app[METRICS] = Metrics("sidecar")
     app[EMBEDDED_SERVER] = embedded_server
     app[EMBEDDED_WORKER] = embedded_worker
-    app.cleanup_ctx.append(_redis)
-    app.cleanup_ctx.append(_http)
-    app.cleanup_ctx.append(_refresher)
-    app.cleanup_ctx.append(_services)
-    app.cleanup_ctx.append(_announcements)
-    app.cleanup_ctx.append(_reads)
-    for path in ("/openai/v1/containers/{container_id}", "/openai/containers/{container_id}"):
-        app.router.add_get(path, retrieve_openai, allow_head=False)
-    app.router.add_get("/v1/containers/{container_id}", retrieve_native, allow_head=False)
+    app[LIFECYCLE] = Lifecycle()
+    app.cleanup_ctx.extend([_redis, _http, _refresher, _services, _background])
+    app.on_shutdown.append(_drain)
+    for path, handler in RETRIEVE_ROUTES.items():
+        app.router.add_get(path, handler, allow_head=False)
+    for prefix in PROXY_PREFIXES:
+        proxy.add_routes(app.router, prefix)
+    health.add_routes(app.router)
+    admin.add_routes(app.router)
     return app
 
 
@@ -99,9 +112,9 @@ async def _refresher(app: web.Application) -> AsyncIterator[None]:
             "revalidated inline with the caller's credential"
         )
     elif settings.redis_url:
-        refresher = ArqRefresher(settings)
+        refresher = ArqRefresher(settings, app[METRICS])
     elif app[EMBEDDED_WORKER] is not None:
-        refresher = app[EMBEDDED_WORKER](settings, app[REDIS], app[HTTP])
+        refresher = app[EMBEDDED_WORKER](settings, app[REDIS], app[HTTP], app[METRICS])
     else:
         log.warning("embedded store without an embedded worker: background refresh is off")
     app[REFRESHER] = refresher
@@ -111,56 +124,83 @@ async def _refresher(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _services(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
+    settings, metrics, refresher = app[SETTINGS], app[METRICS], app[REFRESHER]
     secret = settings.key_secret.reveal() if settings.key_secret else None
     if secret is None:
         log.warning(
             "no SIDECAR_KEY_SECRET: credential fingerprints use a per-process key, so grants "
             "are not shared with other replicas"
         )
-    store = CacheStore(
-        app[REDIS], KeySpace(settings.key_prefix), Breaker(settings.redis_retry_after_s)
-    )
-    refresher = app[REFRESHER]
+    breaker = Breaker(settings.redis_retry_after_s, on_failure=metrics.redis_errors.inc)
+    store = CacheStore(app[REDIS], KeySpace(settings.key_prefix), breaker)
+    stats = FleetStats(store)
+    upstream = Upstream(app[HTTP], settings, metrics, caller="sidecar", stats=stats)
     service = ContainerService(
         store,
-        Upstream(app[HTTP], settings),
+        upstream,
         settings,
         refresher=refresher,
         local=LocalCache(settings.local_ttl_s),
         reads=ReadTracker(store) if refresher is not None else None,
     )
-    app[SERVICES] = Services(
+    services = Services(
         settings=settings,
         credentials=CredentialReader(settings.upstream_kind, secret),
         store=store,
         service=service,
+        upstream=upstream,
+        metrics=metrics,
+        stats=stats,
     )
+    app[SERVICES] = services
+    metrics.watch(lambda: _scrape_time(services))
     yield
     await service.close()
 
 
-async def _announcements(app: web.Application) -> AsyncIterator[None]:
+def _scrape_time(services: Services) -> list[Any]:
+    breaker = services.store.breaker
+    return [
+        gauge("sidecar_redis_up", "1 while this process can use Redis", 0 if breaker.down else 1),
+        counter(
+            "sidecar_redis_fail_open_seconds",
+            "Seconds this process served from upstream because Redis was unavailable",
+            breaker.fail_open_seconds(),
+        ),
+        gauge(
+            "sidecar_upstream_backoff_seconds",
+            "Seconds left of a provider's 429 back-off, as this process knows it",
+            services.service.throttle.remaining(),
+            label="provider",
+        ),
+        gauge(
+            "sidecar_local_cache_entries",
+            "Records this process keeps a copy of",
+            len(services.service.local),
+        ),
+    ]
+
+
+async def _background(app: web.Application) -> AsyncIterator[None]:
     services = app[SERVICES]
-    local = services.service.local
-    if not local.enabled or app[SETTINGS].redis_cluster:
+    local, reads = services.service.local, services.service.reads
+    flushes: list[Callable[[], Awaitable[None]]] = [services.stats.flush]
+    if reads is not None:
+        flushes.append(reads.flush)
+    tasks = [asyncio.create_task(flush_every(0.5, *flushes))]
+    if local.enabled and not app[SETTINGS].redis_cluster:
         # Cluster pub/sub is not offered by the async cluster client: copies just time out.
-        yield
-        return
-    task = asyncio.create_task(listen_for_changes(app[REDIS], services.store.keys, local))
+        tasks.append(
+            asyncio.create_task(listen_for_changes(app[REDIS], services.store.keys, local))
+        )
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
-async def _reads(app: web.Application) -> AsyncIterator[None]:
-    reads = app[SERVICES].service.reads
-    if reads is None:
-        yield
-        return
-    task = asyncio.create_task(reads.run())
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+async def _drain(app: web.Application) -> None:
+    """SIGTERM: readiness fails at once so no new traffic arrives while requests finish."""
+    app[LIFECYCLE].draining = True

@@ -19,9 +19,11 @@ StoreUnavailable                  Redis failed; never reaches a caller (fail-ope
 from __future__ import annotations
 
 __all__ = [
+    "Forbidden",
     "InvalidParameter",
     "MissingCredential",
     "NotCached",
+    "NotFound",
     "RequestError",
     "RouteNotFound",
     "SidecarError",
@@ -135,3 +137,18 @@ class UpstreamMalformed(UpstreamFailure):
 
 class StoreUnavailable(Exception):
     """Redis failed or is being skipped after a failure; callers serve from upstream."""
+
+
+class Forbidden(RequestError):
+    """A credential that is not allowed here (the admin token): 403."""
+
+    status = 403
+    type = "authentication_error"
+    code = "forbidden"
+
+
+class NotFound(RequestError):
+    """No such resource (a cache entry to purge): 404."""
+
+    status = 404
+    code = "not_found"

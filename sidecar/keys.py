@@ -57,6 +57,11 @@ class KeySpace:
         return f"{self.prefix}:cid:{cache_id}"
 
     @property
+    def stats(self) -> str:
+        """Hash of fleet-wide counts (``GET /api/cache/stats``)."""
+        return f"{self.prefix}:stats"
+
+    @property
     def hot(self) -> str:
         """Sorted set: ``provider/container_id`` scored by when it was last read (unix ms)."""
         return f"{self.prefix}:hot"

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from sidecar.errors import RouteNotFound, SidecarError, UpstreamReplyError
+from sidecar.state import SERVICES
 from sidecar.wire import error_body
 
-__all__ = ["error_middleware", "error_response"]
+__all__ = ["OUTCOME", "error_middleware", "error_response", "observe_middleware"]
+
+#: Where a handler leaves what happened, for ``observe_middleware`` (a retrieval's Outcome and
+#: Rules, or a metrics outcome word).
+OUTCOME: web.ResponseKey[object] = web.ResponseKey("outcome", object)
+_KINDS = {"hit": "hit", "stale": "stale", "stale-if-error": "stale_if_error",
+          "negative": "negative", "miss": "miss"}  # fmt: skip
+_UNOBSERVED = frozenset({"/healthz", "/readyz", "/metrics"})
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +41,35 @@ def _provider(request: web.Request) -> str:
     if not provider and not request.path.startswith("/v1/"):
         return "openai"
     return provider[:64]
+
+
+@web.middleware
+async def observe_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Count every answer by route and outcome, with its duration (one place for all routes)."""
+    started = time.perf_counter()
+    response = await handler(request)
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    if route in _UNOBSERVED:
+        return response
+    services = request.app[SERVICES]
+    metrics = services.metrics
+    seen = response.get(OUTCOME)
+    if isinstance(seen, tuple):
+        outcome, rules = seen
+        label = _KINDS[outcome.kind]
+        if label == "miss" and (rules.no_cache or rules.no_store):
+            label = "bypass"
+        if outcome.from_cache and outcome.freshness is not None:
+            metrics.served_age.observe(outcome.freshness.age_s)
+        if outcome.collapsed:
+            metrics.collapsed.labels(outcome.collapsed).inc()
+    else:
+        label = seen if isinstance(seen, str) else ("error" if response.status >= 400 else "bypass")
+    metrics.requests.labels(route, label).inc()
+    metrics.request_seconds.labels(route, label).observe(time.perf_counter() - started)
+    services.stats.add(f"answers.{label}")
+    return response
 
 
 @web.middleware

@@ -35,8 +35,9 @@ class Outcome(msgspec.Struct, frozen=True, gc=False):
     """Why the upstream was asked (RFC 9211 ``fwd``): uri-miss, vary-miss, stale or request."""
     upstream_status: int | None = None
     """What the upstream answered when it was asked (``fwd-status``)."""
-    collapsed: bool = False
-    """This request waited for a fetch another request started."""
+    collapsed: str = ""
+    """This request waited for a fetch another request started: in this ``process``, or on
+    another ``replica`` (through the Redis lock); empty when it did not wait."""
     stored: bool = False
     """The upstream's answer was written to the cache."""
 
@@ -51,3 +52,6 @@ class Refresher(Protocol):
 
     async def enqueue_refresh(self, provider: str, container_id: str, due_ms: int) -> None:
         """Ask a worker to refresh a container whose freshness ended at ``due_ms``."""
+
+    async def backlog(self) -> int | None:
+        """Refresh jobs waiting, if known."""

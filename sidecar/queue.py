@@ -17,6 +17,7 @@ from urllib.parse import unquote, urlsplit
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from redis.exceptions import RedisError
 
+from sidecar.metrics import Metrics
 from sidecar.settings import Settings, SettingsError
 
 __all__ = [
@@ -84,20 +85,29 @@ class ArqRefresher:
     served (and revalidated once they leave the stale window), and the outage is logged once.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self._settings = settings
+        self._jobs = metrics.refresh_jobs
         self._pool: ArqRedis | None = None
         self._retry_at = 0.0
         self._connecting = asyncio.Lock()
         self._expires_s = max(settings.max_stale_s, 30.0)
         self._recent: dict[tuple[str, str], float] = {}
-        self.enqueued = 0
-        self.deduplicated = 0
 
     async def close(self) -> None:
         """Close the queue connection."""
         if self._pool is not None:
             await self._pool.aclose()
+
+    async def backlog(self) -> int | None:
+        """Jobs waiting in the queue (None while it cannot be reached)."""
+        pool = await self._queue()
+        if pool is None:
+            return None
+        try:
+            return int(await pool.zcard(self._settings.queue_name))
+        except (OSError, RedisError):
+            return None
 
     async def _queue(self) -> ArqRedis | None:
         if self._pool is not None or time.monotonic() < self._retry_at:
@@ -116,7 +126,7 @@ class ArqRefresher:
         now = time.monotonic()
         key = (provider, container_id)
         if self._recent.get(key, 0.0) > now:
-            self.deduplicated += 1
+            self._jobs.labels("deduplicated").inc()
             return
         if len(self._recent) > 10_000:
             self._recent = {k: v for k, v in self._recent.items() if v > now}
@@ -137,7 +147,4 @@ class ArqRefresher:
         except (OSError, RedisError) as exc:
             log.debug("enqueue of %s/%s failed: %s", provider, container_id, exc)
             return
-        if job is None:
-            self.deduplicated += 1
-        else:
-            self.enqueued += 1
+        self._jobs.labels("deduplicated" if job is None else "enqueued").inc()

@@ -15,7 +15,14 @@ from collections.abc import Awaitable
 
 import msgspec
 
-from sidecar.errors import NotCached, StoreUnavailable, UpstreamFailure, UpstreamReplyError
+from sidecar.credentials import Credential
+from sidecar.errors import (
+    NotCached,
+    StoreUnavailable,
+    UpstreamFailure,
+    UpstreamMalformed,
+    UpstreamReplyError,
+)
 from sidecar.flight import BackgroundTasks, SingleFlight
 from sidecar.keys import cache_id_for
 from sidecar.local import LocalCache
@@ -27,6 +34,7 @@ from sidecar.settings import Settings
 from sidecar.store import CacheStore, Lookup
 from sidecar.throttle import Throttle
 from sidecar.upstream import Upstream, UpstreamReply
+from sidecar.wire import normalize_container
 
 __all__ = ["ContainerService", "now_ms"]
 
@@ -99,7 +107,7 @@ class ContainerService:
             forward = "stale" if found.granted else "vary-miss"
         key = (provider, cid, fingerprint, rules.no_store)
         outcome, joined = await self._flights.run(key, lambda: self._fetch(query, stale, forward))
-        return msgspec.structs.replace(outcome, collapsed=True) if joined else outcome
+        return msgspec.structs.replace(outcome, collapsed="process") if joined else outcome
 
     async def _from_cache(self, query: Query, found: Lookup) -> Outcome | None:
         """What the cache can answer without the upstream, if anything."""
@@ -176,7 +184,7 @@ class ContainerService:
                 return False
             fresh = [r for r in (found.record, found.negative) if r and r.fetched_at_ms >= started]
             if fresh and (served := await self._from_cache(query, found)):
-                return msgspec.structs.replace(served, collapsed=True)
+                return msgspec.structs.replace(served, collapsed="replica")
 
     async def _absorb(
         self, query: Query, reply: UpstreamReply, stale: Record | None, forward: str
@@ -225,6 +233,25 @@ class ContainerService:
         cache_id = cache_id_for(query.provider, query.container_id)
         return Outcome("stale-if-error", stale, cache_id, freshness, forward="stale",
                        upstream_status=status)  # fmt: skip
+
+    async def seed(self, provider: str, credential: Credential, payload: object) -> None:
+        """Cache a container the upstream just returned to this credential (list, create)."""
+        try:
+            body, container = normalize_container(payload)
+        except UpstreamMalformed:
+            return
+        reply = UpstreamReply(200, body, container)
+        record = reply.record(provider, container.id, now_ms())
+        fingerprint = credential.fingerprint
+        await self._quietly(
+            self.store.save(record, self.policy, fingerprint=fingerprint, grant_ms=self._grant_ms)
+        )
+        self.local.put(record, fingerprint, self._grant_ms / 1000)
+
+    async def forget(self, provider: str, container_id: str) -> None:
+        """Drop a container everywhere (it was deleted through this sidecar)."""
+        self.local.drop(provider, container_id)
+        await self._quietly(self.store.delete(provider, container_id))
 
     async def _quietly(self, write: Awaitable[object]) -> bool:
         """Await a store write; Redis trouble is not the caller's problem."""

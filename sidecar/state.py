@@ -7,11 +7,14 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from sidecar.credentials import CredentialReader
+from sidecar.metrics import Metrics
 from sidecar.service import ContainerService
 from sidecar.settings import Settings
+from sidecar.stats import FleetStats
 from sidecar.store import CacheStore
+from sidecar.upstream import Upstream
 
-__all__ = ["SERVICES", "Services"]
+__all__ = ["LIFECYCLE", "SERVICES", "Lifecycle", "Services"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +25,18 @@ class Services:
     credentials: CredentialReader
     store: CacheStore
     service: ContainerService
+    upstream: Upstream
+    metrics: Metrics
+    stats: FleetStats
+
+
+@dataclass(slots=True)
+class Lifecycle:
+    """Where the process is in its life."""
+
+    draining: bool = False
+    """SIGTERM arrived: finishing in-flight requests, refusing readiness."""
 
 
 SERVICES: web.AppKey[Services] = web.AppKey("services", Services)
+LIFECYCLE: web.AppKey[Lifecycle] = web.AppKey("lifecycle", Lifecycle)

@@ -34,8 +34,14 @@ return 0
 class Breaker:
     """Tracks Redis health: open (skipping Redis) for a while after each failure."""
 
-    def __init__(self, retry_after_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        retry_after_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        on_failure: Callable[[], object] | None = None,
+    ) -> None:
         self._retry_after_s = retry_after_s
+        self._on_failure = on_failure
         self._clock = clock
         self._skip_until = 0.0
         self.down_since: float | None = None
@@ -56,6 +62,8 @@ class Breaker:
         """Record a failure; the first of an outage is logged."""
         now = self._clock()
         self.failures_total += 1
+        if self._on_failure is not None:
+            self._on_failure()
         self._skip_until = now + self._retry_after_s
         if self.down_since is None:
             self.down_since = now
@@ -64,6 +72,11 @@ class Breaker:
                 type(exc).__name__,
                 exc,
             )
+
+    def fail_open_seconds(self) -> float:
+        """Seconds spent without Redis so far, the current outage included."""
+        current = self._clock() - self.down_since if self.down_since is not None else 0.0
+        return self.down_seconds_total + current
 
     def success(self) -> None:
         """Record a success; the end of an outage is logged."""
@@ -109,7 +122,8 @@ class CacheStore:
         self.breaker = breaker
         self._unlock = redis.register_script(_UNLOCK)
 
-    async def _call(self, op: Callable[[], Awaitable[T]]) -> T:
+    async def call(self, op: Callable[[], Awaitable[T]]) -> T:
+        """Run Redis commands under the breaker: StoreUnavailable when Redis fails."""
         self.breaker.check()
         try:
             result = await op()
@@ -122,7 +136,7 @@ class CacheStore:
     async def lookup(self, provider: str, container_id: str, fingerprint: str) -> Lookup:
         """The cached record, whether this credential may see it, and its cached 404 if any."""
         keys = self.keys
-        raw, grant, negative = await self._call(
+        raw, grant, negative = await self.call(
             lambda: self.redis.mget(
                 keys.record(provider, container_id),
                 keys.grant(provider, container_id, fingerprint),
@@ -137,7 +151,7 @@ class CacheStore:
 
     async def read(self, provider: str, container_id: str) -> Record | None:
         """The cached record, whoever asks (workers and admin only)."""
-        raw = await self._call(lambda: self.redis.get(self.keys.record(provider, container_id)))
+        raw = await self.call(lambda: self.redis.get(self.keys.record(provider, container_id)))
         return decode_record(raw) if raw is not None else None
 
     async def save(
@@ -175,12 +189,12 @@ class CacheStore:
                 pipe.publish(keys.changes, name)
                 await pipe.execute()
 
-        await self._call(op)
+        await self.call(op)
 
     async def save_negative(self, record: Record, fingerprint: str, ttl_ms: int) -> None:
         """Cache a 404 for one credential."""
         key = self.keys.negative(record.provider, record.container_id, fingerprint)
-        await self._call(lambda: self.redis.set(key, encode_record(record), px=ttl_ms))
+        await self.call(lambda: self.redis.set(key, encode_record(record), px=ttl_ms))
 
     async def delete(self, provider: str, container_id: str) -> None:
         """Forget a container (deleted upstream, or purged) and tell the other processes."""
@@ -193,21 +207,44 @@ class CacheStore:
                 pipe.publish(keys.changes, name)
                 await pipe.execute()
 
-        await self._call(op)
+        await self.call(op)
+
+    async def purge_cache_id(self, cache_id: str) -> tuple[str, str] | None:
+        """Drop the entry behind a public cache id; its ``(provider, container_id)``, if any."""
+        raw = await self.call(lambda: self.redis.get(self.keys.cache_id(cache_id)))
+        if raw is None:
+            return None
+        provider, container_id = parse_member(raw)
+        await self.delete(provider, container_id)
+        await self.call(lambda: self.redis.delete(self.keys.cache_id(cache_id)))
+        return provider, container_id
+
+    async def count_records(self, limit: int = 100_000) -> tuple[int, bool]:
+        """How many records are cached (scanning at most ``limit`` keys); and if exactly."""
+
+        async def op() -> tuple[int, bool]:
+            count = 0
+            async for _ in self.redis.scan_iter(match=f"{self.keys.prefix}:{{*}}:rec", count=1000):
+                count += 1
+                if count >= limit:
+                    return count, False
+            return count, True
+
+        return await self.call(op)
 
     async def set_backoff(self, provider: str, backoff_ms: int) -> None:
         """Hold off refreshes from ``provider`` (a 429) for ``backoff_ms``."""
         until = time.time_ns() // 1_000_000 + backoff_ms
         key = self.keys.backoff(provider)
-        await self._call(lambda: self.redis.set(key, until, px=max(1, backoff_ms)))
+        await self.call(lambda: self.redis.set(key, until, px=max(1, backoff_ms)))
 
     async def backoff_left_ms(self, provider: str) -> int:
         """How long refreshes from ``provider`` must still wait (0: go ahead)."""
-        return _ms_left(await self._call(lambda: self.redis.get(self.keys.backoff(provider))))
+        return _ms_left(await self.call(lambda: self.redis.get(self.keys.backoff(provider))))
 
     async def mark_read(self, names: list[str], at_ms: int) -> None:
         """Note that these containers were read (refresh-ahead keeps them fresh)."""
-        await self._call(lambda: self.redis.zadd(self.keys.hot, dict.fromkeys(names, at_ms)))
+        await self.call(lambda: self.redis.zadd(self.keys.hot, dict.fromkeys(names, at_ms)))
 
     async def due_for_refresh(
         self, horizon_ms: int, read_since_ms: int, limit: int = 10_000
@@ -242,11 +279,11 @@ class CacheStore:
                 if at is not None
             ]
 
-        return await self._call(op)
+        return await self.call(op)
 
     async def revoke(self, provider: str, container_id: str, fingerprint: str) -> None:
         """Drop a credential's grant (the upstream refused it)."""
-        await self._call(
+        await self.call(
             lambda: self.redis.delete(self.keys.grant(provider, container_id, fingerprint))
         )
 
@@ -255,9 +292,9 @@ class CacheStore:
     ) -> bool:
         """Take the cross-replica fetch lock; it lapses after ``ttl_ms`` if its holder dies."""
         key = self.keys.lock(provider, container_id, fingerprint)
-        return bool(await self._call(lambda: self.redis.set(key, token, nx=True, px=ttl_ms)))
+        return bool(await self.call(lambda: self.redis.set(key, token, nx=True, px=ttl_ms)))
 
     async def unlock(self, provider: str, container_id: str, fingerprint: str, token: str) -> None:
         """Release the lock if it is still ours."""
         key = self.keys.lock(provider, container_id, fingerprint)
-        await self._call(lambda: self._unlock(keys=[key], args=[token]))
+        await self.call(lambda: self._unlock(keys=[key], args=[token]))

@@ -51,6 +51,11 @@ class Throttle:
         self._known[provider] = (now + left_ms / 1000, now)
         return left_ms > 0
 
+    def remaining(self) -> dict[str, float]:
+        """Seconds left of each back-off this process knows of."""
+        now = time.monotonic()
+        return {provider: max(0.0, until - now) for provider, (until, _) in self._known.items()}
+
     async def obey(self, provider: str, retry_after: str | None) -> float:
         """Start a back-off after a 429; returns its length in seconds."""
         wait_ms = retry_after_ms(retry_after, self._default_s)

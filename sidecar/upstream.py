@@ -8,6 +8,7 @@ whose body is already a gateway ``BifrostError``.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 
 import aiohttp
@@ -15,8 +16,10 @@ import msgspec
 
 from sidecar import __version__
 from sidecar.errors import UpstreamMalformed, UpstreamTimeout, UpstreamUnavailable
+from sidecar.metrics import Metrics, status_class
 from sidecar.records import Record
 from sidecar.settings import Settings, upstream_base
+from sidecar.stats import FleetStats
 from sidecar.wire import (
     Container,
     gateway_error_from_openai,
@@ -77,10 +80,28 @@ def create_session(settings: Settings) -> aiohttp.ClientSession:
 class Upstream:
     """Retrieves containers from the configured upstream."""
 
-    def __init__(self, session: aiohttp.ClientSession, settings: Settings) -> None:
-        self._session = session
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        settings: Settings,
+        metrics: Metrics | None = None,
+        caller: str = "sidecar",
+        stats: FleetStats | None = None,
+    ) -> None:
+        self._stats = stats
+        self.session = session
+        self.stream_timeout = aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=settings.upstream_connect_timeout_s,
+            sock_read=settings.upstream_timeout_s,
+        )
+        """For pass-through calls, whose bodies may take longer than one lookup."""
         self._kind = settings.upstream_kind
         self._base = upstream_base(settings)
+        self._metrics = metrics
+        self._caller = caller
+        self.last_failure: float | None = None
+        """When the upstream last failed to answer (monotonic), for readiness reports."""
 
     def url(self, provider: str, container_id: str) -> str:
         """The upstream URL of a container (ids are validated to URL-safe characters)."""
@@ -93,10 +114,12 @@ class Upstream:
     ) -> UpstreamReply:
         """One upstream retrieve with the given credential headers."""
         url = self.url(provider, container_id)
+        started = time.perf_counter()
+        status: int | None = None
         try:
-            async with self._session.get(url, headers=dict(credential_headers)) as response:
-                status = response.status
+            async with self.session.get(url, headers=dict(credential_headers)) as response:
                 raw = await response.read()
+                status = response.status
                 retry_after = response.headers.get("Retry-After")
         except TimeoutError as exc:
             raise UpstreamTimeout(f"upstream did not answer in time ({url.split('?')[0]})") from exc
@@ -104,6 +127,8 @@ class Upstream:
             raise UpstreamUnavailable(
                 f"upstream unreachable: {type(exc).__name__}: {exc}".rstrip(": ")
             ) from exc
+        finally:
+            self.observe(provider, status, time.perf_counter() - started)
         if status == 200:
             try:
                 payload = msgspec.json.decode(raw)
@@ -118,6 +143,19 @@ class Upstream:
                 )
             return UpstreamReply(200, body, container)
         return UpstreamReply(status, self._error_body(status, raw, provider), None, retry_after)
+
+    def observe(self, provider: str, status: int | None, seconds: float) -> None:
+        """Count one upstream call (also used by the pass-through proxy)."""
+        if status is None or status >= 500:
+            self.last_failure = time.monotonic()
+        if self._stats is not None:
+            self._stats.add(f"upstream.{self._caller}")
+        if self._metrics is not None:
+            metrics = self._metrics
+            metrics.upstream.labels(provider, status_class(status), self._caller).inc()
+            metrics.upstream_seconds.labels(provider, self._caller).observe(seconds)
+            if status == 429:
+                metrics.throttled.labels(provider).inc()
 
     def _error_body(self, status: int, raw: bytes, provider: str) -> bytes:
         if self._kind == "bifrost" and _is_gateway_error(raw):

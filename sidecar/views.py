@@ -10,6 +10,7 @@ from aiohttp import web
 from sidecar.controls import Rules, parse_rules
 from sidecar.errors import InvalidParameter, MissingCredential, UnsupportedOperation
 from sidecar.headers import cache_headers
+from sidecar.middleware import OUTCOME
 from sidecar.outcomes import Outcome, Query
 from sidecar.settings import PROVIDERS, Settings
 from sidecar.state import SERVICES
@@ -101,9 +102,11 @@ def render(outcome: Outcome, provider: str, rules: Rules, latency_ms: int) -> we
         body = with_cache_debug(record.body, debug)
     else:
         body = render_container(record.body, provider, latency_ms, debug)
-    return web.Response(
+    response = web.Response(
         body=body,
         status=record.status_code,
         content_type="application/json",
         headers=cache_headers(outcome),
     )
+    response[OUTCOME] = (outcome, rules)
+    return response

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -13,12 +15,16 @@ from arq.worker import func
 from sidecar.connections import create_redis
 from sidecar.errors import StoreUnavailable
 from sidecar.keys import KeySpace
+from sidecar.metrics import Metrics
 from sidecar.queue import REFRESH_AHEAD_JOB, REFRESH_JOB, queue_redis_settings, refresh_job_id
+from sidecar.reads import flush_every
 from sidecar.settings import Settings
+from sidecar.stats import FleetStats
 from sidecar.store import Breaker, CacheStore
 from sidecar.upstream import Upstream, create_session
+from worker.http import start_worker_http
 from worker.limits import ProviderLimiter
-from worker.refresh import RefreshPlanner, RefreshRunner, RetryLater
+from worker.refresh import RefreshPlanner, RefreshRunner, RetryLater, event_of
 
 __all__ = ["WorkerDeps", "refresh_ahead", "refresh_container", "worker_options"]
 
@@ -32,23 +38,39 @@ class WorkerDeps:
     settings: Settings
     redis: Any
     session: aiohttp.ClientSession
+    store: CacheStore
     runner: RefreshRunner
     planner: RefreshPlanner
+    metrics: Metrics
+    stats: FleetStats
+
+    def count(self, result: str) -> str:
+        """Count a refresh's result; returns it."""
+        self.metrics.refresh_jobs.labels(event_of(result)).inc()
+        return result
 
 
-def build_deps(settings: Settings, redis: Any, session: aiohttp.ClientSession) -> WorkerDeps:
+def build_deps(
+    settings: Settings, redis: Any, session: aiohttp.ClientSession, metrics: Metrics
+) -> WorkerDeps:
     """Wire the refresh machinery onto a cache Redis and an HTTP session."""
     keys = KeySpace(settings.key_prefix)
-    store = CacheStore(redis, keys, Breaker(settings.redis_retry_after_s))
+    breaker = Breaker(settings.redis_retry_after_s, on_failure=metrics.redis_errors.inc)
+    store = CacheStore(redis, keys, breaker)
+    stats = FleetStats(store)
     limiter = ProviderLimiter(
         redis, keys, settings.provider_concurrency, lease_s=settings.upstream_timeout_s + 5
     )
+    upstream = Upstream(session, settings, metrics, caller="worker", stats=stats)
     return WorkerDeps(
         settings=settings,
         redis=redis,
         session=session,
-        runner=RefreshRunner(store, Upstream(session, settings), limiter, settings),
+        store=store,
+        runner=RefreshRunner(store, upstream, limiter, settings),
         planner=RefreshPlanner(store, settings),
+        metrics=metrics,
+        stats=stats,
     )
 
 
@@ -59,14 +81,15 @@ async def refresh_container(
     deps: WorkerDeps = ctx["deps"]
     attempt = int(ctx.get("job_try", 1))
     try:
-        return await deps.runner.refresh(provider, container_id, due_ms, attempt)
+        return deps.count(await deps.runner.refresh(provider, container_id, due_ms, attempt))
     except StoreUnavailable:
-        return "store-unavailable"
+        return deps.count("store-unavailable")
     except RetryLater as exc:
         if attempt >= deps.settings.refresh_max_tries:
             log.warning("refresh of %s/%s failed %d times: %s", provider, container_id,
                         attempt, exc)  # fmt: skip
-            return "failed"
+            return deps.count("failed")
+        deps.metrics.refresh_jobs.labels("retried").inc()
         raise Retry(defer=exc.delay_s) from exc
 
 
@@ -87,6 +110,7 @@ async def refresh_ahead(ctx: dict[str, Any]) -> int:
             _expires=delay_s + deps.settings.max_stale_s + 30,
         )
         enqueued += job is not None
+        deps.metrics.refresh_jobs.labels("enqueued" if job else "deduplicated").inc()
     return enqueued
 
 
@@ -94,7 +118,10 @@ async def _startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
     redis = create_redis(settings)
     session = create_session(settings)
-    ctx["deps"] = build_deps(settings, redis, session)
+    deps = build_deps(settings, redis, session, Metrics("worker"))
+    ctx["deps"] = deps
+    ctx["flush"] = asyncio.create_task(flush_every(1.0, deps.stats.flush))
+    ctx["http"] = await start_worker_http(deps, ctx["redis"])
     log.info(
         "worker ready: queue %r, %d concurrent jobs, refresh-ahead every %ds for entries read "
         "in the last %.0fs",
@@ -107,9 +134,15 @@ async def _startup(ctx: dict[str, Any]) -> None:
 
 async def _shutdown(ctx: dict[str, Any]) -> None:
     deps: WorkerDeps | None = ctx.get("deps")
-    if deps is not None:
-        await deps.session.close()
-        await deps.redis.aclose()
+    if deps is None:
+        return
+    if ctx.get("http") is not None:
+        await ctx["http"].cleanup()
+    ctx["flush"].cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await ctx["flush"]
+    await deps.session.close()
+    await deps.redis.aclose()
 
 
 def worker_options(settings: Settings) -> dict[str, Any]:

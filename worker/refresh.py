@@ -17,7 +17,16 @@ from sidecar.throttle import Throttle
 from sidecar.upstream import Upstream
 from worker.limits import ProviderLimiter
 
-__all__ = ["RefreshPlanner", "RefreshRunner", "RetryLater"]
+__all__ = ["RefreshPlanner", "RefreshRunner", "RetryLater", "event_of"]
+
+_EVENTS = {"refreshed": "succeeded", "deleted": "succeeded", "failed": "failed",
+           "refused": "failed", "store-unavailable": "failed"}  # fmt: skip
+
+
+def event_of(result: str) -> str:
+    """The ``sidecar_refresh_jobs_total`` event of a refresh's result word."""
+    return _EVENTS.get(result, "skipped")
+
 
 log = logging.getLogger(__name__)
 
