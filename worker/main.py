@@ -147,7 +147,9 @@ async def _shutdown(ctx: dict[str, Any]) -> None:
 
 def worker_options(settings: Settings) -> dict[str, Any]:
     """Keyword arguments of ``arq.Worker`` for these settings."""
-    job_timeout_s = settings.upstream_timeout_s * 2 + 5
+    # A refresh waits at most one upstream timeout for a provider slot, then makes one call.
+    # arq re-runs a job whose worker died once this plus 10 s has passed.
+    job_timeout_s = settings.upstream_timeout_s * 2 + 2
     tick = settings.refresh_tick_s
     return {
         "functions": [
@@ -168,7 +170,7 @@ def worker_options(settings: Settings) -> dict[str, Any]:
                 unique=True,
                 run_at_startup=True,
                 keep_result=0,
-                timeout=max(tick * 5, 10),
+                timeout=max(tick * 3, 5),
             )
         ],
         "redis_settings": queue_redis_settings(settings),
