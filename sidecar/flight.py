@@ -28,6 +28,9 @@ class SingleFlight(Generic[K, T]):
     def __len__(self) -> int:
         return len(self._running)
 
+    def __contains__(self, key: K) -> bool:
+        return key in self._running
+
     async def run(self, key: K, call: Callable[[], Awaitable[T]]) -> tuple[T, bool]:
         """The result of the call running for ``key`` (starting it if none), and whether joined."""
         task = self._running.get(key)

@@ -21,7 +21,8 @@ class LocalCache:
         self._ttl_s = ttl_s
         self._max = max_entries
         self._records: dict[tuple[str, str], tuple[Record, float]] = {}
-        self._grants: dict[tuple[str, str, str], float] = {}
+        # grant key -> (keep the copy until (monotonic), the grant's own expiry (unix ms))
+        self._grants: dict[tuple[str, str, str], tuple[float, int]] = {}
 
     def __len__(self) -> int:
         return len(self._records)
@@ -31,20 +32,19 @@ class LocalCache:
         """False when ``SIDECAR_LOCAL_TTL_S`` is 0."""
         return self._ttl_s > 0
 
-    def get(self, provider: str, container_id: str, fingerprint: str) -> Record | None:
-        """The local copy of a record, if this credential may see it and the copy is recent."""
+    def get(self, provider: str, container_id: str, fingerprint: str) -> tuple[Record, int] | None:
+        """The local copy of a record and its grant's expiry (unix ms), if this credential may
+        see it and the copy is recent."""
         now = time.monotonic()
         entry = self._records.get((provider, container_id))
         if entry is None or entry[1] <= now:
             return None
-        granted_until = self._grants.get((provider, container_id, fingerprint))
-        if granted_until is None or granted_until <= now:
+        grant = self._grants.get((provider, container_id, fingerprint))
+        if grant is None or grant[0] <= now:
             return None
-        return entry[0]
+        return entry[0], grant[1]
 
-    def put(
-        self, record: Record, fingerprint: str | None = None, grant_left_s: float = 0.0
-    ) -> None:
+    def put(self, record: Record, fingerprint: str | None = None, grant_expiry_ms: int = 0) -> None:
         """Keep a copy of ``record`` and, with a fingerprint, of that credential's grant."""
         if self._ttl_s <= 0:
             return
@@ -52,10 +52,11 @@ class LocalCache:
         key = (record.provider, record.container_id)
         self._records.pop(key, None)
         self._records[key] = (record, now + self._ttl_s)
+        grant_left_s = (grant_expiry_ms - time.time_ns() // 1_000_000) / 1000
         if fingerprint is not None and grant_left_s > 0:
             grant_key = (record.provider, record.container_id, fingerprint)
             self._grants.pop(grant_key, None)
-            self._grants[grant_key] = now + min(self._ttl_s, grant_left_s)
+            self._grants[grant_key] = (now + min(self._ttl_s, grant_left_s), grant_expiry_ms)
         self._evict()
 
     def drop(self, provider: str, container_id: str) -> None:

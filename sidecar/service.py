@@ -9,6 +9,7 @@ a Redis lock that lapses after ``lock_age_s``), which proves access and refreshe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
 from collections.abc import Awaitable
@@ -18,6 +19,7 @@ import msgspec
 from sidecar.credentials import Credential
 from sidecar.errors import (
     NotCached,
+    SidecarError,
     StoreUnavailable,
     UpstreamFailure,
     UpstreamMalformed,
@@ -70,6 +72,10 @@ class ContainerService:
         self._settings = settings
         self._grant_ms = int(settings.grant_ttl_s * 1000)
         self._negative_ms = int(settings.negative_ttl_s * 1000)
+        self._fresh_ms = int(settings.fresh_ttl_s * 1000)
+        # Renewing a grant early wastes what is left of the record's freshness: at most this.
+        window_s = max(settings.fresh_ttl_s / 5, settings.refresh_lead_s * 2)
+        self._renew_ms = int(min(settings.fresh_ttl_s / 2, window_s) * 1000)
         self._flights: SingleFlight[FlightKey, Outcome] = SingleFlight()
         self._background = BackgroundTasks()
 
@@ -85,15 +91,18 @@ class ContainerService:
         if self.reads is not None:
             self.reads.note(provider, cid)
         if not rules.no_cache and (copy := self.local.get(provider, cid, fingerprint)):
-            freshness = self.policy.assess(copy, now_ms())
+            record, grant_expiry_ms = copy
+            now = now_ms()
+            freshness = self.policy.assess(record, now)
             if freshness.state is State.FRESH and rules.admits(freshness):
-                return Outcome("hit", copy, cache_id_for(provider, cid), freshness)
+                self._renew_early(query, record, grant_expiry_ms, now)
+                return Outcome("hit", record, cache_id_for(provider, cid), freshness)
         try:
             found = await self.store.lookup(provider, cid, fingerprint)
         except StoreUnavailable:
             found = Lookup(None, 0, None)
         if found.record is not None and found.granted:
-            self.local.put(found.record, fingerprint, found.grant_left_ms / 1000)
+            self.local.put(found.record, fingerprint, now_ms() + found.grant_left_ms)
         if not rules.no_cache and (served := await self._from_cache(query, found)):
             return served
         if rules.only_if_cached:
@@ -124,6 +133,7 @@ class ContainerService:
         if freshness.state is State.DEAD or not rules.admits(freshness):
             return None
         if freshness.state is State.FRESH:
+            self._renew_early(query, record, now + found.grant_left_ms, now)
             return Outcome("hit", record, cache_id, freshness)
         stale = Outcome("stale", record, cache_id, freshness)
         if await self.throttle.active(query.provider):
@@ -137,6 +147,26 @@ class ContainerService:
         if rules.max_stale_s is not None or (rules.only_if_cached and in_window):
             return stale  # the caller accepts it; it revalidates inline when it must
         return None
+
+    def _renew_early(self, query: Query, record: Record, grant_expiry_ms: int, now: int) -> None:
+        """Renew a grant together with the record's refresh instead of on its own.
+
+        A grant that would lapse before the record's next refresh is due costs an extra upstream
+        call later. When it would, and the record is near the end of its freshness anyway, this
+        caller's credential refreshes it now (in the background, coalesced like a miss): one
+        call both proves access again and refreshes the record, and the worker's refresh then
+        finds it fresh and makes none.
+        """
+        fresh_until = self.policy.fresh_until_ms(record)
+        if grant_expiry_ms >= fresh_until + self._fresh_ms or fresh_until - now > self._renew_ms:
+            return
+        key = (query.provider, query.container_id, query.credential.fingerprint, False)
+        if key not in self._flights:
+            self._background.spawn(self._renew(query, record, key))
+
+    async def _renew(self, query: Query, record: Record, key: FlightKey) -> None:
+        with contextlib.suppress(SidecarError):
+            await self._flights.run(key, lambda: self._fetch(query, record, "stale"))
 
     def _can_refresh(self, provider: str) -> bool:
         return self.refresher is not None and self._settings.service_key_for(provider) is not None
@@ -200,7 +230,7 @@ class ContainerService:
                                 grant_ms=self._grant_ms, read=self.reads is not None)
             )  # fmt: skip
             if not no_store:
-                self.local.put(record, fingerprint, self._grant_ms / 1000)
+                self.local.put(record, fingerprint, now_ms() + self._grant_ms)
             return Outcome("miss", record, cache_id, forward=forward, upstream_status=200,
                            stored=stored)  # fmt: skip
         if reply.status in _REFUSALS:
@@ -246,7 +276,7 @@ class ContainerService:
         await self._quietly(
             self.store.save(record, self.policy, fingerprint=fingerprint, grant_ms=self._grant_ms)
         )
-        self.local.put(record, fingerprint, self._grant_ms / 1000)
+        self.local.put(record, fingerprint, now_ms() + self._grant_ms)
 
     async def forget(self, provider: str, container_id: str) -> None:
         """Drop a container everywhere (it was deleted through this sidecar)."""

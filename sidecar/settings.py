@@ -147,7 +147,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Entries read within this window are refreshed ahead of going stale."""
     refresh_tick_s: Annotated[int, msgspec.Meta(ge=1, le=60)] = 1
     """How often the refresh-ahead scan runs (whole seconds dividing 60)."""
-    refresh_lead_s: NonNegSeconds = 0.5
+    refresh_lead_s: NonNegSeconds = 0.3
     """How long before an entry goes stale refresh-ahead renews it (plus up to half as jitter)."""
     provider_concurrency: Positive = 200
     """Concurrent upstream calls per provider, shared by all workers."""

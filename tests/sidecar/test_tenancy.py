@@ -84,3 +84,25 @@ async def test_gateway_credential_headers_are_all_accepted(
         status, body, _ = await get(http, url, {header: KEY_A})
         assert status == 200, (header, body)
     assert (await get(http, url, AUTH_A))[0] == 200
+
+
+async def test_a_grant_about_to_lapse_is_renewed_with_the_refresh_not_on_its_own(
+    start_sidecar: Any, make_settings: Any, emulator: Emulator, http: aiohttp.ClientSession
+) -> None:
+    # The grant (1 s) lapses before the record's next refresh would be due (fresh 0.8 s):
+    # a read near the end of freshness renews both with one call.
+    import asyncio
+
+    sidecar = await start_sidecar(
+        make_settings(fresh_ttl_s=0.8, grant_ttl_s=1.0, local_ttl_s=0, refresh_lead_s=0.1)
+    )
+    cid = (await emulator.create(KEY_A))["id"]
+    url = f"{sidecar.url}/openai/v1/containers/{cid}"
+    await get(http, url)
+    answers = []
+    for _ in range(25):  # 2.5 s of polling: without renewals, grant lapses would add calls
+        _, body, _ = await get(http, url)
+        answers.append(body["extra_fields"]["cache_debug"]["cache_hit"])
+        await asyncio.sleep(0.1)
+    assert all(answers)  # every poll answered from cache: no caller waited on a proof of access
+    assert emulator.retrieves(cid) <= 6  # about one call per fresh window, not one more per grant
