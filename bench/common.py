@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -95,3 +96,56 @@ def sidecar(env: Mapping[str, str]) -> Iterator[str]:
         url = f"http://127.0.0.1:{port}"
         wait_http(f"{url}/openai/v1/containers/warmup")
         yield url
+
+
+@contextlib.contextmanager
+def worker(env: Mapping[str, str]) -> Iterator[str]:
+    """A ``sidecar-worker`` process; yields the base URL of its metrics endpoint."""
+    port = free_port()
+    with process([str(BIN / "sidecar-worker")], {**env, "SIDECAR_WORKER_METRICS_PORT": str(port),
+                                                 "SIDECAR_HOST": "127.0.0.1"}):  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/healthz")
+        yield url
+
+
+def scrape(url: str, name: str, **labels: str) -> float:
+    """One sample's value from a ``/metrics`` endpoint (0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=5).read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
+
+
+def create_containers(upstream: str, key: str, count: int) -> list[str]:
+    """``count`` containers on the emulator, created concurrently."""
+    import asyncio
+
+    import aiohttp
+
+    async def run() -> list[str]:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http:
+            sem = asyncio.Semaphore(64)
+
+            async def one(i: int) -> str:
+                async with sem, http.post(f"{upstream}/v1/containers",
+                                          json={"name": f"bench-{i}"}) as response:  # fmt: skip
+                    return str((await response.json())["id"])
+
+            return await asyncio.gather(*(one(i) for i in range(count)))
+
+    return asyncio.run(run())
+
+
+def emulator_retrieves(upstream: str) -> int:
+    stats = json.loads(urllib.request.urlopen(f"{upstream}/_emulator/stats").read())
+    return int(stats["calls"].get("retrieve", 0))
+
+
+def emulator_reset(upstream: str) -> None:
+    request = urllib.request.Request(f"{upstream}/_emulator/stats/reset", method="POST", data=b"")
+    urllib.request.urlopen(request).read()

@@ -33,7 +33,8 @@ def create_redis(settings: Settings, *, embedded_server: Any = None) -> Any:
     options: dict[str, Any] = {
         "socket_timeout": settings.redis_socket_timeout_s,
         "socket_connect_timeout": settings.redis_connect_timeout_s,
-        "health_check_interval": 30,
+        # No periodic PING: every command has a timeout, and a dead connection fails fast.
+        "health_check_interval": 0,
     }
     if settings.redis_cluster:
         log.info("cache on Redis Cluster %s", redact_url(settings.redis_url))
