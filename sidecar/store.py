@@ -31,6 +31,10 @@ return 0
 """
 
 
+# Cache ids map back to containers for at least a day (refreshes do not rewrite the map).
+_INDEX_MS = 86_400_000
+
+
 class Breaker:
     """Tracks Redis health: open (skipping Redis) for a while after each failure."""
 
@@ -162,16 +166,18 @@ class CacheStore:
         fingerprint: str | None = None,
         grant_ms: int = 0,
         read: bool = False,
+        index: bool = True,
     ) -> None:
         """Store ``record`` as long as ``policy`` may serve it; with a fingerprint, grant it.
 
         The record enters the refresh-ahead index at the end of its freshness (a terminal one
-        leaves it), and the other processes are told to drop their copies.
+        leaves it), and the other processes are told to drop their copies. ``index`` writes the
+        public cache id's way back to the container (for purges); a refresh, which keeps the id,
+        skips it.
         """
         keys, provider, cid = self.keys, record.provider, record.container_id
         name = member(provider, cid)
         retention_ms, due_ms = policy.retention_ms(record), policy.due_ms(record)
-        cache_id = cache_id_for(provider, cid)
 
         async def op() -> None:
             async with self.redis.pipeline(transaction=False) as pipe:
@@ -179,7 +185,9 @@ class CacheStore:
                 if fingerprint is not None:
                     expiry = time.time_ns() // 1_000_000 + grant_ms
                     pipe.set(keys.grant(provider, cid, fingerprint), expiry, px=grant_ms)
-                pipe.set(keys.cache_id(cache_id), name, px=retention_ms)
+                if index:
+                    index_key = keys.cache_id(cache_id_for(provider, cid))
+                    pipe.set(index_key, name, px=max(retention_ms, _INDEX_MS))
                 if due_ms is None:
                     pipe.zrem(keys.due, name)
                 else:

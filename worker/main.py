@@ -59,7 +59,7 @@ def build_deps(
     store = CacheStore(redis, keys, breaker)
     stats = FleetStats(store)
     limiter = ProviderLimiter(
-        redis, keys, settings.provider_concurrency, lease_s=settings.upstream_timeout_s + 5
+        redis, keys, settings.provider_concurrency, call_s=settings.upstream_timeout_s
     )
     upstream = Upstream(session, settings, metrics, caller="worker", stats=stats)
     return WorkerDeps(

@@ -79,7 +79,8 @@ class RefreshRunner:
         except UpstreamFailure as exc:
             raise RetryLater(exc.message, self._backoff_s(attempt)) from exc
         if reply.status == 200:
-            await self.store.save(reply.record(provider, container_id, now_ms()), self.policy)
+            record = reply.record(provider, container_id, now_ms())
+            await self.store.save(record, self.policy, index=False)
             return "refreshed"
         if reply.status == 404:
             await self.store.delete(provider, container_id)
