@@ -13,7 +13,7 @@ from aiohttp import web
 
 from sidecar import admin, health, proxy
 from sidecar.announce import listen_for_changes
-from sidecar.connections import create_redis
+from sidecar.connections import close_redis, create_redis, create_subscriber
 from sidecar.credentials import CredentialReader
 from sidecar.keys import KeySpace
 from sidecar.local import LocalCache
@@ -94,7 +94,7 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
     client = create_redis(app[SETTINGS], embedded_server=app[EMBEDDED_SERVER])
     app[REDIS] = client
     yield
-    await client.aclose()
+    await close_redis(client)
 
 
 async def _http(app: web.Application) -> AsyncIterator[None]:
@@ -188,17 +188,18 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     if reads is not None:
         flushes.append(reads.flush)
     tasks = [asyncio.create_task(flush_every(0.5, *flushes))]
-    if local.enabled and not app[SETTINGS].redis_cluster:
-        # Cluster pub/sub is not offered by the async cluster client: copies just time out.
-        tasks.append(
-            asyncio.create_task(listen_for_changes(app[REDIS], services.store.keys, local))
-        )
+    subscriber = create_subscriber(app[SETTINGS], app[REDIS])
+    if local.enabled:
+        listener = listen_for_changes(subscriber, services.store.keys, local)
+        tasks.append(asyncio.create_task(listener))
     yield
     for task in tasks:
         task.cancel()
     for task in tasks:
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    if subscriber is not app[REDIS]:
+        await subscriber.aclose()
 
 
 async def _drain(app: web.Application) -> None:

@@ -12,11 +12,11 @@ import dataclasses
 import logging
 import time
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from redis.exceptions import RedisError
 
+from sidecar.connections import close_redis, parse_sentinel_url
 from sidecar.metrics import Metrics
 from sidecar.settings import Settings, SettingsError
 
@@ -57,18 +57,13 @@ def queue_redis_settings(settings: Settings) -> RedisSettings:
     common: dict[str, Any] = {"conn_timeout": 2, "conn_retries": 3, "conn_retry_delay": 1}
     if not url.startswith("redis+sentinel://"):
         return dataclasses.replace(RedisSettings.from_dsn(url), **common)
-    parts = urlsplit(url)
-    hosts = []
-    for node in parts.netloc.rpartition("@")[2].split(","):
-        host, _, port = node.rpartition(":")
-        hosts.append((host or node, int(port or 26379)))
-    path = [p for p in parts.path.split("/") if p]
+    target = parse_sentinel_url(url)
     return RedisSettings(
-        host=hosts,  # arq takes a list of sentinels here
+        host=target.sentinels,  # arq takes a list of sentinels here
         sentinel=True,
-        sentinel_master=path[0] if path else "mymaster",
-        database=int(path[1]) if len(path) > 1 else 0,
-        password=unquote(parts.password) if parts.password else None,
+        sentinel_master=target.master,
+        database=target.db,
+        password=target.password,
         **common,
     )
 
@@ -97,7 +92,7 @@ class ArqRefresher:
     async def close(self) -> None:
         """Close the queue connection."""
         if self._pool is not None:
-            await self._pool.aclose()
+            await close_redis(self._pool)
 
     async def backlog(self) -> int | None:
         """Jobs waiting in the queue (None while it cannot be reached)."""

@@ -13,7 +13,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple, TypeVar
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sidecar.errors import StoreUnavailable
 from sidecar.keys import KeySpace, cache_id_for, member, parse_member
@@ -35,6 +36,13 @@ return 0
 _INDEX_MS = 86_400_000
 
 
+#: What a Redis failure may raise (cluster client errors are not RedisErrors).
+REDIS_ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
+
+# An outage is logged when it starts, then at most this often while it flaps.
+_LOG_EVERY_S = 30.0
+
+
 class Breaker:
     """Tracks Redis health: open (skipping Redis) for a while after each failure."""
 
@@ -49,6 +57,7 @@ class Breaker:
         self._clock = clock
         self._skip_until = 0.0
         self.down_since: float | None = None
+        self._logged_at = -_LOG_EVERY_S
         self.down_seconds_total = 0.0
         self.failures_total = 0
 
@@ -63,14 +72,21 @@ class Breaker:
             raise StoreUnavailable("redis skipped after a recent failure")
 
     def failure(self, exc: BaseException) -> None:
-        """Record a failure; the first of an outage is logged."""
+        """Record a failure; the first of an outage is logged.
+
+        Only a slow failure (a timeout) makes callers skip Redis for a while: a refused
+        connection costs nothing to retry, and on a cluster it concerns one node's slots only.
+        """
         now = self._clock()
         self.failures_total += 1
         if self._on_failure is not None:
             self._on_failure()
-        self._skip_until = now + self._retry_after_s
+        if isinstance(exc, (TimeoutError, RedisTimeoutError)):
+            self._skip_until = now + self._retry_after_s
         if self.down_since is None:
             self.down_since = now
+        if now - self._logged_at >= _LOG_EVERY_S:
+            self._logged_at = now
             log.warning(
                 "redis unavailable (%s: %s): serving from upstream (fail-open) until it recovers",
                 type(exc).__name__,
@@ -89,7 +105,8 @@ class Breaker:
             self.down_seconds_total += outage
             self.down_since = None
             self._skip_until = 0.0
-            log.info("redis recovered after %.1fs of fail-open serving", outage)
+            if outage >= 1.0 or self._clock() - self._logged_at < _LOG_EVERY_S:
+                log.info("redis recovered after %.1fs of fail-open serving", outage)
 
 
 class Lookup(NamedTuple):
@@ -125,17 +142,23 @@ class CacheStore:
         self.keys = keys
         self.breaker = breaker
         self._unlock = redis.register_script(_UNLOCK)
+        # Cluster pipelines refuse PUBLISH: announce with a command of its own there.
+        self._cluster = hasattr(redis, "get_primaries")
 
     async def call(self, op: Callable[[], Awaitable[T]]) -> T:
         """Run Redis commands under the breaker: StoreUnavailable when Redis fails."""
         self.breaker.check()
         try:
             result = await op()
-        except (RedisError, OSError, TimeoutError) as exc:
+        except REDIS_ERRORS as exc:
             self.breaker.failure(exc)
             raise StoreUnavailable(str(exc)) from exc
         self.breaker.success()
         return result
+
+    def _announce(self, pipe: Any, name: str) -> None:
+        if not self._cluster:
+            pipe.publish(self.keys.changes, name)
 
     async def lookup(self, provider: str, container_id: str, fingerprint: str) -> Lookup:
         """The cached record, whether this credential may see it, and its cached 404 if any."""
@@ -194,8 +217,10 @@ class CacheStore:
                     pipe.zadd(keys.due, {name: due_ms})
                 if read:  # a caller's read, not a worker's refresh: refresh-ahead keeps it fresh
                     pipe.zadd(keys.hot, {name: time.time_ns() // 1_000_000})
-                pipe.publish(keys.changes, name)
+                self._announce(pipe, name)
                 await pipe.execute()
+            if self._cluster:
+                await self.redis.execute_command("PUBLISH", keys.changes, name)
 
         await self.call(op)
 
@@ -212,8 +237,10 @@ class CacheStore:
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.delete(keys.record(provider, container_id))
                 pipe.zrem(keys.due, name)
-                pipe.publish(keys.changes, name)
+                self._announce(pipe, name)
                 await pipe.execute()
+            if self._cluster:
+                await self.redis.execute_command("PUBLISH", keys.changes, name)
 
         await self.call(op)
 

@@ -12,7 +12,7 @@ import aiohttp
 from arq import Retry, cron
 from arq.worker import func
 
-from sidecar.connections import create_redis
+from sidecar.connections import close_redis, create_redis
 from sidecar.errors import StoreUnavailable
 from sidecar.keys import KeySpace
 from sidecar.metrics import Metrics
@@ -142,7 +142,7 @@ async def _shutdown(ctx: dict[str, Any]) -> None:
     with contextlib.suppress(asyncio.CancelledError):
         await ctx["flush"]
     await deps.session.close()
-    await deps.redis.aclose()
+    await close_redis(deps.redis)
 
 
 def worker_options(settings: Settings) -> dict[str, Any]:

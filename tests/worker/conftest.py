@@ -43,7 +43,10 @@ async def run_worker_burst(settings: Settings) -> Worker:
     try:
         await worker.main()
     finally:
+        manager = getattr(worker.pool.connection_pool, "sentinel_manager", None)
         await worker.close()
+        for sentinel in manager.sentinels if manager is not None else ():
+            await sentinel.aclose()  # arq leaves its Sentinel clients open
     return worker
 
 

@@ -163,7 +163,7 @@ async def test_refresh_ahead_keeps_read_entries_fresh_and_lets_unread_ones_lapse
     start_sidecar: Any, refresh_settings: Any, emulator: Emulator, http: aiohttp.ClientSession
 ) -> None:
     settings = refresh_settings(
-        fresh_ttl_s=1.5, refresh_tick_s=1, refresh_lead_s=0.4, hot_window_s=1.0
+        fresh_ttl_s=1.5, refresh_tick_s=1, refresh_lead_s=0.6, hot_window_s=1.0
     )
     sidecar = await start_sidecar(settings)
     hot = (await emulator.create(KEY_A))["id"]
