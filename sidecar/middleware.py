@@ -12,7 +12,7 @@ from sidecar.errors import RouteNotFound, SidecarError, UpstreamReplyError
 from sidecar.state import SERVICES
 from sidecar.wire import error_body
 
-__all__ = ["OUTCOME", "error_middleware", "error_response", "observe_middleware"]
+__all__ = ["OUTCOME", "ROUTE_GROUP", "error_middleware", "error_response", "observe_middleware"]
 
 #: Where a handler leaves what happened, for ``observe_middleware`` (a retrieval's Outcome and
 #: Rules, or a metrics outcome word).
@@ -20,6 +20,8 @@ OUTCOME: web.ResponseKey[object] = web.ResponseKey("outcome", object)
 _KINDS = {"hit": "hit", "stale": "stale", "stale-if-error": "stale_if_error",
           "negative": "negative", "miss": "miss"}  # fmt: skip
 _UNOBSERVED = frozenset({"/healthz", "/readyz", "/metrics"})
+#: A handler's ``route`` label when its routes are counted together (``passthrough``, ``admin``).
+ROUTE_GROUP: web.RequestKey[str] = web.RequestKey("route_group", str)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,7 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
     route = resource.canonical if resource is not None else "unmatched"
     if route in _UNOBSERVED:
         return response
+    route = request.get(ROUTE_GROUP, route)
     services = request.app[SERVICES]
     metrics = services.metrics
     seen = response.get(OUTCOME)

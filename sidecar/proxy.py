@@ -17,7 +17,7 @@ import msgspec
 from aiohttp import web
 
 from sidecar.errors import InvalidParameter, UpstreamTimeout, UpstreamUnavailable
-from sidecar.middleware import OUTCOME
+from sidecar.middleware import OUTCOME, ROUTE_GROUP
 from sidecar.settings import upstream_base
 from sidecar.state import SERVICES
 from sidecar.views import parse_container_id
@@ -46,6 +46,7 @@ def _target(request: web.Request, prefix: str, rest: str, kind: str) -> str:
 
 async def forward(request: web.Request, prefix: str) -> web.StreamResponse:
     """Relay one container API call, feeding the cache where the answer allows."""
+    request[ROUTE_GROUP] = "passthrough"
     services = request.app[SERVICES]
     settings = services.settings
     info = request.match_info

@@ -62,13 +62,14 @@ def build_deps(
         redis, keys, settings.provider_concurrency, call_s=settings.upstream_timeout_s
     )
     upstream = Upstream(session, settings, metrics, caller="worker", stats=stats)
+    runner = RefreshRunner(store, upstream, limiter, settings)
     return WorkerDeps(
         settings=settings,
         redis=redis,
         session=session,
         store=store,
-        runner=RefreshRunner(store, upstream, limiter, settings),
-        planner=RefreshPlanner(store, settings),
+        runner=runner,
+        planner=RefreshPlanner(store, settings, runner.throttle),
         metrics=metrics,
         stats=stats,
     )

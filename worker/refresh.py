@@ -106,8 +106,9 @@ class RefreshRunner:
 class RefreshPlanner:
     """Refresh-ahead: which read entries go stale before the next tick, and when to renew each."""
 
-    def __init__(self, store: CacheStore, settings: Settings) -> None:
+    def __init__(self, store: CacheStore, settings: Settings, throttle: Throttle) -> None:
         self.store = store
+        self._throttle = throttle
         self._tick_ms = settings.refresh_tick_s * 1000
         self._lead_ms = int(settings.refresh_lead_s * 1000)
         self._hot_ms = int(settings.hot_window_s * 1000)
@@ -127,6 +128,8 @@ class RefreshPlanner:
             return []
         plan = []
         for provider, container_id, due_ms in due:
+            if await self._throttle.active(provider):
+                continue  # rate limited: renewed once the back-off is over (stale meanwhile)
             start_ms = due_ms - self._lead_ms - random.uniform(0, self._lead_ms / 2)
             plan.append((provider, container_id, due_ms, max(0.0, (start_ms - now) / 1000)))
         return plan
