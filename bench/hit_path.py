@@ -126,6 +126,11 @@ def main() -> None:
                     rps, wrk_p50, wrk_p99 = wrk(target, args.duration, args.connections)
                     p50, p99, errors = asyncio.run(fixed_rate(target, args.rate, args.duration))
                     results[name] = (rps, wrk_p50, wrk_p99, p50, p99, errors)
+                sidecar_pid = int(
+                    subprocess.check_output(["pgrep", "-f", "sidecar serve"]).split()[0]
+                )
+                status = Path(f"/proc/{sidecar_pid}/status").read_text().splitlines()
+                rss_kib = int(next(ln.split()[1] for ln in status if ln.startswith("VmRSS:")))
         value_bytes, record_memory, all_memory = record_bytes(redis_url)
 
     print(f"\nhit path, {args.duration}s per measurement, response {len(hit)} bytes")
@@ -139,6 +144,7 @@ def main() -> None:
     print(f"record value: {value_bytes} bytes (msgpack); Redis MEMORY USAGE of the record: "
           f"{record_memory} bytes; all keys of one cached container (record, grant, cache-id "
           f"index): {all_memory} bytes")  # fmt: skip
+    print(f"sidecar resident memory after the run: {rss_kib / 1024:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import random
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,9 +85,18 @@ def run(args: argparse.Namespace, replicas: int) -> dict[str, float]:
     with contextlib.ExitStack() as stack:
         redis_url = stack.enter_context(redis_server())
         upstream = stack.enter_context(emulator(latency_ms=args.latency_ms))
+        cache: dict[str, str] = {"SIDECAR_REDIS_URL": redis_url}
+        if args.cluster:
+            # The cache on a 3-master, 3-replica Redis Cluster; arq's queue on the plain Redis.
+            from tests.cluster.conftest import Cluster
+
+            cluster = Cluster(Path(stack.enter_context(tempfile.TemporaryDirectory()))).start()
+            stack.callback(cluster.stop)
+            cache = {"SIDECAR_REDIS_URL": cluster.url, "SIDECAR_REDIS_CLUSTER": "true",
+                     "SIDECAR_QUEUE_REDIS_URL": redis_url}  # fmt: skip
         env = {
             "SIDECAR_UPSTREAM_URL": upstream,
-            "SIDECAR_REDIS_URL": redis_url,
+            **cache,
             "SIDECAR_KEY_SECRET": "bench",
             "SIDECAR_SERVICE_API_KEY": KEY,
             "SIDECAR_FRESH_TTL_S": str(args.fresh_ttl),
@@ -140,10 +150,12 @@ def main() -> None:
     parser.add_argument("--fresh-ttl", type=float, default=10)
     parser.add_argument("--latency-ms", type=float, default=50)
     parser.add_argument("--zipf", type=float, default=1.1)
+    parser.add_argument("--cluster", action="store_true", help="cache on a Redis Cluster")
     args = parser.parse_args()
     print(f"K={args.clients} clients polling every {args.interval}s, M={args.containers} "
           f"containers (Zipf {args.zipf}), T={args.seconds:.0f}s, N={args.workers} workers, "
-          f"fresh TTL {args.fresh_ttl}s, upstream {args.latency_ms:.0f} ms")  # fmt: skip
+          f"fresh TTL {args.fresh_ttl}s, upstream {args.latency_ms:.0f} ms"
+          + (", cache on a Redis Cluster (3 masters + 3 replicas)" if args.cluster else ""))  # fmt: skip
     print(f"{'R':>2} {'answers':>8} {'read':>5} {'upstream calls':>15} {'ideal':>7} "
           f"{'calls/ideal':>11} {'stale share':>11} {'stale age':>9} {'misses':>6} "
           f"{'errors':>6} {'refreshes/s/worker':>18}")  # fmt: skip

@@ -140,7 +140,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         upstream,
         settings,
         refresher=refresher,
-        local=LocalCache(settings.local_ttl_s),
+        local=LocalCache(settings.local_ttl_s, settings.local_max_entries),
         reads=ReadTracker(store) if refresher is not None else None,
     )
     services = Services(

@@ -18,6 +18,7 @@ from worker.embedded import start_embedded_worker
 __all__ = ["run_demo"]
 
 DEMO_KEY = "sk-bf-demo-key"
+DEMO_ADMIN_TOKEN = "demo-admin-token"  # the demo only: never a real token
 EMULATOR_LATENCY_MS = 60.0
 
 
@@ -48,6 +49,7 @@ async def _demo(port: int, once: bool) -> None:
         port=port,
         key_secret="demo-only",
         service_api_key=DEMO_KEY,
+        admin_token=DEMO_ADMIN_TOKEN,
     )
     sidecar, sidecar_port = await _start(
         create_app(settings, embedded_worker=start_embedded_worker), port
@@ -79,6 +81,8 @@ async def _demo(port: int, once: bool) -> None:
         print(f"  curl -s -H 'Authorization: Bearer {DEMO_KEY}' {url}")
         print(f"  curl -s -H 'Authorization: Bearer sk-bf-someone-else' {url}   # 404")
         print(f"  curl -s '{base}/v1/containers/{container_id}'   # 401: no credential")
+        print(f"  curl -s {base}/metrics | grep ^sidecar_requests_total")
+        print(f"  curl -s -H 'Authorization: Bearer {DEMO_ADMIN_TOKEN}' {base}/api/cache/stats")
         if not once:
             print("\nCtrl-C stops the demo.")
             await asyncio.Event().wait()

@@ -17,7 +17,7 @@ __all__ = ["LocalCache"]
 class LocalCache:
     """Recent records and grants of this process."""
 
-    def __init__(self, ttl_s: float, max_entries: int = 100_000) -> None:
+    def __init__(self, ttl_s: float, max_entries: int = 10_000) -> None:
         self._ttl_s = ttl_s
         self._max = max_entries
         self._records: dict[tuple[str, str], tuple[Record, float]] = {}

@@ -7,6 +7,7 @@ describe shared state (``sidecar_refresh_backlog``) are exported by every worker
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -88,9 +89,20 @@ class Metrics:
             ["event"],
             registry=r,
         )
+        self._answers: dict[tuple[str, str], tuple[Any, Any]] = {}
         self.redis_errors = Counter(
             "sidecar_redis_errors_total", "Redis commands that failed", registry=r
         )
+
+    def answered(self, route: str, outcome: str, seconds: float) -> None:
+        """Count one answer (the labelled children are looked up once, off the hot path)."""
+        children = self._answers.get((route, outcome))
+        if children is None:
+            children = (self.requests.labels(route, outcome),
+                        self.request_seconds.labels(route, outcome))  # fmt: skip
+            self._answers[(route, outcome)] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def watch(self, collect: Callable[[], Iterable[Metric]]) -> None:
         """Export values computed at scrape time (Redis state, back-offs, queue length)."""

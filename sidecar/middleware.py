@@ -69,8 +69,7 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
             metrics.collapsed.labels(outcome.collapsed).inc()
     else:
         label = seen if isinstance(seen, str) else ("error" if response.status >= 400 else "bypass")
-    metrics.requests.labels(route, label).inc()
-    metrics.request_seconds.labels(route, label).observe(time.perf_counter() - started)
+    metrics.answered(route, label, time.perf_counter() - started)
     services.stats.add(f"answers.{label}")
     return response
 

@@ -66,7 +66,7 @@ class ContainerService:
         self.upstream = upstream
         self.policy = Policy(settings)
         self.refresher = refresher
-        self.local = local or LocalCache(settings.local_ttl_s)
+        self.local = local or LocalCache(settings.local_ttl_s, settings.local_max_entries)
         self.reads = reads
         self.throttle = Throttle(store, settings.retry_after_default_s)
         self._settings = settings

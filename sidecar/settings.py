@@ -131,6 +131,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Lowest freshness (``cache_debug.similarity``) served without revalidating."""
     local_ttl_s: NonNegSeconds = 2.0
     """How long a process keeps its own copy of a record and grant (0: always ask Redis)."""
+    local_max_entries: Positive = 10_000
+    """At most this many local copies per process (the oldest go first): about 1 KiB each."""
     lock_age_s: Seconds = 5.0
     """How long a fetch may hold the cross-replica lock before another replica may fetch too."""
 
