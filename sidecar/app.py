@@ -18,7 +18,7 @@ from sidecar.credentials import CredentialReader
 from sidecar.keys import KeySpace
 from sidecar.local import LocalCache
 from sidecar.metrics import Metrics, counter, gauge
-from sidecar.middleware import error_middleware, observe_middleware
+from sidecar.middleware import answer_middleware
 from sidecar.outcomes import Refresher
 from sidecar.queue import ArqRefresher
 from sidecar.reads import ReadTracker, flush_every
@@ -73,7 +73,7 @@ def create_app(
     Without ``SIDECAR_REDIS_URL`` it runs on an embedded store (``embedded_server``, a fakeredis
     server, may be shared) and, given ``embedded_worker``, refreshes in-process.
     """
-    app = web.Application(middlewares=[observe_middleware, error_middleware])
+    app = web.Application(middlewares=[answer_middleware])
     app[SETTINGS] = settings
     app[METRICS] = Metrics("sidecar")
     app[EMBEDDED_SERVER] = embedded_server

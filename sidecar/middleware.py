@@ -12,13 +12,14 @@ from sidecar.errors import RouteNotFound, SidecarError, UpstreamReplyError
 from sidecar.state import SERVICES
 from sidecar.wire import error_body
 
-__all__ = ["OUTCOME", "ROUTE_GROUP", "error_middleware", "error_response", "observe_middleware"]
+__all__ = ["OUTCOME", "ROUTE_GROUP", "answer_middleware", "error_response"]
 
 #: Where a handler leaves what happened, for ``observe_middleware`` (a retrieval's Outcome and
 #: Rules, or a metrics outcome word).
 OUTCOME: web.ResponseKey[object] = web.ResponseKey("outcome", object)
 _KINDS = {"hit": "hit", "stale": "stale", "stale-if-error": "stale_if_error",
           "negative": "negative", "miss": "miss"}  # fmt: skip
+_STAT_NAMES = {label: f"answers.{label}" for label in (*_KINDS.values(), "bypass", "error")}
 _UNOBSERVED = frozenset({"/healthz", "/readyz", "/metrics"})
 #: A handler's ``route`` label when its routes are counted together (``passthrough``, ``admin``).
 ROUTE_GROUP: web.RequestKey[str] = web.RequestKey("route_group", str)
@@ -46,14 +47,39 @@ def _provider(request: web.Request) -> str:
 
 
 @web.middleware
-async def observe_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Count every answer by route and outcome, with its duration (one place for all routes)."""
+async def answer_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every answer: errors in the gateway's shape (never a stack trace), then counted by
+    route and outcome with its duration. One middleware: each layer costs on the hit path."""
     started = time.perf_counter()
-    response = await handler(request)
+    try:
+        response = await handler(request)
+    except Exception as exc:
+        response = _error_answer(request, exc)
+    _observe(request, response, started)
+    return response
+
+
+def _error_answer(request: web.Request, exc: Exception) -> web.StreamResponse:
+    if isinstance(exc, SidecarError):
+        if exc.status >= 500:
+            log.warning("%s %s: %s", request.method, request.path, exc.message)
+        return error_response(exc, _provider(request))
+    if isinstance(exc, web.HTTPException) and exc.status in (404, 405):
+        error = RouteNotFound(f"no route for {request.method} {request.path[:200]}")
+        if exc.status == 405:
+            error.status, error.code = 405, "method_not_allowed"
+        return error_response(error, _provider(request))
+    if isinstance(exc, web.HTTPException):
+        raise exc
+    log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
+    return error_response(SidecarError("internal error in the sidecar"), _provider(request))
+
+
+def _observe(request: web.Request, response: web.StreamResponse, started: float) -> None:
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
     if route in _UNOBSERVED:
-        return response
+        return
     route = request.get(ROUTE_GROUP, route)
     services = request.app[SERVICES]
     metrics = services.metrics
@@ -70,31 +96,4 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
     else:
         label = seen if isinstance(seen, str) else ("error" if response.status >= 400 else "bypass")
     metrics.answered(route, label, time.perf_counter() - started)
-    services.stats.add(f"answers.{label}")
-    return response
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Answer every error in the gateway's shape; never a stack trace."""
-    try:
-        return await handler(request)
-    except SidecarError as exc:
-        if exc.status >= 500:
-            log.warning("%s %s: %s", request.method, request.path, exc.message)
-        return error_response(exc, _provider(request))
-    except web.HTTPException as exc:
-        if exc.status == 404:
-            return error_response(
-                RouteNotFound(f"no route for {request.method} {request.path[:200]}"),
-                _provider(request),
-            )
-        if exc.status == 405:
-            not_allowed = RouteNotFound(f"method {request.method} not allowed here")
-            not_allowed.status = 405
-            not_allowed.code = "method_not_allowed"
-            return error_response(not_allowed, _provider(request))
-        raise
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(SidecarError("internal error in the sidecar"), _provider(request))
+    services.stats.add(_STAT_NAMES.get(label) or f"answers.{label}")

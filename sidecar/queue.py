@@ -25,6 +25,7 @@ __all__ = [
     "REFRESH_JOB",
     "ArqRefresher",
     "create_queue_pool",
+    "enqueue_refresh_job",
     "queue_redis_settings",
     "refresh_job_id",
 ]
@@ -68,6 +69,29 @@ def queue_redis_settings(settings: Settings) -> RedisSettings:
     )
 
 
+async def enqueue_refresh_job(
+    pool: ArqRedis,
+    settings: Settings,
+    provider: str,
+    container_id: str,
+    due_ms: int,
+    delay_s: float = 0.0,
+) -> bool:
+    """Queue a container's refresh unless one is queued or running; True when queued."""
+    job = await pool.enqueue_job(
+        REFRESH_JOB,
+        provider,
+        container_id,
+        due_ms,
+        _job_id=refresh_job_id(provider, container_id),
+        _queue_name=settings.queue_name,
+        _defer_by=delay_s or None,
+        # A refresh nobody ran in time is no longer worth running: stale reads enqueue anew.
+        _expires=delay_s + max(settings.max_stale_s, 30.0),
+    )
+    return job is not None
+
+
 async def create_queue_pool(settings: Settings) -> ArqRedis:
     """A connection pool to the queue's Redis."""
     return await create_pool(queue_redis_settings(settings), default_queue_name=settings.queue_name)
@@ -86,7 +110,6 @@ class ArqRefresher:
         self._pool: ArqRedis | None = None
         self._retry_at = 0.0
         self._connecting = asyncio.Lock()
-        self._expires_s = max(settings.max_stale_s, 30.0)
         self._recent: dict[tuple[str, str], float] = {}
 
     async def close(self) -> None:
@@ -130,16 +153,8 @@ class ArqRefresher:
         if pool is None:
             return
         try:
-            job = await pool.enqueue_job(
-                REFRESH_JOB,
-                provider,
-                container_id,
-                due_ms,
-                _job_id=refresh_job_id(provider, container_id),
-                _queue_name=self._settings.queue_name,
-                _expires=self._expires_s,
-            )
+            queued = await enqueue_refresh_job(pool, self._settings, provider, container_id, due_ms)
         except (OSError, RedisError) as exc:
             log.debug("enqueue of %s/%s failed: %s", provider, container_id, exc)
             return
-        self._jobs.labels("deduplicated" if job is None else "enqueued").inc()
+        self._jobs.labels("enqueued" if queued else "deduplicated").inc()

@@ -102,11 +102,8 @@ def render(outcome: Outcome, provider: str, rules: Rules, latency_ms: int) -> we
         body = with_cache_debug(record.body, debug)
     else:
         body = render_container(record.body, provider, latency_ms, debug)
-    response = web.Response(
-        body=body,
-        status=record.status_code,
-        content_type="application/json",
-        headers=cache_headers(outcome),
-    )
+    headers = cache_headers(outcome)
+    headers["Content-Type"] = "application/json"
+    response = web.Response(body=body, status=record.status_code, headers=headers)
     response[OUTCOME] = (outcome, rules)
     return response

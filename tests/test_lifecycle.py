@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 from arq.connections import create_pool
 
-from sidecar.queue import REFRESH_JOB, queue_redis_settings, refresh_job_id
+from sidecar.queue import enqueue_refresh_job, queue_redis_settings
 from sidecar.settings import load_settings
 from tests.conftest import Emulator, free_port
 from tests.sidecar.test_retrieve import AUTH_A, KEY_A, get
@@ -52,8 +52,7 @@ async def enqueue_refresh(redis_url: str, cid: str) -> None:
     settings = load_settings({}, redis_url=redis_url, queue_name="test:queue",
                              upstream_kind="openai")  # fmt: skip
     pool = await create_pool(queue_redis_settings(settings))
-    await pool.enqueue_job(REFRESH_JOB, "openai", cid, FAR_FUTURE_MS,
-                           _job_id=refresh_job_id("openai", cid), _queue_name="test:queue")  # fmt: skip
+    assert await enqueue_refresh_job(pool, settings, "openai", cid, FAR_FUTURE_MS)
     await pool.aclose()
 
 

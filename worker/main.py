@@ -16,7 +16,12 @@ from sidecar.connections import close_redis, create_redis
 from sidecar.errors import StoreUnavailable
 from sidecar.keys import KeySpace
 from sidecar.metrics import Metrics
-from sidecar.queue import REFRESH_AHEAD_JOB, REFRESH_JOB, queue_redis_settings, refresh_job_id
+from sidecar.queue import (
+    REFRESH_AHEAD_JOB,
+    REFRESH_JOB,
+    enqueue_refresh_job,
+    queue_redis_settings,
+)
 from sidecar.reads import flush_every
 from sidecar.settings import Settings
 from sidecar.stats import FleetStats
@@ -100,18 +105,11 @@ async def refresh_ahead(ctx: dict[str, Any]) -> int:
     queue = ctx["redis"]
     enqueued = 0
     for provider, container_id, due_ms, delay_s in await deps.planner.plan():
-        job = await queue.enqueue_job(
-            REFRESH_JOB,
-            provider,
-            container_id,
-            due_ms,
-            _job_id=refresh_job_id(provider, container_id),
-            _queue_name=deps.settings.queue_name,
-            _defer_by=delay_s,
-            _expires=delay_s + deps.settings.max_stale_s + 30,
+        queued = await enqueue_refresh_job(
+            queue, deps.settings, provider, container_id, due_ms, delay_s
         )
-        enqueued += job is not None
-        deps.metrics.refresh_jobs.labels("enqueued" if job else "deduplicated").inc()
+        enqueued += queued
+        deps.metrics.refresh_jobs.labels("enqueued" if queued else "deduplicated").inc()
     return enqueued
 
 
