@@ -83,11 +83,19 @@ def main() -> None:
                 if time.monotonic() - started > 300:
                     break
             elapsed, cpu = time.monotonic() - started, cpu_seconds(pids) - cpu_before
+            rss_mib = max(rss_kib(pid) for pid in pids) / 1024
     rate = done / elapsed
     print(f"{done} refreshes in {elapsed:.2f}s with {args.workers} worker process(es), upstream "
           f"{args.latency_ms:.0f} ms: {rate:,.0f} refreshes/s, {rate / args.workers:,.0f} per worker; "
           f"worker CPU {cpu:.2f}s ({cpu / elapsed / args.workers:.0%} of a core each), "
-          f"{done / cpu:,.0f} refreshes per worker CPU-second")  # fmt: skip
+          f"{done / cpu:,.0f} refreshes per worker CPU-second; worker resident memory "
+          f"{rss_mib:.0f} MiB")  # fmt: skip
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of a process (Linux /proc)."""
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return int(next(line.split()[1] for line in status if line.startswith("VmRSS:")))
 
 
 def cpu_seconds(pids: list[int]) -> float:
