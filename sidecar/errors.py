@@ -5,7 +5,10 @@ SidecarError                      an answer that is not a container
 │   ├── MissingCredential         401: no credential header
 │   ├── InvalidParameter          400: a bad path, query or header value, naming it
 │   ├── UnsupportedOperation      400: the provider has no containers API
+│   ├── Forbidden                 403: a wrong admin token
 │   ├── RouteNotFound             404: no such route
+│   ├── NotFound                  404: no such cache entry (admin)
+│   ├── MethodNotAllowed          405: the route takes other methods
 │   └── NotCached                 504: ``only-if-cached`` and nothing usable cached
 ├── UpstreamReplyError            the upstream answered an error: relayed as it came
 └── UpstreamFailure               the upstream could not be reached or made no sense
@@ -21,6 +24,7 @@ from __future__ import annotations
 __all__ = [
     "Forbidden",
     "InvalidParameter",
+    "MethodNotAllowed",
     "MissingCredential",
     "NotCached",
     "NotFound",
@@ -88,6 +92,13 @@ class RouteNotFound(RequestError):
 
     status = 404
     code = "not_found"
+
+
+class MethodNotAllowed(RequestError):
+    """A route that exists, with another method: 405."""
+
+    status = 405
+    code = "method_not_allowed"
 
 
 class NotCached(RequestError):

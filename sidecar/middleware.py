@@ -8,7 +8,7 @@ import time
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from sidecar.errors import RouteNotFound, SidecarError, UpstreamReplyError
+from sidecar.errors import MethodNotAllowed, RouteNotFound, SidecarError, UpstreamReplyError
 from sidecar.state import SERVICES
 from sidecar.wire import error_body
 
@@ -65,9 +65,12 @@ def _error_answer(request: web.Request, exc: Exception) -> web.StreamResponse:
             log.warning("%s %s: %s", request.method, request.path, exc.message)
         return error_response(exc, _provider(request))
     if isinstance(exc, web.HTTPException) and exc.status in (404, 405):
-        error = RouteNotFound(f"no route for {request.method} {request.path[:200]}")
-        if exc.status == 405:
-            error.status, error.code = 405, "method_not_allowed"
+        route = f"{request.method} {request.path[:200]}"
+        error: SidecarError = (
+            MethodNotAllowed(f"method not allowed: {route}")
+            if exc.status == 405
+            else RouteNotFound(f"no route for {route}")
+        )
         return error_response(error, _provider(request))
     if isinstance(exc, web.HTTPException):
         raise exc

@@ -8,7 +8,6 @@ body. Three answers also feed the cache: a successful DELETE drops the entry at 
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Any
 
@@ -16,7 +15,7 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
-from sidecar.errors import InvalidParameter, UpstreamTimeout, UpstreamUnavailable
+from sidecar.errors import UpstreamTimeout, UpstreamUnavailable
 from sidecar.middleware import OUTCOME, ROUTE_GROUP
 from sidecar.settings import upstream_base
 from sidecar.state import SERVICES
@@ -24,7 +23,6 @@ from sidecar.views import parse_container_id
 
 __all__ = ["add_routes"]
 
-_FILE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 # Hop-by-hop headers (RFC 9110 7.6.1) and what aiohttp recomputes for the relayed body.
 _DROP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
@@ -54,9 +52,7 @@ async def forward(request: web.Request, prefix: str) -> web.StreamResponse:
     if "container_id" in info:
         rest = "/" + parse_container_id(info["container_id"])
         if "file_id" in info:
-            if not _FILE_ID.fullmatch(info["file_id"]):
-                raise InvalidParameter(f"invalid file_id {info['file_id'][:64]!r}", param="file_id")
-            rest += "/files/" + info["file_id"]
+            rest += "/files/" + parse_container_id(info["file_id"], param="file_id")
         rest += info.get("tail", "")
     url = upstream_base(settings) + _target(request, prefix, rest, settings.upstream_kind)
     provider = request.query.get("provider", "openai")[:64]

@@ -58,8 +58,8 @@ class Breaker:
         self._skip_until = 0.0
         self.down_since: float | None = None
         self._logged_at = -_LOG_EVERY_S
+        self._outage_logged = False
         self.down_seconds_total = 0.0
-        self.failures_total = 0
 
     @property
     def down(self) -> bool:
@@ -78,7 +78,6 @@ class Breaker:
         connection costs nothing to retry, and on a cluster it concerns one node's slots only.
         """
         now = self._clock()
-        self.failures_total += 1
         if self._on_failure is not None:
             self._on_failure()
         if isinstance(exc, (TimeoutError, RedisTimeoutError)):
@@ -87,6 +86,7 @@ class Breaker:
             self.down_since = now
         if now - self._logged_at >= _LOG_EVERY_S:
             self._logged_at = now
+            self._outage_logged = True
             log.warning(
                 "redis unavailable (%s: %s): serving from upstream (fail-open) until it recovers",
                 type(exc).__name__,
@@ -105,7 +105,8 @@ class Breaker:
             self.down_seconds_total += outage
             self.down_since = None
             self._skip_until = 0.0
-            if outage >= 1.0 or self._clock() - self._logged_at < _LOG_EVERY_S:
+            if self._outage_logged:  # an end for every start that was logged
+                self._outage_logged = False
                 log.info("redis recovered after %.1fs of fail-open serving", outage)
 
 

@@ -18,7 +18,7 @@ from sidecar.wire import REQUEST_TYPE, CacheDebug, render_container, with_cache_
 
 __all__ = ["parse_container_id", "parse_provider", "retrieve_native", "retrieve_openai"]
 
-_CONTAINER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 _HIT_TYPES = {"hit": "direct", "stale": "direct", "negative": "direct",
               "stale-if-error": "stale_if_error"}  # fmt: skip
 
@@ -73,13 +73,14 @@ def parse_provider(provider: str, required: bool, settings: Settings) -> str:
     return provider
 
 
-def parse_container_id(value: str) -> str:
-    """A plausible container id: 1-128 letters, digits, '_' or '-', not starting with either."""
-    if not _CONTAINER_ID.fullmatch(value):
+def parse_container_id(value: str, param: str = "container_id") -> str:
+    """A plausible container (or file) id: 1-128 letters, digits, '_' or '-', not starting
+    with either; anything else, path tricks included, never reaches the upstream."""
+    if not _ID.fullmatch(value):
         shown = value if len(value) <= 64 else value[:64] + "..."
         raise InvalidParameter(
-            f"invalid container_id {shown!r}: expected 1-128 letters, digits, '_' or '-'",
-            param="container_id",
+            f"invalid {param} {shown!r}: expected 1-128 letters, digits, '_' or '-'",
+            param=param,
         )
     return value
 

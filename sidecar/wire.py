@@ -95,7 +95,7 @@ class Container(msgspec.Struct, gc=False):
 
 
 _encoder = msgspec.json.Encoder()
-_ALWAYS = ("id", "object", "name", "created_at")
+_ALWAYS = ("id", "name", "created_at")  # sent even when empty; the rest is omitempty
 _ORDER = (
     "id", "object", "name", "created_at", "status", "expires_after",
     "last_active_at", "memory_limit", "metadata",
@@ -115,7 +115,7 @@ def normalize_container(payload: Any) -> tuple[bytes, Container]:
     out: dict[str, Any] = {}
     for name in _ORDER:
         value = payload.get(name)
-        if name in _ALWAYS and name != "object":
+        if name in _ALWAYS:
             out[name] = value if value is not None else ("" if name == "name" else 0)
         elif value not in (None, "", 0, {}, []) or value is False:
             out[name] = value
