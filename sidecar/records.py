@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import msgspec
 
-__all__ = ["RECORD_VERSION", "Record", "decode_record", "encode_record"]
+__all__ = ["RECORD_VERSION", "TERMINAL_STATUSES", "Record", "decode_record", "encode_record"]
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2
+
+#: Statuses OpenAI documents as final: a container in one never changes again. Anything else
+#: (``running``, or a status this version does not know) may still change and is polled.
+TERMINAL_STATUSES = frozenset({"expired", "deleted"})
 
 
 class Record(msgspec.Struct, array_like=True, frozen=True, gc=False, kw_only=True):
@@ -32,6 +36,12 @@ class Record(msgspec.Struct, array_like=True, frozen=True, gc=False, kw_only=Tru
     last_active_at: int = 0
     expires_at: int = 0
     """Predicted expiry (unix s): ``last_active_at`` + ``expires_after.minutes``; 0 if unknown."""
+    extra: bytes = b""
+    """The upstream's own ``extra_fields`` members as JSON (``"raw_response":{...},...``, no
+    braces), without ``latency`` and ``cache_debug``, which each answer sets; empty if none."""
+    inline_refresh: bool = False
+    """The service credential cannot see this container (another project): stale copies are
+    revalidated with a caller's credential instead of by a worker."""
 
     @property
     def negative(self) -> bool:
@@ -40,8 +50,8 @@ class Record(msgspec.Struct, array_like=True, frozen=True, gc=False, kw_only=Tru
 
     @property
     def terminal(self) -> bool:
-        """True for a container that will not change any more (anything but ``running``)."""
-        return self.status_code == 200 and self.status not in ("running", "")
+        """True for a container that will not change any more (a documented final status)."""
+        return self.status_code == 200 and self.status in TERMINAL_STATUSES
 
 
 _encoder = msgspec.msgpack.Encoder()
