@@ -3,7 +3,11 @@
 No authentication: it is for the tests, benchmarks and demos that drive the emulator.
 
 - ``GET /_emulator/healthz``; ``GET /_emulator/stats``; ``POST /_emulator/stats/reset``
-- ``POST /_emulator/clock`` ``{"advance_s": 90}``; ``POST /_emulator/latency`` ``{"ms": 25}``
+- ``POST /_emulator/clock`` ``{"advance_s": 90}`` and/or ``{"frozen": true}`` (a frozen clock
+  moves only when advanced; ``false`` lets it run on from there); ``POST /_emulator/latency``
+  ``{"ms": 25}``
+- ``GET /_emulator/requests``: the latest API requests (route, method, path and query, headers
+  with credentials masked), for tests of what a proxy forwards; cleared with the stats
 - ``GET|POST|DELETE /_emulator/faults``: ``{"kind": "status"|"timeout"|"malformed"|"reset"|
   "hangup", "status": 503, "retry_after_s": 2, "route": "retrieve"|"*", "container_id": ...,
   "count": 1}``. "reset" drops the connection mid-answer, which every client sees; "hangup"
@@ -21,16 +25,18 @@ import msgspec
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from sidecar.emulator.knobs import FaultKind
 from sidecar.emulator.schema import ApiError
-from sidecar.emulator.state import EmulatorState, FaultKind
+from sidecar.emulator.state import EmulatorState
 
 __all__ = ["routes"]
 
 _encoder = msgspec.json.Encoder()
 
 
-class _Clock(msgspec.Struct):
-    advance_s: float
+class _Clock(msgspec.Struct, forbid_unknown_fields=True):
+    advance_s: float = 0.0
+    frozen: bool | None = None
 
 
 class _Latency(msgspec.Struct):
@@ -81,8 +87,15 @@ async def _reset_stats(state: EmulatorState, request: web.Request) -> object:
     return state.stats()
 
 
-async def _advance_clock(state: EmulatorState, request: web.Request) -> object:
-    return {"now": state.advance_clock(_clock_decoder.decode(await request.read()).advance_s)}
+async def _set_clock(state: EmulatorState, request: web.Request) -> object:
+    body = _clock_decoder.decode(await request.read())
+    if body.frozen is not None:
+        state.freeze_clock(body.frozen)
+    return {"now": state.advance_clock(body.advance_s), "frozen": state.clock_frozen}
+
+
+async def _requests(state: EmulatorState, request: web.Request) -> object:
+    return {"data": state.requests()}
 
 
 async def _set_latency(state: EmulatorState, request: web.Request) -> object:
@@ -122,7 +135,8 @@ def routes(state: EmulatorState) -> list[web.RouteDef]:
         web.get("/_emulator/healthz", _control(state, _healthz)),
         web.get("/_emulator/stats", _control(state, _stats)),
         web.post("/_emulator/stats/reset", _control(state, _reset_stats)),
-        web.post("/_emulator/clock", _control(state, _advance_clock)),
+        web.post("/_emulator/clock", _control(state, _set_clock)),
+        web.get("/_emulator/requests", _control(state, _requests)),
         web.post("/_emulator/latency", _control(state, _set_latency)),
         web.get("/_emulator/faults", _control(state, _list_faults)),
         web.post("/_emulator/faults", _control(state, _add_fault)),

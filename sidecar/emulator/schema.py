@@ -20,12 +20,16 @@ __all__ = [
     "CreateBody",
     "FileRef",
     "ListQuery",
+    "NetworkPolicy",
+    "Skill",
     "list_page",
     "mask_key",
     "parse_create",
     "parse_file_ref",
     "parse_list_query",
     "parse_overrides",
+    "parse_purpose",
+    "render_network_policy",
 ]
 
 _KEYS_URL = "https://platform.openai.com/account/api-keys"
@@ -83,20 +87,64 @@ class _ExpiresAfter(msgspec.Struct, forbid_unknown_fields=True):
     minutes: _MINUTES
 
 
-class _NetworkPolicy(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
-    type: Literal["disabled", "allowlist"]
-    allowed_domains: list[str] | None = None
+class _Disabled(msgspec.Struct, forbid_unknown_fields=True, tag_field="type", tag="disabled"):
+    pass
+
+
+class _DomainSecret(msgspec.Struct, forbid_unknown_fields=True):
+    domain: str
+    name: str
+    value: str
+
+
+class _Allowlist(msgspec.Struct, forbid_unknown_fields=True, tag_field="type", tag="allowlist"):
+    allowed_domains: list[str]
+    domain_secrets: list[_DomainSecret] | None = None
+
+
+NetworkPolicy = _Disabled | _Allowlist
+
+
+def render_network_policy(policy: NetworkPolicy | None) -> dict[str, Any]:
+    """A network policy as a container shows it: its secrets are never echoed."""
+    if isinstance(policy, _Allowlist):
+        return {"type": "allowlist", "allowed_domains": list(policy.allowed_domains)}
+    return {"type": "disabled"}
+
+
+class _SkillReference(
+    msgspec.Struct, forbid_unknown_fields=True, tag_field="type", tag="skill_reference"
+):
+    skill_id: str
+    version: str | None = None
+
+
+class _InlineSource(msgspec.Struct, forbid_unknown_fields=True):
+    type: Literal["base64"]
+    media_type: Literal["application/zip"]
+    data: str
+
+
+class _InlineSkill(msgspec.Struct, forbid_unknown_fields=True, tag_field="type", tag="inline"):
+    name: str
+    description: str
+    source: _InlineSource
+
+
+Skill = _SkillReference | _InlineSkill
 
 
 class CreateBody(msgspec.Struct, forbid_unknown_fields=True):
-    """The body of ``POST /v1/containers``."""
+    """The body of ``POST /v1/containers``: OpenAI's fields, and ``metadata``."""
 
     name: str
     expires_after: _ExpiresAfter | None = None
     memory_limit: Literal["1g", "4g", "16g", "64g"] = "1g"
+    # Not an OpenAI field: the gateway's create request has it, and tests use it.
     metadata: dict[str, str] | None = None
     file_ids: list[str] | None = None
-    network_policy: _NetworkPolicy | None = None
+    network_policy: NetworkPolicy | None = None
+    skills: list[Skill] | None = None
 
 
 class _Overrides(msgspec.Struct, forbid_unknown_fields=True):
@@ -107,15 +155,17 @@ class _Overrides(msgspec.Struct, forbid_unknown_fields=True):
     memory_limit: str | msgspec.UnsetType = msgspec.UNSET
     metadata: dict[str, str] | msgspec.UnsetType | None = msgspec.UNSET
     expires_after: _ExpiresAfter | msgspec.UnsetType = msgspec.UNSET
-    network_policy: _NetworkPolicy | msgspec.UnsetType = msgspec.UNSET
+    network_policy: NetworkPolicy | msgspec.UnsetType = msgspec.UNSET
 
 
 class ListQuery(msgspec.Struct, frozen=True):
-    """The query of a list route: ``limit`` 1..100, ``after`` a cursor id, ``order``."""
+    """The query of a list route: ``limit`` 1..100, ``after`` a cursor id, ``order``, and
+    for containers ``name`` (only containers of that exact name)."""
 
     limit: int = 20
     after: str | None = None
     order: Literal["asc", "desc"] = "desc"
+    name: str | None = None
 
 
 class FileRef(msgspec.Struct, forbid_unknown_fields=True):
@@ -176,7 +226,24 @@ def parse_list_query(query: Mapping[str, str]) -> ListQuery:
     if order not in ("asc", "desc"):
         message = f"Invalid value: '{order}'. Supported values are: 'asc' and 'desc'."
         raise ApiError(400, message, param="order", code="invalid_value")
-    return ListQuery(int(limit), query.get("after") or None, "asc" if order == "asc" else "desc")
+    direction: Literal["asc", "desc"] = "asc" if order == "asc" else "desc"
+    name = query.get("name")
+    return ListQuery(int(limit), query.get("after") or None, direction, name)
+
+
+_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
+
+
+def parse_purpose(purpose: str | None) -> str:
+    """The ``purpose`` of a Files API upload, or the 400 OpenAI would answer."""
+    if not purpose:
+        message = "Missing required parameter: 'purpose'."
+        raise ApiError(400, message, param="purpose", code="missing_required_parameter")
+    if purpose not in _PURPOSES:
+        supported = ", ".join(f"'{p}'" for p in _PURPOSES)
+        message = f"Invalid value for 'purpose': '{purpose}'. Supported values are: {supported}."
+        raise ApiError(400, message, param="purpose", code="invalid_value")
+    return purpose
 
 
 def parse_overrides(fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -194,7 +261,7 @@ def parse_overrides(fields: Mapping[str, Any]) -> dict[str, Any]:
         elif name == "expires_after":
             out["expires_minutes"] = value.minutes
         elif name == "network_policy":
-            out[name] = msgspec.to_builtins(value)
+            out[name] = render_network_policy(value)
         else:
             out[name] = value
     return out

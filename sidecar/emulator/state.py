@@ -1,241 +1,47 @@
-"""The emulator's domain: projects, containers and their files, a movable clock, faults, stats.
+"""The emulator's domain: projects and keys, containers and their files, the Files API.
 
 Pure Python, no aiohttp: every method answers the OpenAI-shape JSON object (a dict ready to
 encode) or raises :class:`ApiError`, which carries OpenAI's error envelope.
+
+As on OpenAI, any operation on a container (retrieving it, adding, listing, reading or
+deleting its files) refreshes its ``last_active_at``, and a container idle for its
+``expires_after.minutes`` is ``expired``: its metadata still answers, its files do not.
 """
 
 from __future__ import annotations
 
 import hashlib
-import secrets
-import time
-from collections import Counter
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 
 from sidecar.emulator import schema
+from sidecar.emulator.config import EmulatorConfig
+from sidecar.emulator.knobs import ROUTE_NAMES, Fault, FaultKind, Knobs
+from sidecar.emulator.objects import Container, ContainerFile, StoredFile, new_id
 from sidecar.emulator.schema import ApiError
 
 __all__ = ["ROUTE_NAMES", "EmulatorConfig", "EmulatorState", "Fault", "FaultKind"]
-
-ROUTE_NAMES = (
-    "create", "list", "retrieve", "delete",
-    "file_create", "file_list", "file_retrieve", "file_content", "file_delete",
-)  # fmt: skip
-FaultKind = Literal["status", "timeout", "malformed", "reset", "hangup"]
-
-
-class EmulatorConfig(msgspec.Struct, frozen=True, kw_only=True):
-    """How the emulator starts; everything but the projects can be changed later over HTTP."""
-
-    latency_ms: float = 0.0
-    # Groups of API keys sharing one project; a key listed nowhere is a project of its own.
-    projects: tuple[tuple[str, ...], ...] = ()
-    # Keys answered with OpenAI's 401 invalid_api_key.
-    revoked_keys: frozenset[str] = frozenset()
-    default_expires_minutes: int = 20
-
-    def __post_init__(self) -> None:
-        if self.latency_ms < 0:
-            raise ValueError("latency_ms must be >= 0")
-        if not 1 <= self.default_expires_minutes <= 1440:
-            raise ValueError("default_expires_minutes must be between 1 and 1440")
-        keys = [key for group in self.projects for key in group]
-        if len(keys) != len(set(keys)):
-            raise ValueError("an API key may belong to one project only")
-
-    def __repr__(self) -> str:
-        # The keys are secrets, even in an emulator: show only how many there are.
-        return (
-            f"EmulatorConfig(latency_ms={self.latency_ms}, projects=<{len(self.projects)} groups>, "
-            f"revoked_keys=<{len(self.revoked_keys)} keys>, "
-            f"default_expires_minutes={self.default_expires_minutes})"
-        )
-
-
-class Fault(msgspec.Struct, kw_only=True):
-    """A failure injected into matching API requests, ``count`` times or until cleared."""
-
-    id: int = 0
-    kind: FaultKind
-    status: int = 500
-    retry_after_s: float | None = None
-    route: str = "*"
-    container_id: str | None = None
-    count: int | None = None
-
-
-class ContainerFile(msgspec.Struct, kw_only=True):
-    """A file inside a container."""
-
-    id: str
-    seq: int
-    container_id: str
-    created_at: int
-    path: str
-    content: bytes
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": "container.file",
-            "created_at": self.created_at,
-            "bytes": len(self.content),
-            "container_id": self.container_id,
-            "path": self.path,
-            "source": "user",
-        }
-
-
-class Container(msgspec.Struct, kw_only=True):
-    """A container; ``status`` is computed from the clock unless an operator pinned it."""
-
-    id: str
-    seq: int
-    project: str
-    name: str
-    created_at: int
-    last_active_at: int
-    expires_minutes: int
-    memory_limit: str
-    metadata: dict[str, str] | None
-    network_policy: dict[str, Any]
-    pinned_status: str | None = None
-    files: dict[str, ContainerFile] = msgspec.field(default_factory=dict)
-
-    def status(self, now: int) -> str:
-        if self.pinned_status is not None:
-            return self.pinned_status
-        expired = now - self.last_active_at >= self.expires_minutes * 60
-        return "expired" if expired else "running"
-
-    def to_json(self, now: int) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "id": self.id,
-            "object": "container",
-            "created_at": self.created_at,
-            "status": self.status(now),
-            "expires_after": {"anchor": "last_active_at", "minutes": self.expires_minutes},
-            "last_active_at": self.last_active_at,
-            "memory_limit": self.memory_limit,
-            "name": self.name,
-            "network_policy": self.network_policy,
-        }
-        if self.metadata:
-            out["metadata"] = self.metadata
-        return out
 
 
 def _not_found(container_id: str) -> ApiError:
     return ApiError(404, f"Container with id '{container_id}' not found.")
 
 
-class EmulatorState:
+class EmulatorState(Knobs):
     """Everything the emulator remembers, behind methods the routes and tests call."""
 
     def __init__(self, config: EmulatorConfig) -> None:
+        super().__init__(config.latency_ms)
         self.config = config
-        self.latency_ms = config.latency_ms
-        self._offset_s = 0.0
-        self._seq = 0
         self._containers: dict[str, Container] = {}
-        self._faults: list[Fault] = []
+        self._uploads: dict[str, StoredFile] = {}
         self._revoked = set(config.revoked_keys)
         self._project_of: dict[str, str] = {
             key: f"proj_{index}" for index, group in enumerate(config.projects) for key in group
         }
-        self._calls: Counter[str] = Counter()
-        self._retrieves: Counter[str] = Counter()
 
-    # Clock, latency, stats, faults: the knobs of the control API.
-
-    def now(self) -> int:
-        """The emulator's clock in unix seconds: wall time plus every ``advance_clock``."""
-        return int(time.time() + self._offset_s)
-
-    def advance_clock(self, seconds: float) -> int:
-        """Move the clock forward; answer the new time."""
-        if seconds < 0:
-            raise ValueError("the clock only moves forward")
-        self._offset_s += seconds
-        return self.now()
-
-    def set_latency(self, ms: float) -> None:
-        """Delay every API answer by ``ms`` from now on."""
-        if ms < 0:
-            raise ValueError("latency must be >= 0")
-        self.latency_ms = ms
-
-    def count(self, route: str, container_id: str | None) -> None:
-        """Record one API request as it arrives."""
-        self._calls[route] += 1
-        if route == "retrieve" and container_id is not None:
-            self._retrieves[container_id] += 1
-
-    def stats(self) -> dict[str, Any]:
-        """Requests seen since start or the last reset, by route and retrieves by container."""
-        return {
-            "total": self._calls.total(),
-            "calls": dict(self._calls),
-            "retrieve_by_container": dict(self._retrieves),
-        }
-
-    def reset_stats(self) -> None:
-        """Forget the counted requests."""
-        self._calls.clear()
-        self._retrieves.clear()
-
-    def add_fault(
-        self,
-        kind: FaultKind,
-        *,
-        status: int = 500,
-        retry_after_s: float | None = None,
-        route: str = "*",
-        container_id: str | None = None,
-        count: int | None = None,
-    ) -> Fault:
-        """Make matching requests fail; ``count=None`` keeps the fault until cleared."""
-        if route != "*" and route not in ROUTE_NAMES:
-            raise ValueError(f"unknown route {route!r}: use '*' or one of {', '.join(ROUTE_NAMES)}")
-        if not 100 <= status <= 599:
-            raise ValueError("status must be an HTTP status code")
-        if count is not None and count < 1:
-            raise ValueError("count must be >= 1 (or null for until cleared)")
-        self._seq += 1
-        fault = Fault(
-            id=self._seq, kind=kind, status=status, retry_after_s=retry_after_s,
-            route=route, container_id=container_id, count=count,
-        )  # fmt: skip
-        self._faults.append(fault)
-        return fault
-
-    def faults(self) -> list[Fault]:
-        """The faults still armed, oldest first."""
-        return list(self._faults)
-
-    def clear_faults(self) -> int:
-        """Disarm every fault; answer how many there were."""
-        cleared = len(self._faults)
-        self._faults.clear()
-        return cleared
-
-    def take_fault(self, route: str, container_id: str | None) -> Fault | None:
-        """The first fault matching this request, used up by one if it has a count."""
-        for fault in self._faults:
-            if fault.route not in ("*", route):
-                continue
-            if fault.container_id is not None and fault.container_id != container_id:
-                continue
-            if fault.count is not None:
-                fault.count -= 1
-                if fault.count <= 0:
-                    self._faults.remove(fault)
-            return fault
-        return None
-
-    # Projects and containers: the OpenAI API.
+    # Projects and keys.
 
     def authenticate(self, key: str | None) -> str:
         """The project a key belongs to, or OpenAI's 401."""
@@ -254,31 +60,51 @@ class EmulatorState:
         """Answer 401 invalid_api_key to ``key`` from now on."""
         self._revoked.add(key)
 
+    # Containers.
+
     def create_container(self, project: str, body: schema.CreateBody) -> dict[str, Any]:
-        """Create a container from a validated request body."""
+        """Create a container from a validated request body, with copies of its ``file_ids``."""
+        copies = [
+            self._find_upload(project, file_id, "file_ids") for file_id in body.file_ids or ()
+        ]
         now = self.now()
         after = body.expires_after
-        policy = body.network_policy
         self._seq += 1
         container = Container(
-            id="cntr_" + secrets.token_hex(16), seq=self._seq, project=project, name=body.name,
+            id=new_id("cntr_"), seq=self._seq, project=project, name=body.name,
             created_at=now, last_active_at=now,
             expires_minutes=after.minutes if after else self.config.default_expires_minutes,
             memory_limit=body.memory_limit, metadata=body.metadata or None,
-            network_policy=msgspec.to_builtins(policy) if policy else {"type": "disabled"},
+            network_policy=schema.render_network_policy(body.network_policy),
+            skills=[msgspec.to_builtins(skill) for skill in body.skills or ()],
         )  # fmt: skip
+        for upload in copies:
+            self._add_file(container, upload.filename, upload.content)
         self._containers[container.id] = container
         return container.to_json(now)
 
     def list_containers(self, project: str, query: schema.ListQuery) -> dict[str, Any]:
-        """One page of the project's containers."""
-        mine = [c for c in self._containers.values() if c.project == project]
+        """One page of the project's containers (of one ``name``, if the query says so)."""
+        mine = [
+            c for c in self._containers.values()
+            if c.project == project and query.name in (None, c.name)
+        ]  # fmt: skip
         now = self.now()
         return schema.list_page(mine, query, "container", lambda c: c.to_json(now))
 
     def get_container(self, project: str, container_id: str) -> dict[str, Any]:
-        """A container, without counting as activity (pollers must not keep it alive)."""
-        return self._find(project, container_id).to_json(self.now())
+        """A container; retrieving a running container counts as activity, as on OpenAI."""
+        container = self._find(project, container_id)
+        now = self.now()
+        container.touch(now)
+        return container.to_json(now)
+
+    def peek_container(self, container_id: str) -> dict[str, Any]:
+        """A container as the emulator holds it, outside any project and without touching it."""
+        container = self._containers.get(container_id)
+        if container is None:
+            raise _not_found(container_id)
+        return container.to_json(self.now())
 
     def delete_container(self, project: str, container_id: str) -> dict[str, Any]:
         """Delete a container and its files."""
@@ -286,19 +112,19 @@ class EmulatorState:
         del self._containers[container_id]
         return {"id": container_id, "object": "container.deleted", "deleted": True}
 
+    # Files inside containers: every one of these is activity.
+
     def create_file(
         self, project: str, container_id: str, filename: str, content: bytes
     ) -> dict[str, Any]:
         """Add a file at ``/mnt/data/<filename>``."""
+        return self._add_file(self._activate(project, container_id), filename, content).to_json()
+
+    def copy_file(self, project: str, container_id: str, file_id: str) -> dict[str, Any]:
+        """Add a copy of a Files API file (name and bytes) to the container."""
         container = self._activate(project, container_id)
-        self._seq += 1
-        name = filename.replace("\\", "/").rsplit("/", 1)[-1] or "upload"
-        file = ContainerFile(
-            id="cfile_" + secrets.token_hex(16), seq=self._seq, container_id=container_id,
-            created_at=container.last_active_at, path="/mnt/data/" + name, content=content,
-        )  # fmt: skip
-        container.files[file.id] = file
-        return file.to_json()
+        upload = self._find_upload(project, file_id, "file_id")
+        return self._add_file(container, upload.filename, upload.content).to_json()
 
     def list_files(
         self, project: str, container_id: str, query: schema.ListQuery
@@ -320,6 +146,37 @@ class EmulatorState:
         self._find_file(project, container_id, file_id)
         del self._containers[container_id].files[file_id]
         return {"id": file_id, "object": "container.file.deleted", "deleted": True}
+
+    # The Files API, whose files ``file_ids`` and ``file_id`` copy into containers.
+
+    def upload(self, project: str, filename: str, content: bytes, purpose: str) -> dict[str, Any]:
+        """Store a file (``POST /v1/files``)."""
+        self._seq += 1
+        upload = StoredFile(
+            id=new_id("file-"), seq=self._seq, project=project, created_at=self.now(),
+            filename=_basename(filename), purpose=purpose, content=content,
+        )  # fmt: skip
+        self._uploads[upload.id] = upload
+        return upload.to_json()
+
+    def list_uploads(self, project: str, query: schema.ListQuery) -> dict[str, Any]:
+        """One page of the project's stored files."""
+        mine = [u for u in self._uploads.values() if u.project == project]
+        return schema.list_page(mine, query, "file", StoredFile.to_json)
+
+    def get_upload(self, project: str, file_id: str) -> dict[str, Any]:
+        """A stored file's metadata."""
+        return self._find_upload(project, file_id).to_json()
+
+    def upload_content(self, project: str, file_id: str) -> bytes:
+        """A stored file's bytes."""
+        return self._find_upload(project, file_id).content
+
+    def delete_upload(self, project: str, file_id: str) -> dict[str, Any]:
+        """Delete a stored file (copies in containers stay)."""
+        self._find_upload(project, file_id)
+        del self._uploads[file_id]
+        return {"id": file_id, "object": "file", "deleted": True}
 
     # Operator overrides, outside any project.
 
@@ -348,17 +205,25 @@ class EmulatorState:
 
     def _activate(self, project: str, container_id: str) -> Container:
         container = self._find(project, container_id)
-        now = self.now()
-        status = container.status(now)
-        if status != "running":
+        if not container.touch(self.now()):
+            status = container.status(self.now())
             raise ApiError(
                 400,
                 f"Container with id '{container_id}' is {status} and can no longer be used. "
                 "Create a new container.",
                 code=f"container_{status}",
             )
-        container.last_active_at = now
         return container
+
+    def _add_file(self, container: Container, filename: str, content: bytes) -> ContainerFile:
+        self._seq += 1
+        file = ContainerFile(
+            id=new_id("cfile_"), seq=self._seq, container_id=container.id,
+            created_at=self.now(), path="/mnt/data/" + _basename(filename),
+            content=content,
+        )  # fmt: skip
+        container.files[file.id] = file
+        return file
 
     def _find_file(self, project: str, container_id: str, file_id: str) -> ContainerFile:
         file = self._activate(project, container_id).files.get(file_id)
@@ -367,3 +232,13 @@ class EmulatorState:
                 404, f"File with id '{file_id}' not found in container '{container_id}'."
             )
         return file
+
+    def _find_upload(self, project: str, file_id: str, param: str | None = None) -> StoredFile:
+        upload = self._uploads.get(file_id)
+        if upload is None or upload.project != project:
+            raise ApiError(404, f"No such File object: {file_id}", param=param)
+        return upload
+
+
+def _basename(filename: str) -> str:
+    return filename.replace("\\", "/").rsplit("/", 1)[-1] or "upload"
