@@ -1,4 +1,9 @@
-"""Change announcements: whoever rewrites a record says so, and every process drops its copy."""
+"""Change announcements: whoever rewrites a record says so, and every process updates its copy.
+
+A rewritten record travels on the channel itself, so the other processes replace their copy
+without a Redis read (a refresh never turns a process's hits into misses); a deleted container
+and a revoked grant are announced by name. Messages start with one byte saying which.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +11,55 @@ import asyncio
 import logging
 from typing import Any
 
-from sidecar.keys import KeySpace
+from sidecar.keys import KeySpace, parse_member
 from sidecar.local import LocalCache
+from sidecar.records import decode_record
 
-__all__ = ["listen_for_changes"]
+__all__ = ["announce_delete", "announce_record", "announce_revoke", "listen_for_changes"]
 
 log = logging.getLogger(__name__)
+
+_RECORD, _DELETE, _REVOKE = b"r", b"d", b"g"
+
+
+def announce_record(data: bytes) -> bytes:
+    """The message for a rewritten record (its stored bytes)."""
+    return _RECORD + data
+
+
+def announce_delete(name: str) -> bytes:
+    """The message for a forgotten container (``provider/container_id``)."""
+    return _DELETE + name.encode()
+
+
+def announce_revoke(name: str, fingerprint: str) -> bytes:
+    """The message for a credential's revoked grant of a container."""
+    return _REVOKE + f"{name}\n{fingerprint}".encode()
+
+
+def apply(message: bytes, local: LocalCache) -> None:
+    """Bring ``local`` up to date with one announcement."""
+    kind, body = message[:1], message[1:]
+    if kind == _RECORD:
+        record = decode_record(body)
+        if record is not None:
+            local.update(record)
+    elif kind == _DELETE:
+        local.drop(*parse_member(body))
+    elif kind == _REVOKE:
+        name, _, fingerprint = body.decode().partition("\n")
+        local.revoke(*parse_member(name), fingerprint)
 
 
 async def listen_for_changes(
     redis: Any, keys: KeySpace, local: LocalCache, *, retry_s: float = 1.0
 ) -> None:
-    """Drop local copies as changes are announced; forget them all when the channel is lost.
+    """Apply announcements to ``local``; while the channel is lost, copies only age out.
 
-    Copies are forgotten once when the channel is lost and once when it is back (what was
-    announced in between is unknown); in between, copies made from upstream answers serve.
+    Without the channel a process cannot hear of deletes and revocations: its copies then
+    serve only until their own freshness or grant ends (``LocalCache``), and those it made
+    while the channel was down are kept. What was announced in between is unknown, so copies
+    older than the reconnection are dropped once it is back.
     """
     connected = True
     while True:
@@ -30,16 +69,15 @@ async def listen_for_changes(
                 if not connected:
                     local.clear()
                     connected = True
+                    log.info("change announcements back")
                 while True:
                     message = await pubsub.get_message(timeout=1.0)
                     if message is not None:
-                        provider, _, container_id = message["data"].decode().partition("/")
-                        local.drop(provider, container_id)
+                        apply(message["data"], local)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # any Redis trouble: we may have missed announcements
+        except Exception as exc:  # any Redis trouble: we may miss announcements
             if connected:
-                local.clear()
                 connected = False
-            log.debug("change announcements lost (%s); retrying in %.1fs", exc, retry_s)
+                log.info("change announcements lost (%s); retrying every %.1fs", exc, retry_s)
             await asyncio.sleep(retry_s)

@@ -16,7 +16,6 @@ from sidecar.announce import listen_for_changes
 from sidecar.connections import close_redis, create_redis, create_subscriber
 from sidecar.credentials import CredentialReader
 from sidecar.keys import KeySpace
-from sidecar.local import LocalCache
 from sidecar.metrics import Metrics, counter, gauge
 from sidecar.middleware import answer_middleware
 from sidecar.outcomes import Refresher
@@ -28,7 +27,7 @@ from sidecar.state import LIFECYCLE, SERVICES, Lifecycle, Services
 from sidecar.stats import FleetStats
 from sidecar.store import Breaker, CacheStore
 from sidecar.upstream import Upstream, create_session
-from sidecar.views import retrieve_native, retrieve_openai
+from sidecar.views import RETRIEVE_ROUTES
 
 __all__ = ["REDIS", "SETTINGS", "create_app"]
 
@@ -42,13 +41,11 @@ EMBEDDED_SERVER: web.AppKey[Any] = web.AppKey("embedded_server", object)
 EMBEDDED_WORKER: web.AppKey[Any] = web.AppKey("embedded_worker", object)
 REFRESHER: web.AppKey[Any] = web.AppKey("refresher", object)
 
-#: Retrieval routes, and the prefixes under which the rest of the container API is proxied.
-RETRIEVE_ROUTES = {
-    "/openai/v1/containers/{container_id}": retrieve_openai,
-    "/openai/containers/{container_id}": retrieve_openai,
-    "/v1/containers/{container_id}": retrieve_native,
-}
+#: The prefixes under which the rest of the container API is proxied.
 PROXY_PREFIXES = ("/openai/v1", "/openai", "/v1")
+#: The ``route`` label values besides the retrieval routes (a closed set).
+ROUTE_GROUPS = {"passthrough": ("bypass", "error"), "admin": ("bypass", "error"),
+                "unmatched": ("error",)}  # fmt: skip
 
 
 class ClosableRefresher(Refresher, Protocol):
@@ -75,7 +72,10 @@ def create_app(
     """
     app = web.Application(middlewares=[answer_middleware])
     app[SETTINGS] = settings
-    app[METRICS] = Metrics("sidecar")
+    metrics = Metrics("sidecar", settings.container_providers, RETRIEVE_ROUTES)
+    for group, outcomes in ROUTE_GROUPS.items():
+        metrics.route(group, outcomes)
+    app[METRICS] = metrics
     app[EMBEDDED_SERVER] = embedded_server
     app[EMBEDDED_WORKER] = embedded_worker
     app[LIFECYCLE] = Lifecycle()
@@ -140,7 +140,6 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         upstream,
         settings,
         refresher=refresher,
-        local=LocalCache(settings.local_ttl_s, settings.local_max_entries),
         reads=ReadTracker(store) if refresher is not None else None,
     )
     services = Services(
@@ -156,6 +155,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     metrics.watch(lambda: _scrape_time(services))
     yield
     await service.close()
+    await store.close()
 
 
 def _scrape_time(services: Services) -> list[Any]:

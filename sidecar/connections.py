@@ -11,9 +11,10 @@ from urllib.parse import unquote, urlsplit
 import redis.asyncio as aioredis
 from redis.asyncio.sentinel import Sentinel
 
-from sidecar.settings import Settings
+from sidecar.settings import Settings, SettingsError
 
 __all__ = [
+    "ConcurrentPool",
     "SentinelTarget",
     "create_redis",
     "create_subscriber",
@@ -63,11 +64,36 @@ def _options(settings: Settings) -> dict[str, Any]:
     }
 
 
+class ConcurrentPool(aioredis.ConnectionPool):
+    """A connection pool that connects outside its lock.
+
+    redis-py holds the pool's lock while a new connection connects and says hello, so one
+    slow connect (a hung Redis accepts the TCP connection, then never answers) makes every
+    caller wait behind it, a socket timeout each, one after the other.
+    """
+
+    async def get_connection(self, command_name: Any = None, *keys: Any, **options: Any) -> Any:
+        """A connected connection; connecting does not hold up other callers."""
+        connection = self.get_available_connection()  # type: ignore[no-untyped-call]
+        try:
+            await self.ensure_connection(connection)
+        except BaseException:
+            await self.release(connection)
+            raise
+        return connection
+
+
 def create_redis(settings: Settings, *, embedded_server: Any = None) -> Any:
     """The cache's Redis client; with no ``SIDECAR_REDIS_URL``, an embedded fakeredis store."""
     url = settings.redis_url
     if not url:
-        import fakeredis  # the embedded default only
+        try:
+            import fakeredis  # the embedded default only
+        except ImportError:
+            raise SettingsError(
+                "SIDECAR_REDIS_URL: required (trying the sidecar without Redis needs the "
+                "'embedded' extra: pip install 'bifrost-container-sidecar[embedded]')"
+            ) from None
 
         log.warning(
             "no SIDECAR_REDIS_URL: using the embedded in-process store (fakeredis); "
@@ -84,7 +110,8 @@ def create_redis(settings: Settings, *, embedded_server: Any = None) -> Any:
         sentinel = Sentinel(target.sentinels, **options)  # type: ignore[no-untyped-call]
         return sentinel.master_for(target.master, db=target.db, password=target.password, **options)
     log.info("cache on Redis %s", redact_url(url))
-    return aioredis.Redis.from_url(url, max_connections=256, **options)
+    pool = ConcurrentPool.from_url(url, max_connections=256, **options)
+    return aioredis.Redis(connection_pool=pool)
 
 
 def create_subscriber(settings: Settings, cache: Any) -> Any:

@@ -1,8 +1,16 @@
-"""The caller's credential: which headers carry it, and its HMAC fingerprint.
+"""The caller's credential: the one definition of which headers identify a caller.
 
-The fingerprint (HMAC-SHA256 under ``SIDECAR_KEY_SECRET``) is the only form of a credential that
-leaves the process: grants and locks in Redis are keyed by it. The headers themselves are only
-forwarded to the upstream.
+Retrieval, pass-through, cache seeding and forwarding all use the :class:`Credential` read here
+once per request, so no two places can disagree about who is asking. Its ``headers`` are exactly
+what the upstream authenticates with (and are forwarded as they are); its ``fingerprint``
+(HMAC-SHA256 under ``SIDECAR_KEY_SECRET``) is the only form of them that leaves the process:
+grants, locks and negative entries in Redis are keyed by it.
+
+An identity header sent twice, or two different virtual keys in different headers, is refused
+(400) before anything is forwarded or cached: an upstream and a cache reading "the" credential
+from such a request may each pick a different one (Go's ``Header.Get`` takes the first value, a
+dict built from the headers keeps the last), which is how one tenant could read another's
+container.
 """
 
 from __future__ import annotations
@@ -10,53 +18,128 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterable
 
-__all__ = ["Credential", "CredentialReader"]
+from sidecar.errors import AmbiguousCredential, MissingCredential
 
-# The gateway accepts a virtual key in any of these (x-bf-vk with any value).
-_GATEWAY_HEADERS = ("authorization", "x-api-key", "x-goog-api-key", "x-bf-vk")
-# OpenAI scopes keys further by organisation and project: part of the identity too.
-_OPENAI_HEADERS = ("authorization", "openai-organization", "openai-project")
+__all__ = ["ANONYMOUS", "Credential", "CredentialReader", "identity_header"]
+
+# The gateway's virtual-key headers (transports/bifrost-http/lib/ctx.go): x-bf-vk with any value;
+# Authorization (Bearer), x-api-key and x-goog-api-key when the value starts with sk-bf-.
+_VK_HEADERS = ("authorization", "x-api-key", "x-goog-api-key", "x-bf-vk")
+# What else selects the key the gateway calls the provider with, or is sent to the provider
+# (x-bf-eh-<name>: extra headers, which may carry a provider's auth): part of the identity.
+_GATEWAY_IDENTITY = frozenset((*_VK_HEADERS, "x-bf-direct-key", "x-bf-api-key"))
+_EXTRA_HEADER_PREFIX = "x-bf-eh-"
+# OpenAI scopes a key further by organisation and project: part of the identity too.
+_OPENAI_IDENTITY = frozenset(("authorization", "openai-organization", "openai-project"))
+_CACHE_MAX = 4096
 
 
 class Credential:
-    """The credential headers of one request and their fingerprint."""
+    """The identity headers of one request and their fingerprint."""
 
     __slots__ = ("fingerprint", "headers")
 
     def __init__(self, headers: tuple[tuple[str, str], ...], fingerprint: str) -> None:
         self.headers = headers
+        """``(lower-case name, value)`` pairs, forwarded to the upstream exactly as they are."""
         self.fingerprint = fingerprint
+
+    @property
+    def anonymous(self) -> bool:
+        """No credential at all (a gateway whose virtual keys are optional serves it)."""
+        return not self.headers
 
     def __repr__(self) -> str:
         return f"Credential(fingerprint={self.fingerprint!r})"
 
 
+ANONYMOUS = Credential((), "anonymous")
+"""The identity of credential-less requests: only they share its grants."""
+
+
+def identity_header(kind: str, name: str) -> bool:
+    """Whether a lower-case header name is part of a caller's identity for this upstream kind."""
+    if kind == "bifrost":
+        return name in _GATEWAY_IDENTITY or name.startswith(_EXTRA_HEADER_PREFIX)
+    return name in _OPENAI_IDENTITY
+
+
 class CredentialReader:
-    """Reads credentials from request headers for one upstream kind."""
+    """Reads credentials from request headers for one upstream kind.
+
+    Fingerprints are remembered per distinct set of header values (at most 4,096 sets, the
+    oldest forgotten first): a poller sends the same credential every time, and an HMAC per
+    request would be the hit path's largest cost.
+    """
 
     def __init__(self, kind: str, secret: str | None) -> None:
-        self._names = _GATEWAY_HEADERS if kind == "bifrost" else _OPENAI_HEADERS
-        # Organisation and project headers alone are no credential.
-        self._required = _GATEWAY_HEADERS if kind == "bifrost" else ("authorization",)
+        self._kind = kind
+        self._openai = kind == "openai"
         key = secret.encode() if secret else secrets.token_bytes(32)
         self._mac = hmac.new(key, digestmod=hashlib.sha256)
+        self._known: dict[tuple[tuple[str, str], ...], Credential] = {}
 
-    def read(self, headers: Mapping[str, str]) -> Credential | None:
-        """The request's credential, or None when it carries none."""
-        found = []
-        for name in self._names:
-            value = headers.get(name)
-            if value and value.strip() and not _empty_bearer(name, value):
-                found.append((name, value))
-        if not any(name in self._required for name, _ in found):
-            return None
+    def read(self, headers: Iterable[tuple[str, str]]) -> Credential:
+        """The request's credential (``ANONYMOUS`` for none, gateway mode only).
+
+        Raises ``AmbiguousCredential`` for a repeated identity header or two different virtual
+        keys, and ``MissingCredential`` when an OpenAI-style upstream gets no key.
+        """
+        found: list[tuple[str, str]] = []
+        for raw_name, value in headers:
+            name = raw_name.lower()
+            if not identity_header(self._kind, name):
+                continue
+            value = value.strip()
+            if not value or (name == "authorization" and value.lower() in ("bearer", "basic")):
+                continue
+            found.append((name, value))
+        if not found:
+            if self._openai:
+                raise MissingCredential(
+                    "a credential is required: send it as 'Authorization: Bearer <key>'"
+                )
+            return ANONYMOUS
+        key = tuple(sorted(found))
+        credential = self._known.get(key)
+        if credential is None:
+            credential = self._make(key)
+        return credential
+
+    def _make(self, pairs: tuple[tuple[str, str], ...]) -> Credential:
+        names = [name for name, _ in pairs]
+        for name in names:
+            if names.count(name) > 1:
+                raise AmbiguousCredential(
+                    f"the {name} header is sent more than once: send one credential",
+                    param=name,
+                )
+        if not self._openai and len(set(_virtual_keys(pairs))) > 1:
+            raise AmbiguousCredential(
+                "two different virtual keys in one request: send one credential",
+                param="authorization",
+            )
+        if self._openai and "authorization" not in names:
+            raise MissingCredential(
+                "a credential is required: send it as 'Authorization: Bearer <key>'"
+            )
         mac = self._mac.copy()
-        for name, value in found:
+        for name, value in pairs:
             mac.update(f"{name}\n{value}\n".encode())
-        return Credential(tuple(found), mac.hexdigest()[:32])
+        credential = Credential(pairs, mac.hexdigest()[:32])
+        if len(self._known) >= _CACHE_MAX:
+            del self._known[next(iter(self._known))]
+        self._known[pairs] = credential
+        return credential
 
 
-def _empty_bearer(name: str, value: str) -> bool:
-    return name == "authorization" and value.strip().lower() in ("bearer", "basic")
+def _virtual_keys(pairs: Iterable[tuple[str, str]]) -> Iterable[str]:
+    for name, value in pairs:
+        if name == "x-bf-vk":
+            yield value
+        elif name in _VK_HEADERS:
+            token = value[7:].strip() if value[:7].lower() == "bearer " else value
+            if token[:6].lower() == "sk-bf-":
+                yield token

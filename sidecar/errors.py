@@ -3,12 +3,14 @@
 SidecarError                      an answer that is not a container
 ├── RequestError                  the caller's mistake (4xx, ``is_bifrost_error: false``)
 │   ├── MissingCredential         401: no credential header
+│   ├── AmbiguousCredential       400: an identity header twice, or two different keys
 │   ├── InvalidParameter          400: a bad path, query or header value, naming it
 │   ├── UnsupportedOperation      400: the provider has no containers API
 │   ├── Forbidden                 403: a wrong admin token
 │   ├── RouteNotFound             404: no such route
 │   ├── NotFound                  404: no such cache entry (admin)
 │   ├── MethodNotAllowed          405: the route takes other methods
+│   ├── MalformedRequest          400: the HTTP parser refused the request
 │   └── NotCached                 504: ``only-if-cached`` and nothing usable cached
 ├── UpstreamReplyError            the upstream answered an error: relayed as it came
 └── UpstreamFailure               the upstream could not be reached or made no sense
@@ -22,8 +24,10 @@ StoreUnavailable                  Redis failed; never reaches a caller (fail-ope
 from __future__ import annotations
 
 __all__ = [
+    "AmbiguousCredential",
     "Forbidden",
     "InvalidParameter",
+    "MalformedRequest",
     "MethodNotAllowed",
     "MissingCredential",
     "NotCached",
@@ -75,6 +79,13 @@ class MissingCredential(RequestError):
     code = "missing_credential"
 
 
+class AmbiguousCredential(RequestError):
+    """An identity header sent twice, or two different virtual keys: 400, nothing forwarded."""
+
+    type = "authentication_error"
+    code = "ambiguous_credential"
+
+
 class InvalidParameter(RequestError):
     """A path, query or header value that cannot be right: 400 naming it."""
 
@@ -99,6 +110,12 @@ class MethodNotAllowed(RequestError):
 
     status = 405
     code = "method_not_allowed"
+
+
+class MalformedRequest(RequestError):
+    """A request the HTTP parser refused (bad header, over-long line, bad method...): 400."""
+
+    code = "malformed_request"
 
 
 class NotCached(RequestError):

@@ -44,8 +44,13 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus text exposition of this process's metrics."""
-    body = request.app[SERVICES].metrics.render()
+    """Prometheus text exposition: this process's metrics, plus the counters of the pod's
+    other server processes when there are several."""
+    from sidecar.serve import PEERS
+
+    peers = request.app.get(PEERS)
+    others = await peers.snapshots() if peers is not None else []
+    body = request.app[SERVICES].metrics.render(others)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 

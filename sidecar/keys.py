@@ -1,7 +1,9 @@
 """Every Redis key the sidecar and the workers use, built in one place.
 
-Keys of one container share a Redis Cluster hash tag (``{provider:container_id}``), so the record,
-its lock and its grants live in one slot and a hit is one ``MGET``.
+A container's keys are tagged with its public cache id (``{<cache_id>}``, a Redis Cluster hash
+tag), so the record, its grants, its lock and its failure marker share one slot (a hit is one
+``MGET``), and a purge by ``cache_id`` finds them without an index. Key names are short: every
+byte is paid once per cached container.
 """
 
 from __future__ import annotations
@@ -30,31 +32,32 @@ class KeySpace:
 
     @property
     def changes(self) -> str:
-        """The channel on which record changes are announced (``provider/container_id``)."""
+        """The channel on which record changes are announced (``sidecar.announce``)."""
         return f"{self.prefix}:changes"
 
-    def _tag(self, provider: str, container_id: str) -> str:
-        return f"{self.prefix}:{{{provider}:{container_id}}}"
+    def tag(self, cache_id: str) -> str:
+        """The common start of one container's keys."""
+        return f"{self.prefix}:{{{cache_id}}}"
 
     def record(self, provider: str, container_id: str) -> str:
         """The cached record."""
-        return f"{self._tag(provider, container_id)}:rec"
+        return self.tag(cache_id_for(provider, container_id)) + ":r"
 
     def grant(self, provider: str, container_id: str, fingerprint: str) -> str:
         """Proof that the upstream answered this credential for this container."""
-        return f"{self._tag(provider, container_id)}:grant:{fingerprint}"
+        return f"{self.tag(cache_id_for(provider, container_id))}:g:{fingerprint}"
 
     def negative(self, provider: str, container_id: str, fingerprint: str) -> str:
         """A cached 404 for one credential (another project may well see the container)."""
-        return f"{self._tag(provider, container_id)}:neg:{fingerprint}"
+        return f"{self.tag(cache_id_for(provider, container_id))}:n:{fingerprint}"
 
     def lock(self, provider: str, container_id: str, fingerprint: str) -> str:
         """The cross-replica fetch lock of one credential for one container."""
-        return f"{self._tag(provider, container_id)}:lock:{fingerprint}"
+        return f"{self.tag(cache_id_for(provider, container_id))}:l:{fingerprint}"
 
-    def cache_id(self, cache_id: str) -> str:
-        """Maps a public cache_id back to its container (for purges)."""
-        return f"{self.prefix}:cid:{cache_id}"
+    def failing(self, provider: str, container_id: str) -> str:
+        """Set while the upstream fails for this container: its last error and back-off."""
+        return self.tag(cache_id_for(provider, container_id)) + ":f"
 
     @property
     def stats(self) -> str:

@@ -1,28 +1,48 @@
 """Per-process copies of records and grants: a hit that needs no Redis round trip.
 
-A copy lives at most ``SIDECAR_LOCAL_TTL_S`` and never past its grant; a process drops a
-container's copies as soon as a worker or another replica announces a change on the Redis
-channel (``sidecar.announce``). Bounded: past ``max_entries`` the oldest copies go first.
+A record's copy serves while the record is fresh, a grant's while the grant lasts: each expires
+on its own schedule, never all together. Announcements on the change channel (``announce``)
+replace a copy with the rewritten record, drop a deleted container and revoke a grant at once.
+Without the channel no copy outlives its own freshness or grant, nor ``SIDECAR_LOCAL_TTL_S``.
+
+Bounded: at most ``max_entries`` records and as many grants; past that the oldest go first.
 """
 
 from __future__ import annotations
 
+import random
 import time
 
+from sidecar.policy import Policy
 from sidecar.records import Record
 
-__all__ = ["LocalCache"]
+__all__ = ["Copy", "LocalCache"]
+
+
+class Copy:
+    """A record this process keeps, and what it has rendered of it."""
+
+    __slots__ = ("fresh_until_ms", "hit_body", "keep_until", "record")
+
+    def __init__(self, record: Record, fresh_until_ms: int, keep_until: float) -> None:
+        self.record = record
+        self.fresh_until_ms = fresh_until_ms
+        self.keep_until = keep_until
+        self.hit_body: tuple[float, bytes] | None = None
+        """The body of a fresh hit at the default threshold with latency 0, once rendered:
+        ``(threshold, body)``."""
 
 
 class LocalCache:
     """Recent records and grants of this process."""
 
-    def __init__(self, ttl_s: float, max_entries: int = 10_000) -> None:
+    def __init__(self, policy: Policy, ttl_s: float, max_entries: int = 10_000) -> None:
+        self._policy = policy
         self._ttl_s = ttl_s
         self._max = max_entries
-        self._records: dict[tuple[str, str], tuple[Record, float]] = {}
-        # grant key -> (keep the copy until (monotonic), the grant's own expiry (unix ms))
-        self._grants: dict[tuple[str, str, str], tuple[float, int]] = {}
+        self._records: dict[tuple[str, str], Copy] = {}
+        self._grants: dict[tuple[str, str, str], int] = {}
+        """(provider, container_id, fingerprint) -> the grant's expiry (unix ms)."""
 
     def __len__(self) -> int:
         return len(self._records)
@@ -32,35 +52,50 @@ class LocalCache:
         """False when ``SIDECAR_LOCAL_TTL_S`` is 0."""
         return self._ttl_s > 0
 
-    def get(self, provider: str, container_id: str, fingerprint: str) -> tuple[Record, int] | None:
-        """The local copy of a record and its grant's expiry (unix ms), if this credential may
-        see it and the copy is recent."""
-        now = time.monotonic()
-        entry = self._records.get((provider, container_id))
-        if entry is None or entry[1] <= now:
+    def get(
+        self, provider: str, container_id: str, fingerprint: str, now_ms: int
+    ) -> tuple[Copy, int] | None:
+        """A fresh copy and its grant's expiry (unix ms), if this credential may see it."""
+        copy = self._records.get((provider, container_id))
+        if copy is None or copy.fresh_until_ms <= now_ms:
             return None
         grant = self._grants.get((provider, container_id, fingerprint))
-        if grant is None or grant[0] <= now:
+        if grant is None or grant <= now_ms:
             return None
-        return entry[0], grant[1]
+        if copy.keep_until <= time.monotonic():
+            del self._records[(provider, container_id)]
+            return None
+        return copy, grant
 
     def put(self, record: Record, fingerprint: str | None = None, grant_expiry_ms: int = 0) -> None:
         """Keep a copy of ``record`` and, with a fingerprint, of that credential's grant."""
         if self._ttl_s <= 0:
             return
-        now = time.monotonic()
         key = (record.provider, record.container_id)
-        self._records.pop(key, None)
-        self._records[key] = (record, now + self._ttl_s)
-        grant_left_s = (grant_expiry_ms - time.time_ns() // 1_000_000) / 1000
-        if fingerprint is not None and grant_left_s > 0:
+        current = self._records.get(key)
+        if current is None or current.record.fetched_at_ms <= record.fetched_at_ms:
+            self._records.pop(key, None)
+            self._records[key] = self._copy(record)
+        if fingerprint is not None and grant_expiry_ms > 0:
             grant_key = (record.provider, record.container_id, fingerprint)
             self._grants.pop(grant_key, None)
-            self._grants[grant_key] = (now + min(self._ttl_s, grant_left_s), grant_expiry_ms)
+            self._grants[grant_key] = grant_expiry_ms
         self._evict()
 
+    def update(self, record: Record) -> None:
+        """Replace the copy of a record another process rewrote (if this one keeps a copy)."""
+        key = (record.provider, record.container_id)
+        current = self._records.get(key)
+        if current is not None and current.record.fetched_at_ms <= record.fetched_at_ms:
+            self._records[key] = self._copy(record)
+
+    def _copy(self, record: Record) -> Copy:
+        # Copies made together (a warm-up, a burst of refreshes) must not all lapse together.
+        keep_s = self._ttl_s * random.uniform(0.9, 1.0)
+        return Copy(record, self._policy.fresh_until_ms(record), time.monotonic() + keep_s)
+
     def drop(self, provider: str, container_id: str) -> None:
-        """Forget a container (it changed elsewhere); its grants lapse with their TTL."""
+        """Forget a container (deleted or purged elsewhere); its grants lapse with their TTL."""
         self._records.pop((provider, container_id), None)
 
     def revoke(self, provider: str, container_id: str, fingerprint: str) -> None:
@@ -68,7 +103,7 @@ class LocalCache:
         self._grants.pop((provider, container_id, fingerprint), None)
 
     def clear(self) -> None:
-        """Forget everything (e.g. the announcement channel was lost)."""
+        """Forget everything (e.g. announcements were missed)."""
         self._records.clear()
         self._grants.clear()
 

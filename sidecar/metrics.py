@@ -1,124 +1,329 @@
-"""Prometheus metrics of one process (a sidecar or a worker), in a registry of its own.
+"""Prometheus metrics of one process (a sidecar or a worker), counted in plain integers.
 
-Every process serves its own ``/metrics``; sum counters across pods in queries. Gauges that
-describe shared state (``sidecar_refresh_backlog``) are exported by every worker: use ``max``.
+The hot path pays an attribute increment per event: counters and histograms here are plain
+Python numbers, turned into Prometheus families only when ``/metrics`` is scraped (same names,
+labels and values as prometheus-client's own types would export). Every label child that can
+exist is created at start-up, at 0, so that the first event of a rare kind (a 429, a failed
+refresh) shows in ``rate()`` and ``increase()``. Label values come only from closed sets: a
+provider outside the configured ones is counted as ``other``, whatever a client sends.
+
+Every process serves its own ``/metrics`` (the server processes of one pod merge theirs: see
+``sidecar.serve``); sum counters across pods in queries. Gauges that describe shared state
+(``sidecar_refresh_backlog``) are exported by every worker: use ``max``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import bisect
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from sidecar import __version__
 
-__all__ = ["CONTENT_TYPE", "Metrics", "counter", "gauge", "status_class"]
+__all__ = [
+    "CALLERS",
+    "CONTENT_TYPE",
+    "OUTCOMES",
+    "REFRESH_EVENTS",
+    "STATUS_CLASSES",
+    "Metrics",
+    "counter",
+    "gauge",
+    "status_class",
+]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
                     2.5, 5, 10)  # fmt: skip
 _AGE_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
 
+#: The closed label sets.
+OUTCOMES = ("hit", "stale", "stale_if_error", "negative", "miss", "bypass", "error")
+STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx", "error")
+CALLERS = ("sidecar", "worker")
+REFRESH_EVENTS = ("enqueued", "deduplicated", "succeeded", "failed", "retried", "skipped")
+COLLAPSE_SCOPES = ("process", "replica")
+OTHER_PROVIDER = "other"
+
 
 def status_class(status: int | None) -> str:
     """``2xx``..``5xx`` for an HTTP status; ``error`` when there was none."""
-    return f"{status // 100}xx" if status else "error"
+    if not status or not 200 <= status < 600:
+        return "error"
+    return STATUS_CLASSES[status // 100 - 2]
+
+
+class CounterChild:
+    """One labelled counter."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        """Add ``amount``."""
+        self.value += amount
+
+
+class HistogramChild:
+    """One labelled histogram: a count per bucket (not cumulative), the sum and the count."""
+
+    __slots__ = ("_bounds", "buckets", "count", "sum")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self._bounds = bounds
+        self.buckets = [0] * (len(bounds) + 1)
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        """Count one observation."""
+        self.buckets[bisect.bisect_left(self._bounds, value)] += 1
+        self.count += 1
+        self.sum += value
+
+
+class Family:
+    """A counter or histogram with fixed label names; children created up front."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labels: Sequence[str] = (),
+        buckets: Sequence[float] | None = None,
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.label_names = tuple(labels)
+        self.bounds = tuple(buckets) if buckets is not None else None
+        self.children: dict[tuple[str, ...], Any] = {}
+        if not labels:
+            self.labels()
+
+    def labels(self, *values: str) -> Any:
+        """The child for these label values (created if new: callers pass closed sets only)."""
+        child = self.children.get(values)
+        if child is None:
+            child = CounterChild() if self.bounds is None else HistogramChild(self.bounds)
+            self.children[values] = child
+        return child
+
+    def create(self, *value_sets: Iterable[str]) -> None:
+        """Create every child of the cross product of ``value_sets``, at 0."""
+        for values in itertools.product(*value_sets):
+            self.labels(*values)
+
+    def inc(self, amount: float = 1.0) -> None:
+        """Increment an unlabelled counter."""
+        self.labels().inc(amount)
+
+    def observe(self, value: float) -> None:
+        """Observe into an unlabelled histogram."""
+        self.labels().observe(value)
+
+    def snapshot(self) -> dict[tuple[str, ...], Any]:
+        """The values as plain data (what another process merges)."""
+        if self.bounds is None:
+            return {k: c.value for k, c in self.children.items()}
+        return {k: (list(c.buckets), c.count, c.sum) for k, c in self.children.items()}
+
+    def family(self, values: dict[tuple[str, ...], Any]) -> Metric:
+        """The Prometheus family of ``values`` (a snapshot, possibly merged)."""
+        name = self.name.removesuffix("_total")
+        if self.bounds is None:
+            counters = CounterMetricFamily(name, self.documentation, labels=self.label_names)
+            for key, value in values.items():
+                counters.add_metric(list(key), value)
+            return counters
+        histogram = HistogramMetricFamily(name, self.documentation, labels=self.label_names)
+        for key, (buckets, _count, total) in values.items():
+            cumulative = list(itertools.accumulate(buckets))
+            edges = [*(_le(bound) for bound in self.bounds), "+Inf"]
+            histogram.add_metric(list(key), list(zip(edges, cumulative, strict=True)), total)
+        return histogram
+
+
+def _le(bound: float) -> str:
+    return str(float(bound))
+
+
+def merge(snapshots: Iterable[dict[str, dict[tuple[str, ...], Any]]]) -> dict[str, Any]:
+    """Add up the snapshots of several processes."""
+    total: dict[str, dict[tuple[str, ...], Any]] = {}
+    for snapshot in snapshots:
+        for name, values in snapshot.items():
+            into = total.setdefault(name, {})
+            for key, value in values.items():
+                key = tuple(key)
+                if key not in into:
+                    into[key] = value if not isinstance(value, (list, tuple)) else _copy(value)
+                elif isinstance(value, (list, tuple)):
+                    buckets, count, total_sum = into[key]
+                    into[key] = (
+                        [a + b for a, b in zip(buckets, value[0], strict=True)],
+                        count + value[1],
+                        total_sum + value[2],
+                    )
+                else:
+                    into[key] += value
+    return total
+
+
+def _copy(value: Sequence[Any]) -> tuple[list[int], int, float]:
+    return list(value[0]), int(value[1]), float(value[2])
 
 
 class Metrics:
-    """The metrics one process exports."""
+    """The metrics one process exports.
 
-    def __init__(self, component: str) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        Gauge("sidecar_build_info", "Version of the running code", ["version", "component"],
-              registry=r).labels(__version__, component).set(1)  # fmt: skip
-        self.requests = Counter(
+    ``providers`` are the label values of provider-labelled metrics (anything else is
+    ``other``); ``routes`` are the retrieval routes whose answers this process counts.
+    """
+
+    def __init__(
+        self,
+        component: str,
+        providers: Iterable[str] = ("openai",),
+        routes: Iterable[str] = (),
+    ) -> None:
+        self.component = component
+        self.providers = frozenset(providers)
+        provider_labels = (*sorted(self.providers), OTHER_PROVIDER)
+        self.requests = Family(
             "sidecar_requests_total",
             "Requests answered, by route and outcome "
             "(hit, stale, stale_if_error, negative, miss, bypass, error)",
             ["route", "outcome"],
-            registry=r,
         )
-        self.request_seconds = Histogram(
+        self.request_seconds = Family(
             "sidecar_request_duration_seconds",
             "Time to answer a request, by route and outcome",
             ["route", "outcome"],
             buckets=_LATENCY_BUCKETS,
-            registry=r,
         )
-        self.served_age = Histogram(
+        self.served_age = Family(
             "sidecar_served_data_age_seconds",
             "Age of the data in answers served from the cache",
             buckets=_AGE_BUCKETS,
-            registry=r,
         )
-        self.upstream = Counter(
+        self.upstream = Family(
             "sidecar_upstream_requests_total",
             "Calls to the upstream, by provider, status class and caller (sidecar or worker)",
             ["provider", "status_class", "caller"],
-            registry=r,
         )
-        self.upstream_seconds = Histogram(
+        self.upstream_seconds = Family(
             "sidecar_upstream_request_duration_seconds",
             "Duration of upstream calls",
             ["provider", "caller"],
             buckets=_LATENCY_BUCKETS,
-            registry=r,
         )
-        self.throttled = Counter(
+        self.throttled = Family(
             "sidecar_upstream_throttled_total",
             "429 answers from the upstream, each starting a back-off for the provider",
             ["provider"],
-            registry=r,
         )
-        self.collapsed = Counter(
+        self.collapsed = Family(
             "sidecar_collapsed_requests_total",
             "Requests that waited for a fetch another request started "
             "(scope: process = same process, replica = another replica via the Redis lock)",
             ["scope"],
-            registry=r,
         )
-        self.refresh_jobs = Counter(
+        self.refresh_jobs = Family(
             "sidecar_refresh_jobs_total",
             "Refresh jobs: enqueued, deduplicated, succeeded, failed, retried, skipped",
             ["event"],
-            registry=r,
         )
-        self._answers: dict[tuple[str, str], tuple[Any, Any]] = {}
-        self.redis_errors = Counter(
-            "sidecar_redis_errors_total", "Redis commands that failed", registry=r
-        )
+        self.redis_errors = Family("sidecar_redis_errors_total", "Redis commands that failed")
+        self.families = (
+            self.requests, self.request_seconds, self.served_age, self.upstream,
+            self.upstream_seconds, self.throttled, self.collapsed, self.refresh_jobs,
+            self.redis_errors,
+        )  # fmt: skip
+        self.upstream.create(provider_labels, STATUS_CLASSES, CALLERS)
+        self.upstream_seconds.create(provider_labels, CALLERS)
+        self.throttled.create(provider_labels)
+        self.collapsed.create(COLLAPSE_SCOPES)
+        self.refresh_jobs.create(REFRESH_EVENTS)
+        self._answers: dict[tuple[str, str], tuple[CounterChild, HistogramChild]] = {}
+        for route in routes:
+            self.route(route, OUTCOMES)
+        self._watchers: list[Callable[[], Iterable[Metric]]] = []
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_Export(self))
+        self._others: Sequence[dict[str, Any]] = ()
+
+    def provider(self, name: str) -> str:
+        """The label value of a provider: its name if configured, else ``other``."""
+        return name if name in self.providers else OTHER_PROVIDER
+
+    def route(self, route: str, outcomes: Iterable[str]) -> None:
+        """Create the children of a route's answers (at start-up: the first answer counts)."""
+        for outcome in outcomes:
+            self._answers[(route, outcome)] = (
+                self.requests.labels(route, outcome),
+                self.request_seconds.labels(route, outcome),
+            )
 
     def answered(self, route: str, outcome: str, seconds: float) -> None:
-        """Count one answer (the labelled children are looked up once, off the hot path)."""
+        """Count one answer."""
         children = self._answers.get((route, outcome))
         if children is None:
-            children = (self.requests.labels(route, outcome),
-                        self.request_seconds.labels(route, outcome))  # fmt: skip
-            self._answers[(route, outcome)] = children
-        children[0].inc()
+            self.route(route, (outcome,))
+            children = self._answers[(route, outcome)]
+        children[0].value += 1
         children[1].observe(seconds)
 
     def watch(self, collect: Callable[[], Iterable[Metric]]) -> None:
         """Export values computed at scrape time (Redis state, back-offs, queue length)."""
-        self.registry.register(_Callback(collect))
+        self._watchers.append(collect)
 
-    def render(self) -> bytes:
-        """The text exposition of every metric."""
-        return generate_latest(self.registry)
+    def snapshot(self) -> dict[str, dict[tuple[str, ...], Any]]:
+        """Every counter and histogram of this process as plain data."""
+        return {family.name: family.snapshot() for family in self.families}
+
+    def collect(self) -> Iterator[Metric]:
+        """The families, merged with the other processes' if any, then the watched gauges
+        (this process's own view)."""
+        info = GaugeMetricFamily(
+            "sidecar_build_info", "Version of the running code", labels=["version", "component"]
+        )
+        info.add_metric([__version__, self.component], 1)
+        yield info
+        snapshots = [self.snapshot(), *self._others]
+        merged = merge(snapshots) if len(snapshots) > 1 else snapshots[0]
+        for family in self.families:
+            yield family.family(merged.get(family.name, {}))
+        for watcher in self._watchers:
+            yield from watcher()
+
+    def render(self, others: Sequence[dict[str, Any]] = ()) -> bytes:
+        """The text exposition of every metric, with ``others`` (the snapshots of the pod's
+        other server processes) added to this process's counters and histograms."""
+        self._others = others
+        try:
+            return generate_latest(self.registry)
+        finally:
+            self._others = ()
 
 
-class _Callback(Collector):
-    def __init__(self, collect: Callable[[], Iterable[Metric]]) -> None:
-        self._collect = collect
+class _Export(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
 
     def collect(self) -> Iterable[Metric]:
-        return self._collect()
+        return self._metrics.collect()
 
 
 def gauge(

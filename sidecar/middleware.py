@@ -1,22 +1,46 @@
-"""The one place where errors become answers in the gateway's ``BifrostError`` shape."""
+"""The one place where errors become answers in the gateway's ``BifrostError`` shape, and where
+answers are counted (retrievals count themselves: ``count_answer``)."""
 
 from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from sidecar.errors import MethodNotAllowed, RouteNotFound, SidecarError, UpstreamReplyError
+from sidecar.errors import (
+    MethodNotAllowed,
+    NotCached,
+    RequestError,
+    RouteNotFound,
+    SidecarError,
+    UpstreamFailure,
+    UpstreamReplyError,
+)
 from sidecar.state import SERVICES
 from sidecar.wire import error_body
 
-__all__ = ["OUTCOME", "ROUTE_GROUP", "answer_middleware", "error_response"]
+if TYPE_CHECKING:
+    from sidecar.controls import Rules
+    from sidecar.outcomes import Outcome
+    from sidecar.state import Services
 
-#: Where a handler leaves what happened, for ``observe_middleware`` (a retrieval's Outcome and
-#: Rules, or a metrics outcome word).
+__all__ = [
+    "COUNTED",
+    "OUTCOME",
+    "ROUTE_GROUP",
+    "answer_middleware",
+    "count_answer",
+    "error_response",
+]
+
+#: What a handler leaves on its response for the access log: a retrieval's (Outcome, Rules),
+#: or a metrics outcome word.
 OUTCOME: web.ResponseKey[object] = web.ResponseKey("outcome", object)
+#: Set by handlers that counted their own answer.
+COUNTED: web.ResponseKey[bool] = web.ResponseKey("counted", bool)
 _KINDS = {"hit": "hit", "stale": "stale", "stale-if-error": "stale_if_error",
           "negative": "negative", "miss": "miss"}  # fmt: skip
 _STAT_NAMES = {label: f"answers.{label}" for label in (*_KINDS.values(), "bypass", "error")}
@@ -49,20 +73,20 @@ def _provider(request: web.Request) -> str:
 @web.middleware
 async def answer_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every answer: errors in the gateway's shape (never a stack trace), then counted by
-    route and outcome with its duration. One middleware: each layer costs on the hit path."""
+    route and outcome with its duration, unless the handler counted it."""
     started = time.perf_counter()
     try:
         response = await handler(request)
     except Exception as exc:
         response = _error_answer(request, exc)
-    _observe(request, response, started)
+    if COUNTED not in response:
+        _observe(request, response, started)
     return response
 
 
 def _error_answer(request: web.Request, exc: Exception) -> web.StreamResponse:
     if isinstance(exc, SidecarError):
-        if exc.status >= 500:
-            log.warning("%s %s: %s", request.method, request.path, exc.message)
+        _log_error(request, exc)
         return error_response(exc, _provider(request))
     if isinstance(exc, web.HTTPException) and exc.status in (404, 405):
         route = f"{request.method} {request.path[:200]}"
@@ -78,6 +102,33 @@ def _error_answer(request: web.Request, exc: Exception) -> web.StreamResponse:
     return error_response(SidecarError("internal error in the sidecar"), _provider(request))
 
 
+def _log_error(request: web.Request, exc: SidecarError) -> None:
+    """Levels that mean something: our upstream call failing is a warning; the upstream's own
+    answers, the caller's mistakes and ``only-if-cached`` misses are normal answers."""
+    if isinstance(exc, UpstreamFailure):
+        log.warning("%s %s: %s", request.method, request.path[:200], exc.message)
+    elif isinstance(exc, (RequestError, NotCached)):
+        log.debug("%s %s: %d %s", request.method, request.path[:200], exc.status, exc.message)
+    elif isinstance(exc, UpstreamReplyError) and exc.status >= 500:
+        log.info("%s %s: the upstream answered %d", request.method, request.path[:200], exc.status)
+
+
+def count_answer(
+    services: Services, route: str, outcome: Outcome, rules: Rules, seconds: float
+) -> None:
+    """Count one retrieval answer (metrics and the fleet's stats)."""
+    label = _KINDS[outcome.kind]
+    if label == "miss" and (rules.no_cache or rules.no_store):
+        label = "bypass"
+    metrics = services.metrics
+    if outcome.kind != "miss" and outcome.freshness is not None:
+        metrics.served_age.observe(outcome.freshness.age_s)
+    if outcome.collapsed:
+        metrics.collapsed.labels(outcome.collapsed).inc()
+    metrics.answered(route, label, seconds)
+    services.stats.add(_STAT_NAMES[label])
+
+
 def _observe(request: web.Request, response: web.StreamResponse, started: float) -> None:
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
@@ -85,18 +136,7 @@ def _observe(request: web.Request, response: web.StreamResponse, started: float)
         return
     route = request.get(ROUTE_GROUP, route)
     services = request.app[SERVICES]
-    metrics = services.metrics
     seen = response.get(OUTCOME)
-    if isinstance(seen, tuple):
-        outcome, rules = seen
-        label = _KINDS[outcome.kind]
-        if label == "miss" and (rules.no_cache or rules.no_store):
-            label = "bypass"
-        if outcome.from_cache and outcome.freshness is not None:
-            metrics.served_age.observe(outcome.freshness.age_s)
-        if outcome.collapsed:
-            metrics.collapsed.labels(outcome.collapsed).inc()
-    else:
-        label = seen if isinstance(seen, str) else ("error" if response.status >= 400 else "bypass")
-    metrics.answered(route, label, time.perf_counter() - started)
+    label = seen if isinstance(seen, str) else ("error" if response.status >= 400 else "bypass")
+    services.metrics.answered(route, label, time.perf_counter() - started)
     services.stats.add(_STAT_NAMES.get(label) or f"answers.{label}")

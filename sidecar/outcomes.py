@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 
@@ -21,6 +21,13 @@ class Query(msgspec.Struct, frozen=True, gc=False):
     container_id: str
     credential: Credential
     rules: Rules = Rules()
+    passed: tuple[tuple[str, str], ...] = ()
+    """Headers passed to the upstream beside the credential (trace context, gateway options)."""
+
+    @property
+    def headers(self) -> tuple[tuple[str, str], ...]:
+        """Everything this request sends upstream: its credential and the passed headers."""
+        return self.credential.headers + self.passed if self.passed else self.credential.headers
 
 
 class Outcome(msgspec.Struct, frozen=True, gc=False):
@@ -40,6 +47,8 @@ class Outcome(msgspec.Struct, frozen=True, gc=False):
     another ``replica`` (through the Redis lock); empty when it did not wait."""
     stored: bool = False
     """The upstream's answer was written to the cache."""
+    copy: Any = None
+    """The process's own copy the answer came from (a ``local.Copy``), if any."""
 
     @property
     def from_cache(self) -> bool:

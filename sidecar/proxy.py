@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import time
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import msgspec
 from aiohttp import web
+from multidict import CIMultiDict
 
+from sidecar.credentials import Credential, identity_header
 from sidecar.errors import UpstreamTimeout, UpstreamUnavailable
 from sidecar.middleware import OUTCOME, ROUTE_GROUP
 from sidecar.settings import upstream_base
@@ -31,15 +34,32 @@ _DROP = frozenset({
 _SEEDING = {("GET", ""), ("POST", "")}  # list and create: small JSON bodies, read whole
 
 
-def _forward_headers(headers: Any) -> dict[str, str]:
-    return {k: v for k, v in headers.items() if k.lower() not in _DROP}
+def _relayed_headers(headers: Any) -> CIMultiDict[str]:
+    """An upstream answer's headers, less hop-by-hop ones."""
+    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in _DROP)
+
+
+def _forward_headers(headers: Any, credential: Credential, kind: str) -> CIMultiDict[str]:
+    """The caller's headers, less hop-by-hop ones, with its identity exactly as read: the
+    upstream authenticates with what the cache keyed the answer by, nothing else."""
+    forwarded = CIMultiDict(
+        (k, v)
+        for k, v in headers.items()
+        if (name := k.lower()) not in _DROP and not identity_header(kind, name)
+    )
+    forwarded.extend(credential.headers)
+    return forwarded
 
 
 def _target(request: web.Request, prefix: str, rest: str, kind: str) -> str:
-    """The upstream URL: the same route on a gateway, ``/v1/...`` on an OpenAI-style API."""
-    path = f"{prefix}/containers{rest}" if kind == "bifrost" else f"/v1/containers{rest}"
-    query = f"?{request.query_string}" if request.query_string else ""
-    return f"{path}{query}"
+    """The upstream URL: the same route on a gateway, ``/v1/...`` on an OpenAI-style API
+    (without ``provider``, a parameter of the gateway's only)."""
+    if kind == "bifrost":
+        query = request.query_string
+        return f"{prefix}/containers{rest}" + (f"?{query}" if query else "")
+    params = [(k, v) for k, v in request.query.items() if k != "provider"]
+    query = "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in params)
+    return f"/v1/containers{rest}" + (f"?{query}" if query else "")
 
 
 async def forward(request: web.Request, prefix: str) -> web.StreamResponse:
@@ -47,6 +67,7 @@ async def forward(request: web.Request, prefix: str) -> web.StreamResponse:
     request[ROUTE_GROUP] = "passthrough"
     services = request.app[SERVICES]
     settings = services.settings
+    credential = services.credentials.read(request.headers.items())
     info = request.match_info
     rest = ""
     if "container_id" in info:
@@ -57,7 +78,7 @@ async def forward(request: web.Request, prefix: str) -> web.StreamResponse:
     url = upstream_base(settings) + _target(request, prefix, rest, settings.upstream_kind)
     provider = request.query.get("provider", "openai")[:64]
     data = request.content.iter_chunked(65536) if request.body_exists else None
-    headers = _forward_headers(request.headers)
+    headers = _forward_headers(request.headers, credential, settings.upstream_kind)
     if request.content_length is not None:
         headers["Content-Length"] = str(request.content_length)
     started = time.perf_counter()
@@ -72,22 +93,24 @@ async def forward(request: web.Request, prefix: str) -> web.StreamResponse:
             if (request.method, rest) in _SEEDING:
                 body = await upstream.read()
                 response = web.Response(
-                    body=body, status=status, headers=_forward_headers(upstream.headers)
+                    body=body, status=status, headers=_relayed_headers(upstream.headers)
                 )
                 if status == 200:
-                    await _seed(request, provider, body, listed=request.method == "GET")
+                    await _seed(request, provider, credential, body, listed=request.method == "GET")
             else:
                 response = web.StreamResponse(
-                    status=status, headers=_forward_headers(upstream.headers)
+                    status=status, headers=_relayed_headers(upstream.headers)
                 )
                 await response.prepare(request)
                 async for chunk in upstream.content.iter_chunked(65536):
                     await response.write(chunk)
                 await response.write_eof()
     except TimeoutError as exc:
-        raise UpstreamTimeout(f"upstream did not answer in time ({request.path})") from exc
+        raise UpstreamTimeout(
+            f"the upstream did not answer within {settings.upstream_timeout_s:g}s"
+        ) from exc
     except aiohttp.ClientError as exc:
-        raise UpstreamUnavailable(f"upstream unreachable: {type(exc).__name__}") from exc
+        raise UpstreamUnavailable(f"the upstream is unreachable ({type(exc).__name__})") from exc
     finally:
         services.upstream.observe(provider, status, time.perf_counter() - started)
     if request.method == "DELETE" and "file_id" not in info and 200 <= status < 300:
@@ -96,10 +119,11 @@ async def forward(request: web.Request, prefix: str) -> web.StreamResponse:
     return response
 
 
-async def _seed(request: web.Request, provider: str, body: bytes, *, listed: bool) -> None:
+async def _seed(
+    request: web.Request, provider: str, credential: Credential, body: bytes, *, listed: bool
+) -> None:
     services = request.app[SERVICES]
-    credential = services.credentials.read(request.headers)
-    if credential is None or provider not in services.settings.container_providers:
+    if provider not in services.settings.container_providers:
         return
     try:
         document = msgspec.json.decode(body)

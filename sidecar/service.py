@@ -4,6 +4,10 @@ A record is shared by every credential, but served to a credential only while it
 proof, kept for ``grant_ttl_s``, that the upstream answered that credential for that container.
 A caller without one goes upstream (coalesced per credential in-process, and across replicas by
 a Redis lock that lapses after ``lock_age_s``), which proves access and refreshes the record.
+
+While the upstream fails for a container, nobody calls it again for that container until its
+back-off ends (a marker in Redis shared by every replica and worker, and a memo in this process
+for when Redis is away): callers get the stale-if-error copy, or the same error.
 """
 
 from __future__ import annotations
@@ -33,20 +37,20 @@ from sidecar.policy import Policy, State
 from sidecar.reads import ReadTracker
 from sidecar.records import Record
 from sidecar.settings import Settings
-from sidecar.store import CacheStore, Lookup
-from sidecar.throttle import Throttle
+from sidecar.store import CacheStore, Failure, Lookup, now_ms
+from sidecar.throttle import Throttle, retry_after_ms
 from sidecar.upstream import Upstream, UpstreamReply
-from sidecar.wire import normalize_container
+from sidecar.wire import default_extra, error_body, normalize_container
 
 __all__ = ["ContainerService", "now_ms"]
 
 _REFUSALS = (401, 403, 404)
 FlightKey = tuple[str, str, str, bool]
-
-
-def now_ms() -> int:
-    """Wall-clock unix milliseconds (records are shared across machines)."""
-    return time.time_ns() // 1_000_000
+#: Background enqueues in flight at most (a hung queue must not pile them up) and how long each
+#: may take.
+_MAX_BACKGROUND = 1_000
+_ENQUEUE_TIMEOUT_S = 1.0
+_MAX_FAILURES = 10_000
 
 
 class ContainerService:
@@ -66,7 +70,9 @@ class ContainerService:
         self.upstream = upstream
         self.policy = Policy(settings)
         self.refresher = refresher
-        self.local = local or LocalCache(settings.local_ttl_s, settings.local_max_entries)
+        self.local = local or LocalCache(
+            self.policy, settings.local_ttl_s, settings.local_max_entries
+        )
         self.reads = reads
         self.throttle = Throttle(store, settings.retry_after_default_s)
         self._settings = settings
@@ -76,6 +82,10 @@ class ContainerService:
         # Renewing a grant early wastes what is left of the record's freshness: at most this.
         window_s = max(settings.fresh_ttl_s / 5, settings.refresh_lead_s * 2)
         self._renew_ms = int(min(settings.fresh_ttl_s / 2, window_s) * 1000)
+        self._backoff_ms = int(settings.error_backoff_s * 1000)
+        self._backoff_max_ms = int(settings.error_backoff_max_s * 1000)
+        self._failures: dict[tuple[str, str], Failure] = {}
+        """This process's memo of failing containers (for when Redis cannot say)."""
         self._flights: SingleFlight[FlightKey, Outcome] = SingleFlight()
         self._background = BackgroundTasks()
 
@@ -90,13 +100,14 @@ class ContainerService:
         fingerprint = query.credential.fingerprint
         if self.reads is not None:
             self.reads.note(provider, cid)
-        if not rules.no_cache and (copy := self.local.get(provider, cid, fingerprint)):
-            record, grant_expiry_ms = copy
-            now = now_ms()
-            freshness = self.policy.assess(record, now)
-            if freshness.state is State.FRESH and rules.admits(freshness):
-                self._renew_early(query, record, grant_expiry_ms, now)
-                return Outcome("hit", record, cache_id_for(provider, cid), freshness)
+        now = now_ms()
+        if not rules.no_cache and (got := self.local.get(provider, cid, fingerprint, now)):
+            copy, grant_expiry_ms = got
+            freshness = self.policy.assess(copy.record, now)
+            if rules.admits(freshness):
+                self._renew_early(query, copy.record, grant_expiry_ms, now)
+                return Outcome("hit", copy.record, cache_id_for(provider, cid), freshness,
+                               copy=copy)  # fmt: skip
         try:
             found = await self.store.lookup(provider, cid, fingerprint)
         except StoreUnavailable:
@@ -108,6 +119,8 @@ class ContainerService:
         if rules.only_if_cached:
             raise NotCached("only-if-cached: nothing usable is cached for this request")
         stale = found.record if found.granted else None
+        if served := self._shield(query, stale, found.failure):
+            return served
         if rules.no_cache:
             forward = "request"
         elif found.record is None:
@@ -115,8 +128,26 @@ class ContainerService:
         else:
             forward = "stale" if found.granted else "vary-miss"
         key = (provider, cid, fingerprint, rules.no_store)
-        outcome, joined = await self._flights.run(key, lambda: self._fetch(query, stale, forward))
+        outcome, joined = await self._flights.run(
+            key, lambda: self._fetch(query, stale, forward, found.record)
+        )
         return msgspec.structs.replace(outcome, collapsed="process") if joined else outcome
+
+    def _shield(
+        self, query: Query, stale: Record | None, failure: Failure | None
+    ) -> Outcome | None:
+        """While the upstream's back-off for this container runs, answer without calling it:
+        the stale-if-error copy, or (raised) the error it last gave. None: go ahead."""
+        key = (query.provider, query.container_id)
+        local = self._failures.get(key)
+        if local is not None and (failure is None or local.until_ms > failure.until_ms):
+            failure = local
+        if failure is None or failure.left_ms <= 0:
+            return None
+        if served := self._stale_if_error(query, stale, failure.status):
+            return served
+        retry_after = str(max(1, -(-failure.left_ms // 1000)))
+        raise UpstreamReplyError(failure.status, failure.body, retry_after=retry_after)
 
     async def _from_cache(self, query: Query, found: Lookup) -> Outcome | None:
         """What the cache can answer without the upstream, if anything."""
@@ -139,10 +170,10 @@ class ContainerService:
         if await self.throttle.active(query.provider):
             return stale  # rate limited: nobody refreshes from this provider until Retry-After
         in_window = freshness.state is State.STALE
-        if self._can_refresh(query.provider) and (in_window or rules.max_stale_s is not None):
+        can_refresh = self._can_refresh(query.provider) and not record.inline_refresh
+        if can_refresh and (in_window or rules.max_stale_s is not None):
             due_ms = self.policy.fresh_until_ms(record)
-            enqueue = self.refresher.enqueue_refresh(query.provider, query.container_id, due_ms)  # type: ignore[union-attr]
-            self._background.spawn(enqueue)
+            self._enqueue(query.provider, query.container_id, due_ms)
             return stale
         if rules.max_stale_s is not None or (rules.only_if_cached and in_window):
             return stale  # the caller accepts it; it revalidates inline when it must
@@ -166,22 +197,31 @@ class ContainerService:
 
     async def _renew(self, query: Query, record: Record, key: FlightKey) -> None:
         with contextlib.suppress(SidecarError):
-            await self._flights.run(key, lambda: self._fetch(query, record, "stale"))
+            if self._shield(query, record, None) is None:
+                await self._flights.run(key, lambda: self._fetch(query, record, "stale", record))
 
     def _can_refresh(self, provider: str) -> bool:
         return self.refresher is not None and self._settings.service_key_for(provider) is not None
 
-    async def _fetch(self, query: Query, stale: Record | None, forward: str) -> Outcome:
+    def _enqueue(self, provider: str, container_id: str, due_ms: int) -> None:
+        """Ask for a background refresh, without waiting; a slow queue only loses refreshes."""
+        if len(self._background) >= _MAX_BACKGROUND or self.refresher is None:
+            return
+        enqueue = self.refresher.enqueue_refresh(provider, container_id, due_ms)
+        self._background.spawn(asyncio.wait_for(enqueue, _ENQUEUE_TIMEOUT_S))
+
+    async def _fetch(
+        self, query: Query, stale: Record | None, forward: str, previous: Record | None
+    ) -> Outcome:
         """Fetch upstream once for this credential, unless another replica just did."""
         token = secrets.token_hex(8)
-        locked = await self._lock(query, token, now_ms())
+        locked = await self._lock(query, token, now_ms(), stale)
         if isinstance(locked, Outcome):
             return locked
         try:
-            reply = await self.upstream.retrieve(
-                query.provider, query.container_id, query.credential.headers
-            )
-        except UpstreamFailure:
+            reply = await self.upstream.retrieve(query.provider, query.container_id, query.headers)
+        except UpstreamFailure as exc:
+            await self._failed(query, exc.status, error_body(exc, query.provider))
             if served := self._stale_if_error(query, stale, None):
                 return served
             raise
@@ -192,10 +232,39 @@ class ContainerService:
                         query.provider, query.container_id, query.credential.fingerprint, token
                     )
                 )
-        return await self._absorb(query, reply, stale, forward)
+        return await self._absorb(query, reply, stale, forward, previous)
 
-    async def _lock(self, query: Query, token: str, started: int) -> bool | Outcome:
-        """Take the fetch lock; while another replica holds it, wait for its answer instead."""
+    async def _failed(
+        self, query: Query, status: int, body: bytes, retry_after: str | None = None
+    ) -> None:
+        """Start (or lengthen) the container's back-off after an upstream failure."""
+        provider, cid = query.provider, query.container_id
+        floor_ms = retry_after_ms(retry_after, 0) if retry_after else 0
+        try:
+            backoff_ms = await self.store.upstream_failed(
+                provider, cid, status, body, base_ms=max(self._backoff_ms, floor_ms),
+                cap_ms=max(self._backoff_max_ms, floor_ms),
+                keep_ms=int(self._settings.stale_if_error_s * 1000),
+            )  # fmt: skip
+        except StoreUnavailable:
+            previous = self._failures.get((provider, cid))
+            count = previous.failures + 1 if previous is not None else 1
+            backoff_ms = min(self._backoff_max_ms, self._backoff_ms * 2 ** (count - 1))
+            backoff_ms = max(backoff_ms, floor_ms)
+        else:
+            count = 1
+        if len(self._failures) >= _MAX_FAILURES:
+            now = now_ms()
+            self._failures = {k: f for k, f in self._failures.items() if f.until_ms > now}
+            while len(self._failures) >= _MAX_FAILURES:
+                del self._failures[next(iter(self._failures))]
+        self._failures[(provider, cid)] = Failure(status, body, now_ms() + backoff_ms, count)
+
+    async def _lock(
+        self, query: Query, token: str, started: int, stale: Record | None
+    ) -> bool | Outcome:
+        """Take the fetch lock; while another replica holds it, wait for its answer instead
+        (or for the failure it met)."""
         provider, cid = query.provider, query.container_id
         fingerprint = query.credential.fingerprint
         lock_ms = int(self._settings.lock_age_s * 1000)
@@ -212,19 +281,29 @@ class ContainerService:
                 found = await self.store.lookup(provider, cid, fingerprint)
             except StoreUnavailable:
                 return False
+            if found.failure is not None and (served := self._shield(query, stale, found.failure)):
+                return served  # the holder met a failure: its back-off holds for us too
             fresh = [r for r in (found.record, found.negative) if r and r.fetched_at_ms >= started]
             if fresh and (served := await self._from_cache(query, found)):
                 return msgspec.structs.replace(served, collapsed="replica")
 
     async def _absorb(
-        self, query: Query, reply: UpstreamReply, stale: Record | None, forward: str
+        self,
+        query: Query,
+        reply: UpstreamReply,
+        stale: Record | None,
+        forward: str,
+        previous: Record | None,
     ) -> Outcome:
         """Store what the upstream answered and turn it into an outcome (or raise its error)."""
         provider, cid = query.provider, query.container_id
         fingerprint, no_store = query.credential.fingerprint, query.rules.no_store
         cache_id = cache_id_for(provider, cid)
         if reply.status == 200:
+            self._failures.pop((provider, cid), None)
             record = reply.record(provider, cid, now_ms())
+            if previous is not None and previous.inline_refresh:
+                record = msgspec.structs.replace(record, inline_refresh=True)
             stored = not no_store and await self._quietly(
                 self.store.save(record, self.policy, fingerprint=fingerprint,
                                 grant_ms=self._grant_ms, read=self.reads is not None)
@@ -245,10 +324,10 @@ class ContainerService:
                            stored=stored)  # fmt: skip
         if reply.status == 429:
             await self.throttle.obey(provider, reply.retry_after)
-        if (reply.status >= 500 or reply.status == 429) and (
-            served := self._stale_if_error(query, stale, reply.status)
-        ):
-            return served
+        if reply.status >= 500 or reply.status == 429:
+            await self._failed(query, reply.status, reply.body, reply.retry_after)
+            if served := self._stale_if_error(query, stale, reply.status):
+                return served
         raise UpstreamReplyError(reply.status, reply.body, retry_after=reply.retry_after)
 
     def _stale_if_error(
@@ -266,11 +345,15 @@ class ContainerService:
 
     async def seed(self, provider: str, credential: Credential, payload: object) -> None:
         """Cache a container the upstream just returned to this credential (list, create)."""
+        openai = self._settings.upstream_kind == "openai"
         try:
-            body, container = normalize_container(payload)
+            body, container = normalize_container(payload, keep_unknown=not openai)
         except UpstreamMalformed:
             return
-        reply = UpstreamReply(200, body, container)
+        extra = default_extra(provider)
+        if openai:
+            extra += b',"raw_response":' + msgspec.json.encode(payload)
+        reply = UpstreamReply(200, body, container, extra=extra)
         record = reply.record(provider, container.id, now_ms())
         fingerprint = credential.fingerprint
         await self._quietly(

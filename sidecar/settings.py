@@ -17,6 +17,7 @@ import msgspec
 __all__ = [
     "CONTAINER_PROVIDERS",
     "PROVIDERS",
+    "PROVIDER_NAME",
     "Secret",
     "Settings",
     "SettingsError",
@@ -83,6 +84,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """One log line per request with its status and duration."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Log level of the sidecar and the worker."""
+    log_format: Literal["text", "json"] = "text"
+    """``text``: one readable line per event; ``json``: one JSON object per line (for Loki,
+    Elasticsearch...)."""
+    serve_processes: Annotated[int, msgspec.Meta(ge=0, le=256)] = 0
+    """Server processes sharing the port (SO_REUSEPORT); 0: one per CPU the container may use."""
     shutdown_timeout_s: Seconds = 10.0
     """How long in-flight requests may take to finish after SIGTERM."""
 
@@ -98,7 +104,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     upstream_max_connections: Positive = 100
     """Size of the upstream connection pool."""
     container_providers: frozenset[str] = CONTAINER_PROVIDERS
-    """Providers whose containers API exists upstream (comma-separated); others get 400."""
+    """Providers whose containers API exists upstream, custom ones included (comma-separated).
+    Their answers are cached and refreshed and they get their own metric labels; with
+    ``upstream_kind=openai`` other providers get 400, with ``bifrost`` the gateway decides."""
 
     # -- cache
     redis_url: str = ""
@@ -121,6 +129,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """How long past freshness a container is still served at once while it is refreshed."""
     stale_if_error_s: NonNegSeconds = 300.0
     """How long past ``max_stale_s`` a container is served while the upstream fails."""
+    error_backoff_s: Seconds = 10.0
+    """After the upstream fails for a container (5xx, 429, timeout, unreachable), how long
+    nobody calls it again for that container: callers get the stale-if-error copy or the same
+    error meanwhile. Doubles with each failure in a row, up to ``error_backoff_max_s``."""
+    error_backoff_max_s: Seconds = 120.0
+    """The longest back-off after failures in a row."""
     negative_ttl_s: NonNegSeconds = 5.0
     """How long an upstream 404 is cached (0 disables negative caching)."""
     terminal_ttl_s: Seconds = 3600.0
@@ -129,10 +143,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """How long an upstream answer for a credential lets that credential read the cache."""
     freshness_threshold: Fraction = 0.0
     """Lowest freshness (``cache_debug.similarity``) served without revalidating."""
-    local_ttl_s: NonNegSeconds = 2.0
-    """How long a process keeps its own copy of a record and grant (0: always ask Redis)."""
+    local_ttl_s: NonNegSeconds = 60.0
+    """The longest a process serves its own copy of a record (0: no copies, always ask Redis).
+    A copy serves only while the record is fresh and the caller's grant lasts, and is replaced
+    or dropped as soon as another process announces a change."""
     local_max_entries: Positive = 10_000
-    """At most this many local copies per process (the oldest go first): about 1 KiB each."""
+    """At most this many local copies of records, and as many of grants, per process (the
+    oldest go first): about 1 KiB a record."""
     lock_age_s: Seconds = 5.0
     """How long a fetch may hold the cross-replica lock before another replica may fetch too."""
 
@@ -177,7 +194,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
 
 _FIELDS = {f.name: f for f in msgspec.structs.fields(Settings)}
-_PER_PROVIDER_KEY = re.compile(r"^SIDECAR_SERVICE_API_KEY_([A-Z0-9]+)$")
+_PER_PROVIDER_KEY = re.compile(r"^SIDECAR_SERVICE_API_KEY_([A-Z0-9_]+)$")
+#: What Kubernetes injects for a Service named ``sidecar...`` in the pod's namespace (service
+#: links): never ours, whatever the Service is called. ``SIDECAR_PORT=tcp://...`` (a Service
+#: named ``sidecar``) collides with a setting and is explained in ``_parse``.
+_SERVICE_LINK = re.compile(
+    r"^SIDECAR(_[A-Z0-9_]+)?_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT_\d+_(TCP|UDP|SCTP)"
+    r"(_PROTO|_PORT|_ADDR)?)$"
+)
+#: A provider name as the gateway may know it (its enum, or a custom provider's name).
+PROVIDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 def _env_name(field: str) -> str:
@@ -202,8 +228,15 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Set
         match = _PER_PROVIDER_KEY.match(name)
         if field in _FIELDS and field != "service_api_keys":
             raw[field] = _parse(field, value)
-        elif match and match.group(1).lower() in PROVIDERS:
-            service_keys[match.group(1).lower()] = value
+        elif match:
+            # SIDECAR_SERVICE_API_KEY_MY_OPENAI_EU is the key of provider my-openai-eu (or
+            # my_openai_eu): both spellings are kept; a provider looks up its own name.
+            suffix = match.group(1).lower()
+            service_keys[suffix] = service_keys[suffix.replace("_", "-")] = value
+        elif _SERVICE_LINK.match(name) or (
+            name.endswith("_PORT") and value.startswith(("tcp://", "udp://", "sctp://"))
+        ):
+            continue
         else:
             raise SettingsError(f"{name}: unknown setting (see README, 'Configuration')")
     for key in ("key_secret", "service_api_key", "admin_token"):
@@ -224,8 +257,14 @@ _BOOLEANS = {"1": True, "true": True, "yes": True, "on": True,
 
 
 def _parse(field: str, value: str) -> Any:
+    if field == "port" and value.startswith("tcp://"):
+        raise SettingsError(
+            f"SIDECAR_PORT: {value!r} is a Kubernetes service link (a Service named 'sidecar' "
+            "in this namespace), not a port: set 'enableServiceLinks: false' on the pod, or "
+            "SIDECAR_PORT explicitly"
+        )
     if field == "container_providers":
-        return [part.strip().lower() for part in value.split(",") if part.strip()]
+        return [part.strip() for part in value.split(",") if part.strip()]
     if _FIELDS[field].type is bool:
         return _BOOLEANS.get(value.strip().lower(), value)
     return value.strip()
@@ -263,11 +302,14 @@ def _check(settings: Settings) -> None:
             f"SIDECAR_REFRESH_TICK_S: must divide 60 (1, 2, 3, 4, 5, 6, 10, 12, 15, 20 or 30), "
             f"got {settings.refresh_tick_s}"
         )
-    unknown = settings.container_providers - PROVIDERS
-    if unknown:
+    bad = sorted(p for p in settings.container_providers if not PROVIDER_NAME.fullmatch(p))
+    if bad:
         raise SettingsError(
-            f"SIDECAR_CONTAINER_PROVIDERS: unknown provider(s) {', '.join(sorted(unknown))}"
+            f"SIDECAR_CONTAINER_PROVIDERS: not a provider name: {', '.join(bad)} (letters, digits, "
+            "'-', '_' and '.', at most 64)"
         )
+    if not settings.container_providers:
+        raise SettingsError("SIDECAR_CONTAINER_PROVIDERS: name at least one provider")
 
 
 def upstream_base(settings: Settings) -> str:

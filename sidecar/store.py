@@ -1,13 +1,16 @@
-"""The cache store: records, grants and fetch locks in Redis, failing open.
+"""The cache store: records, grants, locks and failure markers in Redis, failing open.
 
-A hit is one ``MGET`` of the record and the caller's grant (one slot, so cluster-safe). Every
-method raises :class:`StoreUnavailable` when Redis fails; after a failure the store skips Redis
-for ``SIDECAR_REDIS_RETRY_AFTER_S`` so callers do not each pay a timeout, and it logs the outage
-once when it starts and once when it ends.
+A hit that misses the process's own copy is one ``MGET`` (record, grant, cached 404 and failure
+marker: one slot, so cluster-safe). Every method raises :class:`StoreUnavailable` when Redis
+fails. A Redis that times out is taken as hung: the :class:`Breaker` opens and callers skip
+Redis altogether (no request waits on it again) while one background ``PING`` a second checks
+whether it is back. Outages are logged once when they start and once when they end.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -16,12 +19,13 @@ from typing import Any, NamedTuple, TypeVar
 from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from sidecar.announce import announce_delete, announce_record, announce_revoke
 from sidecar.errors import StoreUnavailable
-from sidecar.keys import KeySpace, cache_id_for, member, parse_member
+from sidecar.keys import KeySpace, member, parse_member
 from sidecar.policy import Policy
 from sidecar.records import Record, decode_record, encode_record
 
-__all__ = ["Breaker", "CacheStore", "Lookup"]
+__all__ = ["REDIS_ERRORS", "Breaker", "CacheStore", "Failure", "Lookup", "now_ms"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -31,10 +35,18 @@ if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) 
 return 0
 """
 
-
-# Cache ids map back to containers for at least a day (refreshes do not rewrite the map).
-_INDEX_MS = 86_400_000
-
+# The upstream failed for a container: count the failure, double the back-off (from ARGV[2] up
+# to ARGV[3] ms) and keep the error to answer with meanwhile. "count|until_ms|status|body".
+_FAILED = """
+local raw = redis.call('get', KEYS[1])
+local count = 1
+if raw then count = (tonumber(string.match(raw, '^(%d+)|')) or 0) + 1 end
+local backoff = math.floor(math.min(tonumber(ARGV[3]), tonumber(ARGV[2]) * 2 ^ (count - 1)))
+local until_ms = tonumber(ARGV[1]) + backoff
+redis.call('set', KEYS[1], count .. '|' .. string.format('%d', until_ms) .. '|' .. ARGV[4] ..
+  '|' .. ARGV[5], 'PX', backoff + tonumber(ARGV[6]))
+return backoff
+"""
 
 #: What a Redis failure may raise (cluster client errors are not RedisErrors).
 REDIS_ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
@@ -43,8 +55,19 @@ REDIS_ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
 _LOG_EVERY_S = 30.0
 
 
+def now_ms() -> int:
+    """Wall-clock unix milliseconds (records are shared across machines)."""
+    return time.time_ns() // 1_000_000
+
+
 class Breaker:
-    """Tracks Redis health: open (skipping Redis) for a while after each failure."""
+    """Tracks Redis health; open (every caller skips Redis) while Redis is known to hang.
+
+    A timeout opens it: from then on no request touches Redis, and a background probe (the
+    ``probe`` callable, a PING under the socket timeout) tries every ``retry_after_s`` until
+    one succeeds. A refused connection does not open it: it costs nothing to retry, and on a
+    cluster it concerns one node's slots only.
+    """
 
     def __init__(
         self,
@@ -55,7 +78,9 @@ class Breaker:
         self._retry_after_s = retry_after_s
         self._on_failure = on_failure
         self._clock = clock
-        self._skip_until = 0.0
+        self.probe: Callable[[], Awaitable[object]] | None = None
+        self._open = False
+        self._probing: asyncio.Task[None] | None = None
         self.down_since: float | None = None
         self._logged_at = -_LOG_EVERY_S
         self._outage_logged = False
@@ -66,32 +91,53 @@ class Breaker:
         """True while Redis is considered unavailable."""
         return self.down_since is not None
 
+    @property
+    def open(self) -> bool:
+        """True while callers skip Redis (it timed out and no probe has succeeded since)."""
+        return self._open
+
     def check(self) -> None:
         """Raise StoreUnavailable while Redis is being skipped."""
-        if self._skip_until and self._clock() < self._skip_until:
-            raise StoreUnavailable("redis skipped after a recent failure")
+        if self._open:
+            raise StoreUnavailable("redis skipped: it timed out and has not answered since")
 
     def failure(self, exc: BaseException) -> None:
-        """Record a failure; the first of an outage is logged.
-
-        Only a slow failure (a timeout) makes callers skip Redis for a while: a refused
-        connection costs nothing to retry, and on a cluster it concerns one node's slots only.
-        """
+        """Record a failure; the first of an outage is logged; a timeout opens the breaker."""
         now = self._clock()
         if self._on_failure is not None:
             self._on_failure()
-        if isinstance(exc, (TimeoutError, RedisTimeoutError)):
-            self._skip_until = now + self._retry_after_s
+        if isinstance(exc, (TimeoutError, RedisTimeoutError)) and not self._open:
+            self._open = True
+            self._start_probing()
         if self.down_since is None:
             self.down_since = now
         if now - self._logged_at >= _LOG_EVERY_S:
             self._logged_at = now
             self._outage_logged = True
             log.warning(
-                "redis unavailable (%s: %s): serving from upstream (fail-open) until it recovers",
+                "redis unavailable (%s: %s): serving without it (fail-open) until it recovers",
                 type(exc).__name__,
                 exc,
             )
+
+    def _start_probing(self) -> None:
+        if self.probe is None or (self._probing is not None and not self._probing.done()):
+            return
+        try:
+            self._probing = asyncio.get_running_loop().create_task(self._probe_until_back())
+        except RuntimeError:  # no loop (a unit test's breaker): callers retry after the pause
+            self._open = False
+
+    async def _probe_until_back(self) -> None:
+        assert self.probe is not None
+        while self._open:
+            await asyncio.sleep(self._retry_after_s)
+            try:
+                await self.probe()
+            except REDIS_ERRORS:
+                continue
+            self._open = False
+            self.success()
 
     def fail_open_seconds(self) -> float:
         """Seconds spent without Redis so far, the current outage included."""
@@ -104,10 +150,42 @@ class Breaker:
             outage = self._clock() - self.down_since
             self.down_seconds_total += outage
             self.down_since = None
-            self._skip_until = 0.0
             if self._outage_logged:  # an end for every start that was logged
                 self._outage_logged = False
                 log.info("redis recovered after %.1fs of fail-open serving", outage)
+
+    async def close(self) -> None:
+        """Stop probing."""
+        if self._probing is not None:
+            self._probing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probing
+
+
+class Failure(NamedTuple):
+    """The upstream failed for a container: until ``until_ms`` nobody calls it again for it."""
+
+    status: int
+    body: bytes
+    """The error answered meanwhile (gateway JSON)."""
+    until_ms: int
+    failures: int
+    """Failures in a row."""
+
+    @property
+    def left_ms(self) -> int:
+        """How long the back-off still runs."""
+        return max(0, self.until_ms - now_ms())
+
+
+def _parse_failure(raw: bytes | None) -> Failure | None:
+    if raw is None:
+        return None
+    try:
+        count, until, status, body = raw.split(b"|", 3)
+        return Failure(int(status), body, int(until), int(count))
+    except ValueError:
+        return None
 
 
 class Lookup(NamedTuple):
@@ -118,6 +196,8 @@ class Lookup(NamedTuple):
     """How long this credential may still see the record (0: the upstream must answer it)."""
     negative: Record | None
     """A cached 404 for this credential."""
+    failure: Failure | None = None
+    """The upstream is failing for this container (whoever asked it)."""
 
     @property
     def granted(self) -> bool:
@@ -130,21 +210,27 @@ def _ms_left(value: bytes | None) -> int:
     if value is None:
         return 0
     try:
-        return max(0, int(value) - time.time_ns() // 1_000_000)
+        return max(0, int(value) - now_ms())
     except ValueError:
         return 0
 
 
 class CacheStore:
-    """Records, grants and locks in Redis (or the embedded fakeredis)."""
+    """Records, grants, locks and failure markers in Redis (or the embedded fakeredis)."""
 
     def __init__(self, redis: Any, keys: KeySpace, breaker: Breaker) -> None:
         self.redis = redis
         self.keys = keys
         self.breaker = breaker
+        breaker.probe = redis.ping
         self._unlock = redis.register_script(_UNLOCK)
+        self._failed = redis.register_script(_FAILED)
         # Cluster pipelines refuse PUBLISH: announce with a command of its own there.
         self._cluster = hasattr(redis, "get_primaries")
+
+    async def close(self) -> None:
+        """Stop background work (the breaker's probe); the client is closed by its owner."""
+        await self.breaker.close()
 
     async def call(self, op: Callable[[], Awaitable[T]]) -> T:
         """Run Redis commands under the breaker: StoreUnavailable when Redis fails."""
@@ -157,24 +243,31 @@ class CacheStore:
         self.breaker.success()
         return result
 
-    def _announce(self, pipe: Any, name: str) -> None:
+    async def _publish(self, pipe: Any, message: bytes) -> None:
+        """Announce a change: in the pipeline, or (cluster) with a command of its own after."""
         if not self._cluster:
-            pipe.publish(self.keys.changes, name)
+            pipe.publish(self.keys.changes, message)
+            await pipe.execute()
+            return
+        await pipe.execute()
+        await self.redis.execute_command("PUBLISH", self.keys.changes, message)
 
     async def lookup(self, provider: str, container_id: str, fingerprint: str) -> Lookup:
-        """The cached record, whether this credential may see it, and its cached 404 if any."""
+        """The cached record, whether this credential may see it, its cached 404, a failure."""
         keys = self.keys
-        raw, grant, negative = await self.call(
+        raw, grant, negative, failing = await self.call(
             lambda: self.redis.mget(
                 keys.record(provider, container_id),
                 keys.grant(provider, container_id, fingerprint),
                 keys.negative(provider, container_id, fingerprint),
+                keys.failing(provider, container_id),
             )
         )
         return Lookup(
             decode_record(raw) if raw is not None else None,
             _ms_left(grant),
             decode_record(negative) if negative is not None else None,
+            _parse_failure(failing),
         )
 
     async def read(self, provider: str, container_id: str) -> Record | None:
@@ -194,34 +287,33 @@ class CacheStore:
     ) -> None:
         """Store ``record`` as long as ``policy`` may serve it; with a fingerprint, grant it.
 
-        The record enters the refresh-ahead index at the end of its freshness (a terminal one
-        leaves it), and the other processes are told to drop their copies. ``index`` writes the
-        public cache id's way back to the container (for purges); a refresh, which keeps the id,
-        skips it.
+        The record enters the refresh-ahead index at the end of its freshness (a terminal one,
+        or one the workers cannot refresh, leaves it), any failure marker of the container is
+        cleared, and the other processes get the new record on the change channel. ``index`` is
+        accepted for callers of the old layout and changes nothing (no index is kept).
         """
+        del index
         keys, provider, cid = self.keys, record.provider, record.container_id
         name = member(provider, cid)
+        data = encode_record(record)
         retention_ms, due_ms = policy.retention_ms(record), policy.due_ms(record)
+        if record.inline_refresh:
+            due_ms = None
 
         async def op() -> None:
             async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.set(keys.record(provider, cid), encode_record(record), px=retention_ms)
+                pipe.set(keys.record(provider, cid), data, px=retention_ms)
+                pipe.delete(keys.failing(provider, cid))
                 if fingerprint is not None:
-                    expiry = time.time_ns() // 1_000_000 + grant_ms
+                    expiry = now_ms() + grant_ms
                     pipe.set(keys.grant(provider, cid, fingerprint), expiry, px=grant_ms)
-                if index:
-                    index_key = keys.cache_id(cache_id_for(provider, cid))
-                    pipe.set(index_key, name, px=max(retention_ms, _INDEX_MS))
                 if due_ms is None:
                     pipe.zrem(keys.due, name)
                 else:
                     pipe.zadd(keys.due, {name: due_ms})
                 if read:  # a caller's read, not a worker's refresh: refresh-ahead keeps it fresh
-                    pipe.zadd(keys.hot, {name: time.time_ns() // 1_000_000})
-                self._announce(pipe, name)
-                await pipe.execute()
-            if self._cluster:
-                await self.redis.execute_command("PUBLISH", keys.changes, name)
+                    pipe.zadd(keys.hot, {name: now_ms()})
+                await self._publish(pipe, announce_record(data))
 
         await self.call(op)
 
@@ -237,30 +329,28 @@ class CacheStore:
         async def op() -> None:
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.delete(keys.record(provider, container_id))
+                pipe.delete(keys.failing(provider, container_id))
                 pipe.zrem(keys.due, name)
-                self._announce(pipe, name)
-                await pipe.execute()
-            if self._cluster:
-                await self.redis.execute_command("PUBLISH", keys.changes, name)
+                pipe.zrem(keys.hot, name)
+                await self._publish(pipe, announce_delete(name))
 
         await self.call(op)
 
     async def purge_cache_id(self, cache_id: str) -> tuple[str, str] | None:
         """Drop the entry behind a public cache id; its ``(provider, container_id)``, if any."""
-        raw = await self.call(lambda: self.redis.get(self.keys.cache_id(cache_id)))
-        if raw is None:
+        raw = await self.call(lambda: self.redis.get(self.keys.tag(cache_id) + ":r"))
+        record = decode_record(raw) if raw is not None else None
+        if record is None:
             return None
-        provider, container_id = parse_member(raw)
-        await self.delete(provider, container_id)
-        await self.call(lambda: self.redis.delete(self.keys.cache_id(cache_id)))
-        return provider, container_id
+        await self.delete(record.provider, record.container_id)
+        return record.provider, record.container_id
 
     async def count_records(self, limit: int = 100_000) -> tuple[int, bool]:
         """How many records are cached (scanning at most ``limit`` keys); and if exactly."""
 
         async def op() -> tuple[int, bool]:
             count = 0
-            async for _ in self.redis.scan_iter(match=f"{self.keys.prefix}:{{*}}:rec", count=1000):
+            async for _ in self.redis.scan_iter(match=f"{self.keys.prefix}:{{*}}:r", count=1000):
                 count += 1
                 if count >= limit:
                     return count, False
@@ -268,9 +358,35 @@ class CacheStore:
 
         return await self.call(op)
 
+    async def upstream_failed(
+        self,
+        provider: str,
+        container_id: str,
+        status: int,
+        body: bytes,
+        *,
+        base_ms: int,
+        cap_ms: int,
+        keep_ms: int,
+    ) -> int:
+        """Note that the upstream failed for a container; the back-off it starts (ms).
+
+        Until it ends, nobody (sidecar or worker, any replica) calls the upstream for this
+        container: callers get the stale-if-error copy, or this error. Each failure in a row
+        doubles it, from ``base_ms`` to ``cap_ms``; the error is kept ``keep_ms`` longer.
+        """
+        key = self.keys.failing(provider, container_id)
+        args = [now_ms(), base_ms, cap_ms, status, body, keep_ms]
+        return int(await self.call(lambda: self._failed(keys=[key], args=args)))
+
+    async def failure(self, provider: str, container_id: str) -> Failure | None:
+        """The container's failure marker, if the upstream is failing for it."""
+        raw = await self.call(lambda: self.redis.get(self.keys.failing(provider, container_id)))
+        return _parse_failure(raw)
+
     async def set_backoff(self, provider: str, backoff_ms: int) -> None:
         """Hold off refreshes from ``provider`` (a 429) for ``backoff_ms``."""
-        until = time.time_ns() // 1_000_000 + backoff_ms
+        until = now_ms() + backoff_ms
         key = self.keys.backoff(provider)
         await self.call(lambda: self.redis.set(key, until, px=max(1, backoff_ms)))
 
@@ -301,7 +417,7 @@ class CacheStore:
             names = [name for name, _ in due]
             read_at = await self.redis.zmscore(keys.hot, names)
             # Unread entries that are already stale leave the index (a read puts them back).
-            now = time.time_ns() // 1_000_000
+            now = now_ms()
             cold = [
                 name
                 for (name, score), at in zip(due, read_at, strict=True)
@@ -318,10 +434,17 @@ class CacheStore:
         return await self.call(op)
 
     async def revoke(self, provider: str, container_id: str, fingerprint: str) -> None:
-        """Drop a credential's grant (the upstream refused it)."""
-        await self.call(
-            lambda: self.redis.delete(self.keys.grant(provider, container_id, fingerprint))
-        )
+        """Drop a credential's grant (the upstream refused it); other processes drop theirs."""
+        keys = self.keys
+
+        async def op() -> None:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.delete(keys.grant(provider, container_id, fingerprint))
+                await self._publish(
+                    pipe, announce_revoke(member(provider, container_id), fingerprint)
+                )
+
+        await self.call(op)
 
     async def try_lock(
         self, provider: str, container_id: str, fingerprint: str, token: str, ttl_ms: int
@@ -334,3 +457,133 @@ class CacheStore:
         """Release the lock if it is still ours."""
         key = self.keys.lock(provider, container_id, fingerprint)
         await self.call(lambda: self._unlock(keys=[key], args=[token]))
+
+    # -- The workers' batch work. Pipelines of per-key commands and single-key scripts only, so
+    # -- every method is cluster-safe. A refresh "claims" its entry of the due set: the score
+    # -- moves past the planning horizon until the refreshed record's save puts it back, so no
+    # -- other refresh-ahead plan or stale-read job starts the same refresh meanwhile.
+
+    def _script(self, name: str, text: str) -> Any:
+        scripts: dict[str, Any] = self.__dict__.setdefault("_worker_scripts", {})
+        if name not in scripts:
+            scripts[name] = self.redis.register_script(text)
+        return scripts[name]
+
+    async def read_many(self, names: list[tuple[str, str]]) -> list[bytes | None]:
+        """The stored bytes of these ``(provider, container_id)`` records (None: not cached)."""
+        keys = self.keys
+
+        async def op() -> list[bytes | None]:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for provider, container_id in names:
+                    pipe.get(keys.record(provider, container_id))
+                return list(await pipe.execute())
+
+        return await self.call(op)
+
+    async def save_many(
+        self, records: list[Record], policy: Policy, due: dict[str, int] | None = None
+    ) -> None:
+        """Store refreshed records as :meth:`save` does (no grants), in one pipeline; ``due``
+        sets other entries' due scores (claims given back)."""
+        keys = self.keys
+        stored = [(record, encode_record(record)) for record in records]
+        scores = dict(due or {})
+        dropped = []
+        for record, _ in stored:
+            name = member(record.provider, record.container_id)
+            due_ms = None if record.inline_refresh else policy.due_ms(record)
+            if due_ms is None:
+                dropped.append(name)
+            else:
+                scores[name] = due_ms
+
+        async def op() -> None:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for record, data in stored:
+                    provider, cid = record.provider, record.container_id
+                    pipe.set(keys.record(provider, cid), data, px=policy.retention_ms(record))
+                    pipe.delete(keys.failing(provider, cid))
+                    if not self._cluster:
+                        pipe.publish(keys.changes, announce_record(data))
+                if scores:
+                    pipe.zadd(keys.due, scores)
+                if dropped:
+                    pipe.zrem(keys.due, *dropped)
+                await pipe.execute()
+            if self._cluster:
+                await asyncio.gather(
+                    *(
+                        self.redis.execute_command("PUBLISH", keys.changes, announce_record(data))
+                        for _, data in stored
+                    )
+                )
+
+        if stored or scores:
+            await self.call(op)
+
+    async def claim_due(self, entries: list[tuple[str, int]], until_ms: int) -> list[str]:
+        """Claim due-set members still at the scores read (``(member, score)``): their score
+        becomes ``until_ms``. The members claimed (the others changed meanwhile)."""
+        claim = self._script(
+            "claim_due",
+            """
+            local claimed = {}
+            for i = 2, #ARGV, 2 do
+              local score = redis.call('zscore', KEYS[1], ARGV[i])
+              if score and tonumber(score) == tonumber(ARGV[i + 1]) then
+                redis.call('zadd', KEYS[1], ARGV[1], ARGV[i])
+                claimed[#claimed + 1] = ARGV[i]
+              end
+            end
+            return claimed
+            """,
+        )
+        args: list[str | int] = [until_ms]
+        for name, score in entries:
+            args += [name, score]
+        claimed = await self.call(lambda: claim(keys=[self.keys.due], args=args))
+        return [n.decode() if isinstance(n, bytes) else str(n) for n in claimed]
+
+    async def claim_refresh(
+        self, provider: str, container_id: str, horizon_ms: int, until_ms: int
+    ) -> bool:
+        """Claim a container's due entry for a refresh unless another refresh holds it (its
+        score is past ``horizon_ms``); True when this refresh may go ahead."""
+        claim = self._script(
+            "claim_refresh",
+            """
+            local score = redis.call('zscore', KEYS[1], ARGV[1])
+            if not score then return 1 end
+            if tonumber(score) > tonumber(ARGV[2]) then return 0 end
+            redis.call('zadd', KEYS[1], ARGV[3], ARGV[1])
+            return 1
+            """,
+        )
+        args = [member(provider, container_id), horizon_ms, until_ms]
+        return bool(await self.call(lambda: claim(keys=[self.keys.due], args=args)))
+
+    async def hand_over(self, read: bytes, record: Record) -> bool:
+        """Replace a record still stored as ``read`` by ``record`` (same expiry) and drop it from
+        the refresh-ahead sets: for records the workers cannot refresh. False if it changed."""
+        keys, provider, cid = self.keys, record.provider, record.container_id
+        name, data = member(provider, cid), encode_record(record)
+        swap = self._script(
+            "hand_over",
+            """
+            if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
+            redis.call('set', KEYS[1], ARGV[2], 'KEEPTTL')
+            return 1
+            """,
+        )
+
+        async def op() -> bool:
+            if not await swap(keys=[keys.record(provider, cid)], args=[read, data]):
+                return False
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.zrem(keys.due, name)
+                pipe.zrem(keys.hot, name)
+                await self._publish(pipe, announce_record(data))
+            return True
+
+        return await self.call(op)

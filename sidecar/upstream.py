@@ -13,6 +13,7 @@ from collections.abc import Iterable
 
 import aiohttp
 import msgspec
+from multidict import CIMultiDict
 
 from sidecar import __version__
 from sidecar.errors import UpstreamMalformed, UpstreamTimeout, UpstreamUnavailable
@@ -23,11 +24,28 @@ from sidecar.stats import FleetStats
 from sidecar.wire import (
     Container,
     gateway_error_from_openai,
-    normalize_container,
+    openai_answer,
     predicted_expiry,
+    split_gateway_answer,
 )
 
-__all__ = ["Upstream", "UpstreamReply", "create_session"]
+__all__ = ["PASS_ALONG", "Upstream", "UpstreamReply", "create_session", "pass_along"]
+
+#: Request headers that are not the caller's identity but are passed to the upstream on every
+#: path: the gateway acts on them (transports/bifrost-http/lib/ctx.go) and trace context flows.
+PASS_ALONG = {
+    "bifrost": frozenset(
+        ("x-bf-send-back-raw-response", "x-bf-session-id", "traceparent", "tracestate")
+    ),
+    "openai": frozenset(("traceparent", "tracestate")),
+}
+
+
+def pass_along(kind: str, headers: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """The headers of a request that go to the upstream beside its credential."""
+    names = PASS_ALONG[kind]
+    return tuple((name, value) for name, value in headers if name.lower() in names)
+
 
 log = logging.getLogger(__name__)
 USER_AGENT = f"bifrost-container-sidecar/{__version__}"
@@ -41,6 +59,8 @@ class UpstreamReply(msgspec.Struct, frozen=True, gc=False):
     """The container's gateway JSON without extra_fields, or the error's gateway JSON."""
     container: Container | None = None
     retry_after: str | None = None
+    extra: bytes = b""
+    """The answer's ``extra_fields`` members (see ``Record.extra``)."""
 
     def record(self, provider: str, container_id: str, fetched_at_ms: int) -> Record:
         """The cache record of this answer (a container, or a 404 as a negative entry)."""
@@ -62,12 +82,16 @@ class UpstreamReply(msgspec.Struct, frozen=True, gc=False):
             status=container.status,
             last_active_at=container.last_active_at,
             expires_at=predicted_expiry(container),
+            extra=self.extra,
         )
 
 
-def create_session(settings: Settings) -> aiohttp.ClientSession:
+def create_session(
+    settings: Settings, trace_configs: list[aiohttp.TraceConfig] | None = None
+) -> aiohttp.ClientSession:
     """The pooled HTTP client for upstream calls."""
     return aiohttp.ClientSession(
+        trace_configs=trace_configs,
         connector=aiohttp.TCPConnector(limit=settings.upstream_max_connections, ttl_dns_cache=300),
         timeout=aiohttp.ClientTimeout(
             total=settings.upstream_timeout_s, sock_connect=settings.upstream_connect_timeout_s
@@ -97,6 +121,7 @@ class Upstream:
         )
         """For pass-through calls, whose bodies may take longer than one lookup."""
         self._kind = settings.upstream_kind
+        self._timeout_s = settings.upstream_timeout_s
         self._base = upstream_base(settings)
         self._metrics = metrics
         self._caller = caller
@@ -116,32 +141,36 @@ class Upstream:
         url = self.url(provider, container_id)
         started = time.perf_counter()
         status: int | None = None
+        # A multidict: each header once, exactly as given (the caller's Credential has no
+        # duplicates); a dict built from repeated headers would silently keep the last.
+        headers = CIMultiDict(credential_headers)
         try:
-            async with self.session.get(url, headers=dict(credential_headers)) as response:
+            async with self.session.get(url, headers=headers) as response:
                 raw = await response.read()
                 status = response.status
                 retry_after = response.headers.get("Retry-After")
         except TimeoutError as exc:
-            raise UpstreamTimeout(f"upstream did not answer in time ({url.split('?')[0]})") from exc
+            raise UpstreamTimeout(
+                f"the upstream did not answer within {self._timeout_s:g}s"
+            ) from exc
         except aiohttp.ClientError as exc:
+            # The exception's text names the upstream's address: logged, never answered.
+            log.info("upstream call for %s failed: %s: %s", provider, type(exc).__name__, exc)
             raise UpstreamUnavailable(
-                f"upstream unreachable: {type(exc).__name__}: {exc}".rstrip(": ")
+                f"the upstream is unreachable ({type(exc).__name__})"
             ) from exc
         finally:
             self.observe(provider, status, time.perf_counter() - started)
         if status == 200:
-            try:
-                payload = msgspec.json.decode(raw)
-            except msgspec.DecodeError:
-                raise UpstreamMalformed(
-                    "upstream answered 200 with a body that is not JSON"
-                ) from None
-            body, container = normalize_container(payload)
+            if self._kind == "bifrost":
+                body, extra, container = split_gateway_answer(raw)
+            else:
+                body, extra, container = openai_answer(raw, provider)
             if container.id != container_id:
                 raise UpstreamMalformed(
                     f"upstream answered container {container.id!r} for {container_id!r}"
                 )
-            return UpstreamReply(200, body, container)
+            return UpstreamReply(200, body, container, extra=extra)
         return UpstreamReply(status, self._error_body(status, raw, provider), None, retry_after)
 
     def observe(self, provider: str, status: int | None, seconds: float) -> None:
@@ -152,10 +181,11 @@ class Upstream:
             self._stats.add(f"upstream.{self._caller}")
         if self._metrics is not None:
             metrics = self._metrics
-            metrics.upstream.labels(provider, status_class(status), self._caller).inc()
-            metrics.upstream_seconds.labels(provider, self._caller).observe(seconds)
+            label = metrics.provider(provider)
+            metrics.upstream.labels(label, status_class(status), self._caller).inc()
+            metrics.upstream_seconds.labels(label, self._caller).observe(seconds)
             if status == 429:
-                metrics.throttled.labels(provider).inc()
+                metrics.throttled.labels(label).inc()
 
     def _error_body(self, status: int, raw: bytes, provider: str) -> bytes:
         if self._kind == "bifrost" and _is_gateway_error(raw):

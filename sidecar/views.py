@@ -1,4 +1,8 @@
-"""HTTP handlers for retrievals: parse, call the service, answer in the gateway's shape."""
+"""HTTP handlers for retrievals: parse, call the service, answer in the gateway's shape.
+
+This is the hot path: a hit from the process's own copy reads the credential (remembered per
+header value), answers with the copy's pre-rendered body and counts itself in plain integers.
+"""
 
 from __future__ import annotations
 
@@ -8,65 +12,110 @@ import time
 from aiohttp import web
 
 from sidecar.controls import Rules, parse_rules
-from sidecar.errors import InvalidParameter, MissingCredential, UnsupportedOperation
+from sidecar.errors import InvalidParameter, UnsupportedOperation
 from sidecar.headers import cache_headers
-from sidecar.middleware import OUTCOME
+from sidecar.middleware import COUNTED, OUTCOME, count_answer
 from sidecar.outcomes import Outcome, Query
-from sidecar.settings import PROVIDERS, Settings
+from sidecar.settings import PROVIDER_NAME, PROVIDERS, Settings
 from sidecar.state import SERVICES
-from sidecar.wire import REQUEST_TYPE, CacheDebug, render_container, with_cache_debug
+from sidecar.upstream import PASS_ALONG
+from sidecar.wire import (
+    REQUEST_TYPE,
+    CacheDebug,
+    default_extra,
+    render_container,
+    with_cache_debug,
+)
 
-__all__ = ["parse_container_id", "parse_provider", "retrieve_native", "retrieve_openai"]
+__all__ = [
+    "RETRIEVE_ROUTES",
+    "parse_container_id",
+    "parse_provider",
+    "retrieve_native",
+    "retrieve_openai",
+]
 
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 _HIT_TYPES = {"hit": "direct", "stale": "direct", "negative": "direct",
               "stale-if-error": "stale_if_error"}  # fmt: skip
+_OPENAI_V1 = "/openai/v1/containers/{container_id}"
+_OPENAI = "/openai/containers/{container_id}"
+_NATIVE = "/v1/containers/{container_id}"
+
+
+async def retrieve_openai_v1(request: web.Request) -> web.Response:
+    """``GET /openai/v1/containers/{container_id}``: ``provider`` defaults to openai."""
+    return await _retrieve(request, _OPENAI_V1, provider_required=False)
 
 
 async def retrieve_openai(request: web.Request) -> web.Response:
-    """``GET /openai[/v1]/containers/{container_id}``: ``provider`` defaults to openai."""
-    return await _retrieve(request, provider_required=False)
+    """``GET /openai/containers/{container_id}``: ``provider`` defaults to openai."""
+    return await _retrieve(request, _OPENAI, provider_required=False)
 
 
 async def retrieve_native(request: web.Request) -> web.Response:
     """``GET /v1/containers/{container_id}``: the gateway's native route, ``provider`` required."""
-    return await _retrieve(request, provider_required=True)
+    return await _retrieve(request, _NATIVE, provider_required=True)
 
 
-async def _retrieve(request: web.Request, *, provider_required: bool) -> web.Response:
+#: The retrieval routes and their handlers (each counts its answers under its own route).
+RETRIEVE_ROUTES = {
+    _OPENAI_V1: retrieve_openai_v1,
+    _OPENAI: retrieve_openai,
+    _NATIVE: retrieve_native,
+}
+
+
+async def _retrieve(request: web.Request, route: str, *, provider_required: bool) -> web.Response:
     started = time.perf_counter()
     services = request.app[SERVICES]
     settings = services.settings
-    credential = services.credentials.read(request.headers)
-    if credential is None:
-        where = "'Authorization: Bearer <key>'"
-        if settings.upstream_kind == "bifrost":
-            where += ", x-api-key, x-goog-api-key or x-bf-vk"
-        raise MissingCredential(f"a credential is required: send it as {where}")
+    headers = request.headers
+    credential = services.credentials.read(headers.items())
     provider = parse_provider(request.query.get("provider", ""), provider_required, settings)
+    passed = tuple(
+        (name, value) for name in PASS_ALONG[settings.upstream_kind] if (value := headers.get(name))
+    )
     query = Query(
         provider=provider,
         container_id=parse_container_id(request.match_info["container_id"]),
         credential=credential,
-        rules=parse_rules(request.headers, settings.freshness_threshold),
+        rules=parse_rules(headers, settings.freshness_threshold),
+        passed=passed,
     )
     outcome = await services.service.retrieve(query)
-    latency_ms = int((time.perf_counter() - started) * 1000)
-    return render(outcome, provider, query.rules, latency_ms)
+    elapsed = time.perf_counter() - started
+    response = render(outcome, provider, query.rules, int(elapsed * 1000))
+    count_answer(services, route, outcome, query.rules, elapsed)
+    response[COUNTED] = True
+    return response
 
 
 def parse_provider(provider: str, required: bool, settings: Settings) -> str:
-    """The ``provider`` query parameter: required on /v1, else ``openai``; must have containers."""
+    """The ``provider`` query parameter: required on /v1, else ``openai``.
+
+    In front of a gateway any name it may know (custom providers included) goes through and
+    the gateway decides; straight against OpenAI only the configured providers do.
+    """
     if not provider:
         if required:
             raise InvalidParameter("provider query parameter is required", param="provider")
         return "openai"
-    if provider not in PROVIDERS:
-        raise InvalidParameter(
-            f"unknown provider {provider[:64]!r}: expected one of {', '.join(sorted(PROVIDERS))}",
-            param="provider",
-        )
+    if settings.upstream_kind == "bifrost":
+        if not PROVIDER_NAME.fullmatch(provider):
+            raise InvalidParameter(
+                f"invalid provider {provider[:64]!r}: expected a provider name (letters, "
+                "digits, '-', '_', '.')",
+                param="provider",
+            )
+        return provider
     if provider not in settings.container_providers:
+        if provider not in PROVIDERS:
+            raise InvalidParameter(
+                f"unknown provider {provider[:64]!r}: expected one of "
+                f"{', '.join(sorted(settings.container_providers | PROVIDERS))}",
+                param="provider",
+            )
         raise UnsupportedOperation(
             f"{REQUEST_TYPE} is not supported by {provider} provider", param="provider"
         )
@@ -88,6 +137,25 @@ def parse_container_id(value: str, param: str = "container_id") -> str:
 def render(outcome: Outcome, provider: str, rules: Rules, latency_ms: int) -> web.Response:
     """The response for an outcome: the container, or the 404, with ``cache_debug``."""
     record = outcome.record
+    copy = outcome.copy
+    if copy is not None and latency_ms == 0:
+        cached = copy.hit_body
+        if cached is not None and cached[0] == rules.threshold:
+            body = cached[1]
+        else:
+            body = _render_body(outcome, provider, rules, 0)
+            copy.hit_body = (rules.threshold, body)
+    else:
+        body = _render_body(outcome, provider, rules, latency_ms)
+    headers = cache_headers(outcome)
+    headers["Content-Type"] = "application/json"
+    response = web.Response(body=body, status=record.status_code, headers=headers)
+    response[OUTCOME] = (outcome, rules)
+    return response
+
+
+def _render_body(outcome: Outcome, provider: str, rules: Rules, latency_ms: int) -> bytes:
+    record = outcome.record
     hit_type = _HIT_TYPES.get(outcome.kind)
     hit = hit_type is not None
     debug = CacheDebug(
@@ -100,11 +168,6 @@ def render(outcome: Outcome, provider: str, rules: Rules, latency_ms: int) -> we
         similarity=outcome.freshness.similarity if hit and outcome.freshness else None,
     )
     if record.negative:
-        body = with_cache_debug(record.body, debug)
-    else:
-        body = render_container(record.body, provider, latency_ms, debug)
-    headers = cache_headers(outcome)
-    headers["Content-Type"] = "application/json"
-    response = web.Response(body=body, status=record.status_code, headers=headers)
-    response[OUTCOME] = (outcome, rules)
-    return response
+        return with_cache_debug(record.body, debug)
+    extra = record.extra or default_extra(record.provider)
+    return render_container(record.body, extra, latency_ms, debug)

@@ -17,11 +17,13 @@ __all__ = [
     "REQUEST_TYPE",
     "CacheDebug",
     "Container",
-    "ExtraFields",
+    "default_extra",
     "error_body",
     "gateway_error_from_openai",
     "normalize_container",
+    "openai_answer",
     "render_container",
+    "split_gateway_answer",
     "with_cache_debug",
 ]
 
@@ -41,16 +43,6 @@ class CacheDebug(msgspec.Struct, omit_defaults=True, gc=False):
     input_tokens: int | None = None
     threshold: float | None = None
     similarity: float | None = None
-
-
-class ExtraFields(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
-    """A response's ``extra_fields``: ``request_type``, ``latency``, ``chunk_index`` always."""
-
-    request_type: str
-    provider: str = ""
-    latency: int
-    chunk_index: int
-    cache_debug: CacheDebug | None = None
 
 
 class _ErrorField(msgspec.Struct, omit_defaults=True, gc=False):
@@ -102,8 +94,9 @@ _ORDER = (
 )  # fmt: skip
 
 
-def normalize_container(payload: Any) -> tuple[bytes, Container]:
-    """The container's gateway JSON (omitempty applied, unknown fields kept) and typed fields."""
+def normalize_container(payload: Any, *, keep_unknown: bool = True) -> tuple[bytes, Container]:
+    """The container's gateway JSON (omitempty applied; unknown fields kept unless
+    ``keep_unknown`` is false) and typed fields."""
     if not isinstance(payload, dict):
         raise UpstreamMalformed("upstream answered 200 with a body that is not a container")
     try:
@@ -120,7 +113,7 @@ def normalize_container(payload: Any) -> tuple[bytes, Container]:
         elif value not in (None, "", 0, {}, []) or value is False:
             out[name] = value
     for name, value in payload.items():
-        if name not in out and name not in _ORDER and name != "extra_fields":
+        if keep_unknown and name not in out and name not in _ORDER and name != "extra_fields":
             out[name] = value
     return _encoder.encode(out), container
 
@@ -135,16 +128,87 @@ def predicted_expiry(container: Container) -> int:
     return container.last_active_at + after.minutes * 60
 
 
-def render_container(body: bytes, provider: str, latency_ms: int, debug: CacheDebug) -> bytes:
-    """The answer to a retrieve: the stored container plus this request's ``extra_fields``."""
-    extra = ExtraFields(
-        request_type=REQUEST_TYPE,
-        provider=provider,
-        latency=latency_ms,
-        chunk_index=0,
-        cache_debug=debug,
+_raw_members = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_LATENCY = b"\x00"
+"""Where ``latency`` stands among stored ``extra_fields`` members (NUL is never in JSON text)."""
+
+
+def _join(members: dict[str, msgspec.Raw], skip: tuple[str, ...] = ()) -> bytes:
+    return b",".join(
+        _encoder.encode(name) + b":" + bytes(value)
+        for name, value in members.items()
+        if name not in skip
     )
-    return b"".join((body[:-1], b',"extra_fields":', _encoder.encode(extra), b"}"))
+
+
+def split_gateway_answer(raw: bytes) -> tuple[bytes, bytes, Container]:
+    """A gateway's container answer as it came: the container's JSON, its ``extra_fields``
+    members (``latency`` marked, ``cache_debug`` dropped: each answer sets its own), and the
+    typed fields. Raises UpstreamMalformed for anything else."""
+    try:
+        members = _raw_members.decode(raw)
+        extra = _raw_members.decode(members.pop("extra_fields", msgspec.Raw(b"{}")))
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        raise UpstreamMalformed(
+            "upstream answered 200 with a body that is not a container"
+        ) from None
+    body = b"{" + _join(members) + b"}"
+    try:
+        container = msgspec.json.decode(body, type=Container)
+    except msgspec.DecodeError as exc:
+        raise UpstreamMalformed(f"upstream container is malformed: {exc}") from None
+    if not container.id:
+        raise UpstreamMalformed("upstream container has no id")
+    extra.pop("cache_debug", None)
+    if "latency" not in extra:
+        extra["latency"] = msgspec.Raw(b"0")
+    parts = [_LATENCY if name == "latency" else _encoder.encode(name) + b":" + bytes(value)
+             for name, value in extra.items()]  # fmt: skip
+    return body, b",".join(parts), container
+
+
+def openai_answer(raw: bytes, provider: str) -> tuple[bytes, bytes, Container]:
+    """An OpenAI-style container answer as the gateway would relay it: its container fields
+    (omitempty applied), and the ``extra_fields`` it builds, the provider's JSON in
+    ``raw_response`` (fields the gateway does not know, such as ``network_policy``, live
+    there). Raises UpstreamMalformed for anything else."""
+    try:
+        payload = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        raise UpstreamMalformed("upstream answered 200 with a body that is not JSON") from None
+    body, container = normalize_container(payload, keep_unknown=False)
+    extra = b",".join(
+        (
+            b'"request_type":' + _encoder.encode(REQUEST_TYPE),
+            b'"provider":' + _encoder.encode(provider),
+            _LATENCY,
+            b'"chunk_index":0',
+            b'"raw_response":' + raw.strip(),
+        )
+    )
+    return body, extra, container
+
+
+def default_extra(provider: str) -> bytes:
+    """``extra_fields`` members for a record that has none stored (seeded from a list)."""
+    return b",".join(
+        (
+            b'"request_type":' + _encoder.encode(REQUEST_TYPE),
+            b'"provider":' + _encoder.encode(provider),
+            _LATENCY,
+            b'"chunk_index":0',
+        )
+    )
+
+
+def render_container(body: bytes, extra: bytes, latency_ms: int, debug: CacheDebug) -> bytes:
+    """The answer to a retrieve: the stored container and ``extra_fields`` with this request's
+    ``latency`` and ``cache_debug``."""
+    head, _, tail = extra.partition(_LATENCY)
+    return b"".join(
+        (body[:-1], b',"extra_fields":{', head, b'"latency":', str(latency_ms).encode(), tail,
+         b',"cache_debug":', _encoder.encode(debug), b"}}")
+    )  # fmt: skip
 
 
 def error_body(exc: SidecarError, provider: str, request_type: str = REQUEST_TYPE) -> bytes:
