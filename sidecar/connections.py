@@ -111,7 +111,7 @@ def create_redis(settings: Settings, *, embedded_server: Any = None) -> Any:
         return sentinel.master_for(target.master, db=target.db, password=target.password, **options)
     log.info("cache on Redis %s", redact_url(url))
     pool = ConcurrentPool.from_url(url, max_connections=256, **options)
-    return aioredis.Redis(connection_pool=pool)
+    return aioredis.Redis.from_pool(pool)  # closing the client closes its pool
 
 
 def create_subscriber(settings: Settings, cache: Any) -> Any:

@@ -221,6 +221,7 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Set
     env = os.environ if env is None else env
     raw: dict[str, Any] = {}
     service_keys: dict[str, str] = {}
+    key_variables: dict[str, tuple[str, ...]] = {}
     for name, value in env.items():
         if not name.startswith(ENV_PREFIX):
             continue
@@ -233,6 +234,7 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Set
             # my_openai_eu): both spellings are kept; a provider looks up its own name.
             suffix = match.group(1).lower()
             service_keys[suffix] = service_keys[suffix.replace("_", "-")] = value
+            key_variables[name] = (suffix, suffix.replace("_", "-"))
         elif _SERVICE_LINK.match(name) or (
             name.endswith("_PORT") and value.startswith(("tcp://", "udp://", "sctp://"))
         ):
@@ -249,6 +251,12 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Set
     except msgspec.ValidationError as exc:
         raise SettingsError(_explain(exc)) from None
     _check(settings)
+    for variable, spellings in key_variables.items():
+        if not settings.container_providers.intersection(spellings):
+            raise SettingsError(
+                f"{variable}: no such provider in SIDECAR_CONTAINER_PROVIDERS "
+                f"({', '.join(sorted(settings.container_providers))})"
+            )
     return settings
 
 

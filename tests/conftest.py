@@ -18,6 +18,7 @@ import redis
 from aiohttp import web
 
 from sidecar.app import create_app
+from sidecar.runner import SidecarRunner
 from sidecar.emulator import EMULATOR_STATE, EmulatorConfig, create_emulator_app
 from sidecar.settings import Settings, load_settings
 
@@ -109,7 +110,8 @@ class Running:
 
 
 async def start_app(app: web.Application) -> Running:
-    runner = web.AppRunner(app, access_log=None)
+    # The sidecar's own runner: it answers what aiohttp's parser refuses in the gateway's shape.
+    runner = SidecarRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

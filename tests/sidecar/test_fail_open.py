@@ -68,7 +68,7 @@ async def test_local_copies_keep_answering_while_redis_is_down(
         status, body, _ = await get(http, url)
         assert status == 200
         hits.append(body["extra_fields"]["cache_debug"]["cache_hit"])
-    # Copies made before the outage are forgotten (changes may be missed from now on); the
-    # first upstream answer during the outage is kept in the process and serves the rest.
-    assert hits == [False, True, True, True, True]
-    assert emulator.retrieves(cid) == 2
+    # Copies keep serving while they are fresh (without the channel no copy outlives its own
+    # freshness): the outage costs the upstream nothing.
+    assert hits == [True, True, True, True, True]
+    assert emulator.retrieves(cid) == 1

@@ -34,10 +34,11 @@ async def test_miss_then_hit_in_the_gateways_shape(
     status, first, _ = await get(http, url)
     assert status == 200
     extra = first.pop("extra_fields")
-    assert list(first) == [
-        "id", "object", "name", "created_at", "status", "expires_after",
-        "last_active_at", "memory_limit", "metadata",
-    ]  # fmt: skip
+    # The gateway's own answer, as it came: its fields and order, its extra_fields (the
+    # provider's JSON in raw_response, routing_info...), only latency and cache_debug ours.
+    direct = await emulator_gateway_answer(emulator, container["id"])
+    gateway_extra = direct.pop("extra_fields")
+    assert list(first) == list(direct)
     assert first["id"] == container["id"]
     assert first["status"] == "running"
     assert first["metadata"] == {"team": "a"}
@@ -45,6 +46,11 @@ async def test_miss_then_hit_in_the_gateways_shape(
     assert extra["provider"] == "openai"
     assert extra["chunk_index"] == 0
     assert isinstance(extra["latency"], int)
+    assert set(extra) == set(gateway_extra) | {"cache_debug"}
+    assert extra["raw_response"]["id"] == container["id"]
+    assert (
+        extra["raw_response"]["network_policy"] == gateway_extra["raw_response"]["network_policy"]
+    )
     miss_debug = extra["cache_debug"]
     assert miss_debug["cache_hit"] is False
     assert set(miss_debug) == {"cache_hit", "cache_id", "requested_provider", "provider_used"}
@@ -64,8 +70,20 @@ async def test_miss_then_hit_in_the_gateways_shape(
         "threshold": 0.0,
         "similarity": 1.0,
     }
-    assert set(hit_extra) == {"request_type", "provider", "latency", "chunk_index", "cache_debug"}
-    assert emulator.retrieves(container["id"]) == 1
+    assert set(hit_extra) == set(extra)
+    assert hit_extra["raw_response"] == extra["raw_response"]
+    assert emulator.retrieves(container["id"]) == 2  # ours, and the direct one above
+
+
+async def emulator_gateway_answer(emulator: Emulator, cid: str) -> dict[str, Any]:
+    """What the gateway itself answers for a retrieve."""
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"{emulator.url}/openai/v1/containers/{cid}", headers=AUTH_A) as response,
+    ):
+        assert response.status == 200
+        result: dict[str, Any] = await response.json()
+        return result
 
 
 async def test_every_route_answers_and_shares_one_entry(
@@ -88,7 +106,8 @@ async def test_every_route_answers_and_shares_one_entry(
 async def test_empty_fields_are_omitted_and_unknown_fields_survive(
     start_sidecar: Any, make_settings: Any, emulator: Emulator, http: aiohttp.ClientSession
 ) -> None:
-    # Straight to the OpenAI-shaped API: network_policy is an unknown field to the gateway.
+    # Straight to the OpenAI-shaped API: network_policy is a field the gateway does not know,
+    # so, as the gateway does, it lives in raw_response (the provider's own JSON).
     sidecar = await start_sidecar(make_settings(upstream_kind="openai"))
     cid = (await emulator.create(KEY_A))["id"]
     emulator.state.update_container(cid, memory_limit="", network_policy={"type": "allowlist",
@@ -98,28 +117,27 @@ async def test_empty_fields_are_omitted_and_unknown_fields_survive(
         status, body, _ = await get(http, url)
         assert status == 200
         assert "memory_limit" not in body
-        assert body["network_policy"] == {"type": "allowlist", "allowed_domains": ["pypi.org"]}
+        assert "network_policy" not in body
+        raw = body["extra_fields"]["raw_response"]
+        assert raw["network_policy"] == {"type": "allowlist", "allowed_domains": ["pypi.org"]}
         assert body["extra_fields"]["cache_debug"]["cache_hit"] is expect_hit
 
 
 @pytest.mark.parametrize(
     ("path", "headers", "status", "param", "code"),
     [
-        ("/openai/v1/containers/cntr_ok", {}, 401, "", "missing_credential"),
-        ("/openai/v1/containers/cntr_ok", {"Authorization": "Bearer "}, 401, "", "missing_credential"),
         ("/v1/containers/cntr_ok", AUTH_A, 400, "provider", "invalid_parameter"),
-        ("/openai/v1/containers/cntr_ok?provider=nope", AUTH_A, 400, "provider", "invalid_parameter"),
-        ("/openai/v1/containers/cntr_ok?provider=anthropic", AUTH_A, 400, "provider",
-         "unsupported_operation"),
-        ("/v1/containers/cntr_ok?provider=groq", AUTH_A, 400, "provider", "unsupported_operation"),
+        ("/openai/v1/containers/cntr_ok?provider=no%20pe", AUTH_A, 400, "provider", "invalid_parameter"),
+        ("/openai/v1/containers/cntr_ok?provider=" + "p" * 65, AUTH_A, 400, "provider",
+         "invalid_parameter"),
+        ("/openai/v1/containers/cntr_ok", {"Authorization": f"Bearer {KEY_A}",
+         "x-api-key": KEY_B}, 400, "authorization", "ambiguous_credential"),
         ("/openai/v1/containers/" + "a" * 129, AUTH_A, 400, "container_id", "invalid_parameter"),
         ("/openai/v1/containers/cntr%20x", AUTH_A, 400, "container_id", "invalid_parameter"),
         ("/openai/v1/containers/..%2Fadmin", AUTH_A, 400, "container_id", "invalid_parameter"),
         ("/openai/v1/containers/cntr.1", AUTH_A, 400, "container_id", "invalid_parameter"),
         ("/openai/v1/containers/_leading", AUTH_A, 400, "container_id", "invalid_parameter"),
         ("/openai/v1/containers/cntr%00", AUTH_A, 400, "container_id", "invalid_parameter"),
-        ("/openai/v1/containers/cntr_ok", {**AUTH_A, "x-bf-cache-threshold": "high"}, 400,
-         "x-bf-cache-threshold", "invalid_parameter"),
     ],
 )  # fmt: skip
 async def test_bad_requests_get_a_clear_error_and_no_upstream_call(
@@ -143,12 +161,55 @@ async def test_bad_requests_get_a_clear_error_and_no_upstream_call(
     assert emulator.retrieves() == 0
 
 
-async def test_unsupported_provider_message_matches_the_gateway(
-    sidecar: Running, http: aiohttp.ClientSession
+@pytest.mark.parametrize(
+    ("path", "headers", "status", "param", "code"),
+    [
+        ("/openai/v1/containers/cntr_ok", {}, 401, "", "missing_credential"),
+        ("/openai/v1/containers/cntr_ok", {"Authorization": "Bearer "}, 401, "", "missing_credential"),
+        ("/openai/v1/containers/cntr_ok?provider=nope", AUTH_A, 400, "provider", "invalid_parameter"),
+        ("/openai/v1/containers/cntr_ok?provider=anthropic", AUTH_A, 400, "provider",
+         "unsupported_operation"),
+        ("/v1/containers/cntr_ok?provider=groq", AUTH_A, 400, "provider", "unsupported_operation"),
+    ],
+)  # fmt: skip
+async def test_straight_to_openai_bad_requests_are_refused_early(
+    start_sidecar: Any,
+    make_settings: Any,
+    emulator: Emulator,
+    http: aiohttp.ClientSession,
+    path: str,
+    headers: dict[str, str],
+    status: int,
+    param: str,
+    code: str,
 ) -> None:
+    sidecar = await start_sidecar(make_settings(upstream_kind="openai"))
+    got, body, _ = await get(http, sidecar.url + path, headers)
+    assert got == status
+    assert body["error"]["code"] == code
+    assert body["error"].get("param", "") == param
+    assert emulator.retrieves() == 0
+
+
+async def test_unsupported_provider_message_matches_the_gateway(
+    start_sidecar: Any, make_settings: Any, http: aiohttp.ClientSession
+) -> None:
+    sidecar = await start_sidecar(make_settings(upstream_kind="openai"))
     _, body, _ = await get(http, f"{sidecar.url}/openai/v1/containers/cntr_1?provider=mistral")
     assert body["error"]["message"] == "container_retrieve is not supported by mistral provider"
     assert body["extra_fields"]["provider"] == "mistral"
+
+
+async def test_the_gateway_decides_about_providers_and_its_refusal_is_not_cached(
+    sidecar: Running, emulator: Emulator, http: aiohttp.ClientSession
+) -> None:
+    for _ in range(2):
+        status, body, _ = await get(
+            http, f"{sidecar.url}/openai/v1/containers/cntr_1?provider=mistral"
+        )
+        assert status == 400
+        assert body["error"]["message"] == "container_retrieve is not supported by mistral provider"
+    assert emulator.retrieves() == 2
 
 
 async def test_threshold_header_is_clamped(
@@ -172,9 +233,10 @@ async def test_unknown_route_is_a_gateway_shaped_404(
     assert body["error"]["code"] == "not_found"
 
 
-async def test_upstream_errors_are_relayed_and_not_cached(
-    sidecar: Running, emulator: Emulator, http: aiohttp.ClientSession
+async def test_upstream_errors_are_relayed_then_shield_the_upstream_until_the_backoff_ends(
+    start_sidecar: Any, make_settings: Any, emulator: Emulator, http: aiohttp.ClientSession
 ) -> None:
+    sidecar = await start_sidecar(make_settings(error_backoff_s=0.3))
     cid = (await emulator.create(KEY_A))["id"]
     url = f"{sidecar.url}/openai/v1/containers/{cid}"
     emulator.state.add_fault(kind="status", status=503, count=1)
@@ -182,6 +244,13 @@ async def test_upstream_errors_are_relayed_and_not_cached(
     assert status == 503
     assert body["is_bifrost_error"] is False
     assert body["status_code"] == 503
+    # During the back-off the same error is answered, with no upstream call and a Retry-After.
+    for _ in range(5):
+        status, body, headers = await get(http, url)
+        assert status == 503
+        assert headers["Retry-After"] == "1"
+    assert emulator.retrieves(cid) == 1
+    await asyncio.sleep(0.35)
     status, body, _ = await get(http, url)
     assert status == 200
     assert body["extra_fields"]["cache_debug"]["cache_hit"] is False
@@ -217,13 +286,15 @@ async def test_upstream_failures_are_the_gateways_own_errors(
     status: int,
     code: str,
 ) -> None:
-    sidecar = await start_sidecar(make_settings(upstream_timeout_s=0.3))
+    sidecar = await start_sidecar(make_settings(upstream_timeout_s=0.3, error_backoff_s=0.2))
     cid = (await emulator.create(KEY_A))["id"]
     emulator.state.add_fault(count=1, **fault)
     got, body, _ = await get(http, f"{sidecar.url}/openai/v1/containers/{cid}")
     assert got == status
     assert body["is_bifrost_error"] is True
     assert body["error"]["code"] == code
+    assert emulator.url.split("//")[1] not in body["error"]["message"]  # no internal address
+    await asyncio.sleep(0.25)
     got, body, _ = await get(http, f"{sidecar.url}/openai/v1/containers/{cid}")
     assert got == 200
     assert body["extra_fields"]["cache_debug"]["cache_hit"] is False
@@ -263,9 +334,8 @@ async def test_a_crashed_lock_holder_does_not_block_others(
     sidecar = await start_sidecar(make_settings(lock_age_s=0.3))
     cid = (await emulator.create(KEY_A))["id"]
     credential = CredentialReader("bifrost", "test-secret").read(
-        {"authorization": f"Bearer {KEY_A}"}
+        [("Authorization", f"Bearer {KEY_A}")]
     )
-    assert credential is not None
     # Another replica took the fetch lock and died: nobody will ever release it.
     lock = KeySpace("bcs").lock("openai", cid, credential.fingerprint)
     redis_server.client().set(lock, "dead-replica", px=60_000)
