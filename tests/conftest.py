@@ -18,8 +18,8 @@ import redis
 from aiohttp import web
 
 from sidecar.app import create_app
-from sidecar.runner import SidecarRunner
 from sidecar.emulator import EMULATOR_STATE, EmulatorConfig, create_emulator_app
+from sidecar.runner import SidecarRunner
 from sidecar.settings import Settings, load_settings
 
 

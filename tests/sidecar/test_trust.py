@@ -38,7 +38,8 @@ async def test_duplicate_credential_headers_on_pass_through_are_refused_and_seed
         assert response.status == 400
         body = await response.json()
     assert body["error"]["code"] == "ambiguous_credential"
-    assert KEY_A not in str(body) and KEY_B not in str(body)
+    assert KEY_A not in str(body)
+    assert KEY_B not in str(body)
     assert emulator.state.stats()["calls"].get("list", 0) == 0
     assert emulator.state.stats()["calls"].get("create", 0) == 0
     # B is answered by the upstream, which refuses it: never by a cached copy of A's.
