@@ -192,7 +192,7 @@ class ContainerService:
         if grant_expiry_ms >= fresh_until + self._fresh_ms or fresh_until - now > self._renew_ms:
             return
         key = (query.provider, query.container_id, query.credential.fingerprint, False)
-        if key not in self._flights:
+        if key not in self._flights and len(self._background) < _MAX_BACKGROUND:
             self._background.spawn(self._renew(query, record, key))
 
     async def _renew(self, query: Query, record: Record, key: FlightKey) -> None:

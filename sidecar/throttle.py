@@ -27,8 +27,15 @@ def retry_after_ms(value: str | None, default_s: float) -> int:
     return int(default_s * 1000)
 
 
+_MAX_PROVIDERS = 256
+
+
 class Throttle:
-    """Whether refreshes from a provider must wait; Redis is asked at most every 250 ms."""
+    """Whether refreshes from a provider must wait; Redis is asked at most every 250 ms.
+
+    Remembers at most 256 providers (provider names come from clients in front of a gateway):
+    past that, the ones not backing off are forgotten first.
+    """
 
     def __init__(self, store: CacheStore, default_s: float, recheck_s: float = 0.25) -> None:
         self._store = store
@@ -48,8 +55,17 @@ class Throttle:
             left_ms = await self._store.backoff_left_ms(provider)
         except StoreUnavailable:
             left_ms = 0
-        self._known[provider] = (now + left_ms / 1000, now)
+        self._remember(provider, (now + left_ms / 1000, now))
         return left_ms > 0
+
+    def _remember(self, provider: str, state: tuple[float, float]) -> None:
+        self._known.pop(provider, None)
+        if len(self._known) >= _MAX_PROVIDERS:
+            now = time.monotonic()
+            self._known = {p: s for p, s in self._known.items() if s[0] > now}
+            while len(self._known) >= _MAX_PROVIDERS:
+                del self._known[next(iter(self._known))]
+        self._known[provider] = state
 
     def remaining(self) -> dict[str, float]:
         """Seconds left of each back-off this process knows of."""
@@ -59,7 +75,7 @@ class Throttle:
     async def obey(self, provider: str, retry_after: str | None) -> float:
         """Start a back-off after a 429; returns its length in seconds."""
         wait_ms = retry_after_ms(retry_after, self._default_s)
-        self._known[provider] = (time.monotonic() + wait_ms / 1000, time.monotonic())
+        self._remember(provider, (time.monotonic() + wait_ms / 1000, time.monotonic()))
         with contextlib.suppress(StoreUnavailable):
             await self._store.set_backoff(provider, wait_ms)
         return wait_ms / 1000
