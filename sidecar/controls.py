@@ -1,7 +1,11 @@
 """What a caller asks of the cache: ``Cache-Control`` (RFC 9111) and the gateway's own headers.
 
-Bad values get a 400 naming the header; nothing is silently ignored except ``x-bf-cache-key``
-(the gateway's key for prompt caching: a container lookup's key is its id).
+Nothing here refuses a request. The gateway never refuses its ``x-bf-cache-*`` headers: it reads
+them in ``transports/bifrost-http/lib/ctx.go`` (``ConvertToBifrostContext``) and silently drops a
+value it cannot read; RFC 9111 section 5.2 has a cache ignore what it does not understand. The
+sidecar does the same, reads each value exactly as the gateway reads it (Go's ParseDuration,
+ParseFloat and Atoi), and lists what it could not take as written in ``Rules.ignored``, which
+``Cache-Status`` reports as ``detail``. The table of every header is docs/headers.md.
 """
 
 from __future__ import annotations
@@ -11,16 +15,16 @@ import re
 from collections.abc import Mapping
 
 import msgspec
+from multidict import istr
 
-from sidecar.errors import InvalidParameter
+from sidecar.durations import DurationError, parse_duration
 from sidecar.policy import Freshness, State
 
-__all__ = ["Rules", "parse_rules"]
+__all__ = ["CONTROL_HEADERS", "Rules", "parse_rules"]
 
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-_DELTA = re.compile(r"^\d{1,10}$")
-_CACHE_TYPES = ("direct", "semantic")
+#: RFC 9111 section 1.2.2: a delta-seconds too large to represent is taken as 2^31.
+_DELTA_MAX = float(2**31)
+_INT64_MAX = (1 << 63) - 1
 
 
 class Rules(msgspec.Struct, frozen=True, gc=False):
@@ -40,6 +44,9 @@ class Rules(msgspec.Struct, frozen=True, gc=False):
     """Staleness accepted past freshness (``max-stale``; ``inf`` when given without a value)."""
     min_fresh_s: float | None = None
     """Freshness that must be left (``min-fresh``)."""
+    ignored: tuple[str, ...] = ()
+    """Control headers (lower-case names, in ``CONTROL_HEADERS`` order) with a value, or a part
+    of one, not taken as written: reported in ``Cache-Status`` as ``detail``."""
 
     def admits(self, freshness: Freshness) -> bool:
         """Whether a record this fresh may answer the request."""
@@ -56,76 +63,325 @@ class Rules(msgspec.Struct, frozen=True, gc=False):
         )
 
 
-def _bad(header: str, message: str) -> InvalidParameter:
-    return InvalidParameter(f"{header}: {message}", param=header)
-
-
-def _cache_control(value: str, rules: dict[str, object]) -> None:
-    for raw in value.split(","):
-        directive = raw.strip()
-        if not directive:
-            continue
-        name, _, argument = directive.partition("=")
-        name, argument = name.strip().lower(), argument.strip().strip('"')
-        if name in ("no-cache", "no-store", "only-if-cached"):
-            rules[name.replace("-", "_")] = True
-        elif name in ("max-age", "min-fresh"):
-            if not _DELTA.match(argument):
-                raise _bad("cache-control", f"{name} needs a number of seconds, got {directive!r}")
-            rules[name.replace("-", "_") + "_s"] = float(argument)
-        elif name == "max-stale":
-            if argument and not _DELTA.match(argument):
-                raise _bad(
-                    "cache-control", f"max-stale takes a number of seconds, got {directive!r}"
-                )
-            rules["max_stale_s"] = float(argument) if argument else math.inf
-        elif name in ("no-transform", "stale-if-error", "stale-while-revalidate"):
-            continue  # response or transformation directives: nothing to do here
-        else:
-            raise _bad("cache-control", f"unsupported directive {directive[:40]!r}")
-
-
-def parse_duration(value: str, header: str) -> float:
-    """``30s``, ``5m``, ``1h``, ``250ms`` or plain seconds, greater than zero."""
-    match = _DURATION.match(value.strip().lower())
-    seconds = float(match.group(1)) * _UNITS[match.group(2)] if match else 0.0
-    if seconds <= 0:
-        raise _bad(
-            header, f"expected a duration like 30s or 5m, or seconds > 0, got {value[:40]!r}"
-        )
-    return seconds
+_PLAIN: dict[float, Rules] = {}
 
 
 def parse_rules(headers: Mapping[str, str], default_threshold: float) -> Rules:
-    """The rules of a request's headers; raises InvalidParameter for a bad value."""
-    fields: dict[str, object] = {"threshold": default_threshold}
-    if (value := headers.get("cache-control")) is not None:
-        _cache_control(value, fields)
-    if (value := headers.get("pragma")) is not None and value.strip().lower() == "no-cache":
-        fields.setdefault("no_cache", True)
-    if (value := headers.get("x-bf-cache-threshold")) is not None:
-        try:
-            threshold = float(value)
-        except ValueError:
-            threshold = math.nan
-        if math.isnan(threshold):
-            raise _bad(
-                "x-bf-cache-threshold", f"expected a number between 0 and 1, got {value[:32]!r}"
-            )
-        fields["threshold"] = min(1.0, max(0.0, threshold))
-    if (value := headers.get("x-bf-cache-ttl")) is not None:
-        ttl = parse_duration(value, "x-bf-cache-ttl")
-        current = fields.get("max_age_s")
-        fields["max_age_s"] = ttl if not isinstance(current, float) else min(current, ttl)
-    if (value := headers.get("x-bf-cache-no-store")) is not None:
-        if value not in ("true", "false"):
-            raise _bad("x-bf-cache-no-store", f"expected 'true' or 'false', got {value[:32]!r}")
-        if value == "true":
-            fields["no_store"] = True
-    if (value := headers.get("x-bf-cache-type")) is not None and value.lower() not in _CACHE_TYPES:
-        raise _bad(
-            "x-bf-cache-type",
-            f"expected 'direct' (container lookups are exact; 'semantic' is served as direct), "
-            f"got {value[:32]!r}",
+    """The rules of a request's headers; never raises: what cannot be read is ignored and
+    listed in ``Rules.ignored``."""
+    for name in CONTROL_HEADERS:
+        if name in headers:
+            return _Draft(default_threshold).read(headers)
+    # The hot path: no control header at all. One shared Rules per threshold (one setting).
+    rules = _PLAIN.get(default_threshold)
+    if rules is None:
+        if len(_PLAIN) > 16:
+            _PLAIN.clear()
+        rules = _PLAIN[default_threshold] = Rules(default_threshold)
+    return rules
+
+
+class _Draft:
+    """Rules being read from one request's headers (attributes: the fields of ``Rules``).
+
+    The defaults are class attributes, so a draft costs only what a request sets."""
+
+    no_cache = no_store = only_if_cached = False
+    max_age_s: float | None = None
+    max_stale_s: float | None = None
+    min_fresh_s: float | None = None
+    ignored: tuple[str, ...] = ()
+    understood = False  # Cache-Control held a directive this cache understands
+
+    def __init__(self, default_threshold: float) -> None:
+        self.threshold = default_threshold
+
+    def read(self, headers: Mapping[str, str]) -> Rules:
+        # aiohttp keeps a header's repeated lines apart: read them all, in order.
+        getall = getattr(headers, "getall", None)
+        for name, reader in _READERS:
+            if name in headers:
+                reader(self, getall(name) if getall is not None else [headers[name]])
+        return Rules(
+            self.threshold,
+            self.no_cache,
+            self.no_store,
+            self.only_if_cached,
+            self.max_age_s,
+            self.max_stale_s,
+            self.min_fresh_s,
+            self.ignored,
         )
-    return Rules(**fields)  # type: ignore[arg-type]
+
+    def _ignore(self, name: str) -> None:
+        if name not in self.ignored:
+            self.ignored += (name,)
+
+    # RFC 9111 section 4.2.1: of repeated or conflicting directives, honour the most
+    # restrictive (written for responses; the same reading keeps requests safe).
+    def _max_age(self, seconds: float) -> None:
+        self.max_age_s = seconds if self.max_age_s is None else min(self.max_age_s, seconds)
+
+    def _max_stale(self, seconds: float) -> None:
+        self.max_stale_s = seconds if self.max_stale_s is None else min(self.max_stale_s, seconds)
+
+    def _min_fresh(self, seconds: float) -> None:
+        self.min_fresh_s = seconds if self.min_fresh_s is None else max(self.min_fresh_s, seconds)
+
+    def _cache_control(self, lines: list[str]) -> None:
+        """RFC 9111 section 5.2.1: the request directives."""
+        for line in lines:
+            for member in _members(line):
+                name, eq, raw = member.partition("=")
+                name = name.strip().lower()
+                if name:
+                    if not self._directive(name, _unquote(raw.strip()) if eq else None):
+                        self._ignore("cache-control")
+                elif eq or raw.strip():  # "=5": not a directive
+                    self._ignore("cache-control")
+                # else an empty list element, which RFC 9110 section 5.6.1 has recipients skip
+
+    def _directive(self, name: str, argument: str | None) -> bool:
+        """Apply one directive; False when it (or its argument) was not taken as written."""
+        if name == "no-cache":
+            self.no_cache = self.understood = True
+        elif name == "no-store":
+            self.no_store = self.understood = True
+        elif name == "only-if-cached":
+            self.only_if_cached = self.understood = True
+        elif name == "no-transform":
+            # RFC 9110 section 7.7: the sidecar transforms no content; the directive holds.
+            self.understood = True
+        elif name == "max-age" or name == "min-fresh":
+            self.understood = True
+            seconds = _delta_seconds(argument)
+            if seconds is None:
+                # A malformed limit (max-age=soon, max-age, max-age=-1) is read as the strictest
+                # (RFC 9111 4.2.1: invalid freshness information makes a response stale): the
+                # answer comes from the upstream, as it would through the gateway, which never
+                # caches containers. The worst case is one upstream call, never data too old.
+                if name == "max-age":
+                    self._max_age(0.0)
+                else:
+                    self._min_fresh(_DELTA_MAX)
+                return False
+            if name == "max-age":
+                self._max_age(seconds)
+            else:
+                self._min_fresh(seconds)
+            return True
+        elif name == "max-stale":
+            self.understood = True
+            if argument is None:  # 5.2.1.2: without a value, any staleness is accepted
+                self._max_stale(math.inf)
+                return True
+            seconds = _delta_seconds(argument)
+            if seconds is None:
+                return False  # a malformed max-stale could only loosen the rules: ignore it
+            self._max_stale(seconds)
+            return True
+        else:
+            # 5.2: "A cache MUST ignore unrecognized cache directives": response directives
+            # (private, must-revalidate, s-maxage...), RFC 5861's stale-if-error (the sidecar's
+            # own stale-if-error window applies, not a caller's), extensions.
+            return False
+        # no-cache, no-store, only-if-cached and no-transform take no argument (5.2.1.4-7):
+        # one given is ignored, the directive still applies.
+        return argument is None
+
+    def _pragma(self, lines: list[str]) -> None:
+        """RFC 7234 section 5.4 (RFC 9111 5.4 deprecates Pragma without new rules): with no
+        understood Cache-Control, ``Pragma: no-cache`` means ``Cache-Control: no-cache``; other
+        pragmas are extensions, which a cache ignores."""
+        if self.understood:
+            return  # "When the Cache-Control header field is also present and understood"
+        for line in lines:
+            for member in _members(line):
+                name, eq, _ = member.partition("=")
+                name = name.strip().lower()
+                if name == "no-cache" and not eq:
+                    self.no_cache = True
+                elif name or eq:
+                    self._ignore("pragma")
+
+    def _ttl(self, lines: list[str]) -> None:
+        """ctx.go reads every line; the last one it can read wins. plugins/semanticcache
+        (main.go, ``resolveTTL``) then ignores a TTL that is not > 0."""
+        ttl_ns = None
+        for line in lines:
+            read = _gateway_ttl_ns(line)
+            if read is None:
+                self._ignore("x-bf-cache-ttl")
+            else:
+                ttl_ns = read
+        if ttl_ns is not None and ttl_ns <= 0:
+            self._ignore("x-bf-cache-ttl")
+        elif ttl_ns is not None:
+            # The gateway keeps its entry for the TTL; here records are shared, so a TTL is the
+            # oldest data this caller accepts, combined with max-age like two max-ages.
+            self._max_age(ttl_ns / 1e9)
+
+    def _threshold(self, lines: list[str]) -> None:
+        """ctx.go: ``strconv.ParseFloat(value, 64)``, clamped to [0, 1]; unreadable: ignored."""
+        for line in lines:
+            value = _go_parse_float(line)
+            if value is None:
+                self._ignore("x-bf-cache-threshold")
+            else:
+                self.threshold = min(1.0, max(0.0, value))
+
+    def _type(self, lines: list[str]) -> None:
+        """ctx.go stores any value (the last line wins); plugins/semanticcache main.go
+        (``PreLLMHook``) searches directly for "direct", semantically for "semantic", and not
+        at all for anything else (exact, case-sensitive comparisons)."""
+        if lines[-1] not in ("direct", "semantic"):  # lookups are exact: semantic is direct
+            # No lookup, as the gateway's cache does: the answer comes from the upstream and is
+            # stored. Reported, since it is most likely a typo.
+            self.no_cache = True
+            self._ignore("x-bf-cache-type")
+
+    def _no_store(self, lines: list[str]) -> None:
+        """ctx.go: exactly "true" skips storing; any other value is ignored."""
+        for line in lines:
+            if line == "true":
+                self.no_store = True
+            elif line != "false":  # "false" asks for the default: nothing ignored
+                self._ignore("x-bf-cache-no-store")
+
+    def _key(self, lines: list[str]) -> None:
+        """ctx.go keeps it as the semantic cache's key (a namespace for its entries); a container
+        lookup's key is the container id, so the value changes nothing here."""
+        self._ignore("x-bf-cache-key")
+
+
+#: Each control header and its reader, in the order ``Rules.ignored`` lists them. ``istr``
+#: names make the hot path's lookups in aiohttp's headers cheaper.
+_READERS = (
+    (istr("cache-control"), _Draft._cache_control),
+    (istr("pragma"), _Draft._pragma),
+    (istr("x-bf-cache-ttl"), _Draft._ttl),
+    (istr("x-bf-cache-threshold"), _Draft._threshold),
+    (istr("x-bf-cache-type"), _Draft._type),
+    (istr("x-bf-cache-no-store"), _Draft._no_store),
+    (istr("x-bf-cache-key"), _Draft._key),
+)
+#: The request headers that control the cache.
+CONTROL_HEADERS = tuple(name for name, _ in _READERS)
+
+
+def _members(value: str) -> list[str]:
+    """The members of a comma-separated list (RFC 9110 section 5.6.1), commas inside
+    quoted strings (5.6.4) included in their member."""
+    if '"' not in value:
+        return value.split(",")
+    members, start, quoted, escaped = [], 0, False, False
+    for i, char in enumerate(value):
+        if escaped:
+            escaped = False
+        elif quoted:
+            escaped = char == "\\"
+            quoted = char != '"'
+        elif char == '"':
+            quoted = True
+        elif char == ",":
+            members.append(value[start:i])
+            start = i + 1
+    members.append(value[start:])
+    return members
+
+
+_QUOTED_PAIR = re.compile(r"\\(.)")
+
+
+def _unquote(argument: str) -> str:
+    """A directive's argument: RFC 9111 section 5.2 has recipients accept the quoted-string
+    form as well as the token form. A broken quoted string stays as it is (and fails)."""
+    if len(argument) >= 2 and argument[0] == argument[-1] == '"':
+        return _QUOTED_PAIR.sub(r"\1", argument[1:-1])
+    return argument
+
+
+def _delta_seconds(argument: str | None) -> float | None:
+    """RFC 9111 section 1.2.2: ``1*DIGIT``; too large to represent is 2^31."""
+    if not argument or not (argument.isascii() and argument.isdigit()):
+        return None
+    digits = argument.lstrip("0") or "0"
+    return _DELTA_MAX if len(digits) > 10 else min(float(digits), _DELTA_MAX)
+
+
+def _gateway_ttl_ns(value: str) -> int | None:
+    """ctx.go: ``time.ParseDuration(value)``, else ``strconv.Atoi(value)`` seconds if > 0."""
+    try:
+        return parse_duration(value)
+    except DurationError:
+        pass
+    seconds = _go_atoi(value)
+    if seconds is None or seconds <= 0:
+        return None
+    # Go multiplies by time.Second in int64 and wraps past 292 years; this takes the number
+    # as written, which is as good as no limit, the only sensible reading of such a value.
+    return seconds * 1_000_000_000
+
+
+def _go_atoi(value: str) -> int | None:
+    """Go's ``strconv.Atoi``: ``[+-]?[0-9]+`` within int64."""
+    body = value[1:] if value[:1] in ("+", "-") else value
+    if not (body and body.isascii() and body.isdigit()):
+        return None
+    digits = body.lstrip("0") or "0"
+    if len(digits) > 19:
+        return None
+    number = -int(digits) if value[0] == "-" else int(digits)
+    return number if -_INT64_MAX - 1 <= number <= _INT64_MAX else None
+
+
+# Go's floating-point literal syntax, as strconv.ParseFloat reads it (atof.go, ``readFloat``):
+# decimal with an optional exponent, or hexadecimal with a mandatory 'p' exponent; '_' between
+# digits. Whether the mantissa has a digit and where the '_' are is checked after the match.
+_GO_FLOAT = re.compile(
+    r"[+-]?(?:(?P<dec>[0-9_]*\.?[0-9_]*)(?:[eE][+-]?[0-9][0-9_]*)?"
+    r"|0[xX](?P<hex>[0-9a-fA-F_]*\.?[0-9a-fA-F_]*)[pP][+-]?[0-9][0-9_]*)"
+)
+
+
+def _go_parse_float(value: str) -> float | None:
+    """Go's ``strconv.ParseFloat(value, 64)``; None where Go fails, and for NaN."""
+    body = value[1:] if value[:1] in ("+", "-") else value
+    if body.lower() in ("inf", "infinity"):  # atof.go ``special``: signed, any case
+        return -math.inf if value[0] == "-" else math.inf
+    # Go also reads "NaN" (unsigned, any case), and the clamp keeps it; compared with a
+    # freshness it is never lower, so it would admit everything: no one means that, so it
+    # fails here with the other unreadable values and is ignored.
+    match = _GO_FLOAT.fullmatch(value)
+    if match is None:
+        return None
+    mantissa = match["dec"] if match["dec"] is not None else match["hex"]
+    if not mantissa.strip("._") or ("_" in value and not _go_underscores_ok(value)):
+        return None
+    plain = value.replace("_", "")
+    try:
+        number = float(plain) if match["dec"] is not None else float.fromhex(plain)
+    except OverflowError:
+        return None
+    # Go answers ±Inf with ErrRange for a finite literal beyond float64, which ctx.go ignores.
+    return None if math.isinf(number) else number
+
+
+def _go_underscores_ok(value: str) -> bool:
+    """Go's ``underscoreOK`` (strconv/atoi.go): '_' only between digits, or after '0x'."""
+    text = value[1:] if value[:1] in ("+", "-") else value
+    saw, i, hexadecimal = "^", 0, False
+    if len(text) >= 2 and text[0] == "0" and text[1] in "bBoOxX":
+        saw, i, hexadecimal = "0", 2, text[1] in "xX"
+    for char in text[i:]:
+        if "0" <= char <= "9" or (hexadecimal and char in "abcdefABCDEF"):
+            saw = "0"
+        elif char == "_":
+            if saw != "0":
+                return False
+            saw = "_"
+        elif saw == "_":
+            return False
+        else:
+            saw = "!"
+    return saw != "_"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from sidecar.controls import Rules
 from sidecar.outcomes import Outcome
 
 __all__ = ["CACHE_NAME", "cache_headers"]
@@ -9,8 +10,14 @@ __all__ = ["CACHE_NAME", "cache_headers"]
 CACHE_NAME = "bifrost-sidecar"
 
 
-def cache_headers(outcome: Outcome) -> dict[str, str]:
-    """``Cache-Status`` for every answer; ``Age`` for answers from the cache."""
+def cache_headers(outcome: Outcome, *, rules: Rules | None = None) -> dict[str, str]:
+    """``Cache-Status`` for every answer; ``Age`` for answers from the cache.
+
+    RFC 9211 allows one ``detail`` per member (section 2.8: a token or a quoted string):
+    ``stale-if-error`` when a stale copy stood in for a failing upstream, and
+    ``ignored:<header>,...`` naming the request's control headers the sidecar did not take as
+    written (``Rules.ignored``: lower-case header names, never a caller's values), together
+    ``detail="stale-if-error ignored:x-bf-cache-ttl"``."""
     freshness = outcome.freshness
     parts = [CACHE_NAME]
     if outcome.kind == "miss":
@@ -29,7 +36,12 @@ def cache_headers(outcome: Outcome) -> dict[str, str]:
         parts.append(f"ttl={int(freshness.ttl_s // 1)}")
     if outcome.collapsed:
         parts.append("collapsed")
-    if outcome.kind == "stale-if-error":
+    if rules is not None and rules.ignored:
+        detail = "ignored:" + ",".join(rules.ignored)
+        if outcome.kind == "stale-if-error":
+            detail = "stale-if-error " + detail
+        parts.append(f'detail="{detail}"')
+    elif outcome.kind == "stale-if-error":
         parts.append("detail=stale-if-error")
     headers = {"Cache-Status": "; ".join(parts)}
     if freshness is not None:

@@ -7,7 +7,9 @@ from typing import Any
 
 import aiohttp
 import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
 
+from sidecar.controls import Rules, parse_rules
 from tests.conftest import Emulator, Running
 from tests.sidecar.test_retrieve import AUTH_A, KEY_A, get
 
@@ -72,6 +74,15 @@ async def test_no_cache_revalidates_and_is_counted_as_a_request_forward(
         ({"x-bf-cache-ttl": "5m"}, True),
         ({"x-bf-cache-type": "semantic"}, True),
         ({"x-bf-cache-threshold": "1"}, True),
+        # What HTTP libraries send: revalidate, do not store, must-revalidate ignored.
+        ({"Cache-Control": "no-cache, no-store, must-revalidate"}, False),
+        ({"Cache-Control": "max-age=0, private"}, False),
+        ({"Cache-Control": "max-age=soon"}, False),  # malformed: read as max-age=0
+        ({"Cache-Control": "max-age=99999999999999999999, immutable"}, True),
+        ({"x-bf-cache-ttl": "1h30m"}, True),
+        ({"x-bf-cache-ttl": "forever"}, True),  # unreadable: ignored, as the gateway does
+        ({"x-bf-cache-threshold": "abc"}, True),
+        ({"x-bf-cache-type": "fuzzy"}, False),  # the gateway's cache does no lookup for it
     ],
 )
 async def test_freshness_requirements(
@@ -121,31 +132,97 @@ async def test_no_store_keeps_the_answer_out_of_the_cache(
     assert emulator.retrieves(cid) == 2
 
 
-@pytest.mark.parametrize(
-    ("headers", "param"),
-    [
-        ({"Cache-Control": "max-age=soon"}, "cache-control"),
-        ({"Cache-Control": "max-age"}, "cache-control"),
-        ({"Cache-Control": "max-stale=-1"}, "cache-control"),
-        ({"Cache-Control": "private, bogus-directive"}, "cache-control"),
-        ({"x-bf-cache-ttl": "0"}, "x-bf-cache-ttl"),
-        ({"x-bf-cache-ttl": "forever"}, "x-bf-cache-ttl"),
-        ({"x-bf-cache-ttl": "-5s"}, "x-bf-cache-ttl"),
-        ({"x-bf-cache-no-store": "yes"}, "x-bf-cache-no-store"),
-        ({"x-bf-cache-type": "fuzzy"}, "x-bf-cache-type"),
-        ({"x-bf-cache-threshold": "nan"}, "x-bf-cache-threshold"),
-    ],
-)
-async def test_bad_control_values_are_a_400_naming_the_header(
-    sidecar: Running,
-    emulator: Emulator,
-    http: aiohttp.ClientSession,
-    headers: dict[str, str],
-    param: str,
+LENIENT = [
+    {"Cache-Control": "max-age=soon"},
+    {"Cache-Control": "max-age"},
+    {"Cache-Control": "max-stale=-1"},
+    {"Cache-Control": "private, bogus-directive"},
+    {"x-bf-cache-ttl": "0"},
+    {"x-bf-cache-ttl": "forever"},
+    {"x-bf-cache-ttl": "-5s"},
+    {"x-bf-cache-no-store": "yes"},
+    {"x-bf-cache-type": "fuzzy"},
+    {"x-bf-cache-threshold": "nan"},
+]
+
+
+@pytest.mark.parametrize("headers", LENIENT)
+async def test_values_the_gateway_or_the_rfc_ignore_are_answered_not_refused(
+    sidecar: Running, emulator: Emulator, http: aiohttp.ClientSession, headers: dict[str, str]
 ) -> None:
-    status, body, _ = await get(http, f"{sidecar.url}/openai/v1/containers/cntr_1",
+    cid = (await emulator.create(KEY_A))["id"]
+    status, body, _ = await get(http, f"{sidecar.url}/openai/v1/containers/{cid}",
                                 {**AUTH_A, **headers})  # fmt: skip
-    assert status == 400
-    assert body["error"]["param"] == param
-    assert param in body["error"]["message"]
-    assert emulator.retrieves() == 0
+    assert status == 200
+    assert body["id"] == cid
+
+
+@pytest.mark.xfail(
+    strict=True, reason="views.render must pass rules= to cache_headers; drop this mark then"
+)
+async def test_ignored_values_are_named_in_cache_status(
+    sidecar: Running, emulator: Emulator, http: aiohttp.ClientSession
+) -> None:
+    cid = await cached(sidecar, emulator, http)
+    headers = {**AUTH_A, "Cache-Control": "max-age=60, private", "x-bf-cache-ttl": "forever"}
+    _, body, answer = await get(http, f"{sidecar.url}/openai/v1/containers/{cid}", headers)
+    assert body["extra_fields"]["cache_debug"]["cache_hit"] is True
+    assert answer["Cache-Status"].endswith('; detail="ignored:cache-control,x-bf-cache-ttl"')
+
+
+def lines(*pairs: tuple[str, str]) -> CIMultiDictProxy[str]:
+    """Headers as aiohttp hands them over: case-insensitive, repeated lines kept apart."""
+    return CIMultiDictProxy(CIMultiDict(pairs))
+
+
+def test_a_request_without_controls_shares_one_rules_object() -> None:
+    plain = lines(("Authorization", "Bearer sk-bf-x"), ("Accept", "application/json"))
+    assert parse_rules(plain, 0.3) is parse_rules(lines(), 0.3)
+    assert parse_rules(plain, 0.3) == Rules(threshold=0.3)
+
+
+def test_a_plain_mapping_with_lower_case_names_works_too() -> None:
+    assert parse_rules({"cache-control": "no-cache"}, 0.0) == Rules(no_cache=True)
+
+
+@pytest.mark.parametrize(
+    ("pairs", "rules"),
+    [
+        # Every line counts; the last one the gateway can read wins (ctx.go visits them all).
+        ((("x-bf-cache-threshold", "0.2"), ("x-bf-cache-threshold", "0.7")), Rules(threshold=0.7)),
+        ((("x-bf-cache-threshold", "0.2"), ("x-bf-cache-threshold", "x")),
+         Rules(threshold=0.2, ignored=("x-bf-cache-threshold",))),
+        ((("x-bf-cache-no-store", "no"), ("x-bf-cache-no-store", "true")),
+         Rules(no_store=True, ignored=("x-bf-cache-no-store",))),
+        ((("x-bf-cache-type", "fuzzy"), ("x-bf-cache-type", "direct")), Rules()),
+        ((("x-bf-cache-ttl", "-1s"), ("x-bf-cache-ttl", "abc")), Rules(ignored=("x-bf-cache-ttl",))),
+        # Go's ParseFloat: '_' between digits, hex floats; no sign on NaN, no spaces.
+        ((("x-bf-cache-threshold", "0.2_5"),), Rules(threshold=0.25)),
+        ((("x-bf-cache-threshold", "_0.25"),), Rules(ignored=("x-bf-cache-threshold",))),
+        ((("x-bf-cache-threshold", "0.25_"),), Rules(ignored=("x-bf-cache-threshold",))),
+        ((("x-bf-cache-threshold", "0x1P-2"),), Rules(threshold=0.25)),
+        ((("x-bf-cache-threshold", "0x1"),), Rules(ignored=("x-bf-cache-threshold",))),
+        ((("x-bf-cache-threshold", "-Infinity"),), Rules(threshold=0.0)),
+        ((("x-bf-cache-threshold", "+nan"),), Rules(ignored=("x-bf-cache-threshold",))),
+        ((("x-bf-cache-threshold", "1e-400"),), Rules(threshold=0.0)),
+        ((("x-bf-cache-threshold", "\u0660.\u0665"),), Rules(ignored=("x-bf-cache-threshold",))),
+        # Go's Atoi: leading zeros and a sign are fine, other digits than ASCII are not.
+        ((("x-bf-cache-ttl", "0030"),), Rules(max_age_s=30.0)),
+        ((("x-bf-cache-ttl", "+0"),), Rules(ignored=("x-bf-cache-ttl",))),
+        ((("x-bf-cache-ttl", "\u0663\u0660"),), Rules(ignored=("x-bf-cache-ttl",))),
+        # Pragma is a list too; only no-cache means something.
+        ((("Pragma", "no-cache, x=1"),), Rules(no_cache=True, ignored=("pragma",))),
+        ((("Pragma", "No-Cache"),), Rules(no_cache=True)),
+    ],
+)  # fmt: skip
+def test_repeated_lines_and_go_syntax(pairs: tuple[tuple[str, str], ...], rules: Rules) -> None:
+    assert parse_rules(lines(*pairs), 0.0) == rules
+
+
+def test_huge_values_cost_no_more_than_their_length() -> None:
+    # No int() of a 100,000-digit number (Python refuses past 4,300 digits anyway): max-age is
+    # 2^31 (RFC 9111 1.2.2); Go's Atoi and ParseFloat fail on such numbers: ignored.
+    rules = parse_rules(lines(("Cache-Control", "max-age=" + "9" * 100_000),
+                              ("x-bf-cache-ttl", "9" * 100_000),
+                              ("x-bf-cache-threshold", "9" * 100_000)), 0.0)  # fmt: skip
+    assert rules == Rules(max_age_s=2.0**31, ignored=("x-bf-cache-ttl", "x-bf-cache-threshold"))
