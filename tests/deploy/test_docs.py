@@ -10,7 +10,7 @@ from types import ModuleType
 import yaml
 
 from sidecar.settings import Settings
-from tests.deploy.kustomize import build
+from tests.deploy.conftest import render
 
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "deploy" / "README.md"
@@ -52,9 +52,7 @@ def test_readme_lists_every_setting() -> None:
 def test_readme_snippet_is_the_example_apps_sidecar() -> None:
     (match,) = SNIPPET.findall(README.read_text())
     snippet = yaml.safe_load(match)["spec"]["template"]
-    rendered = {
-        o["metadata"]["name"]: o for o in build(REPO / "deploy/kubernetes/overlays/single-redis")
-    }
+    rendered = {o["metadata"]["name"]: o for o in render("deploy/kubernetes/overlays/single-redis")}
     template = rendered["example-app"]["spec"]["template"]
     (sidecar,) = template["spec"]["initContainers"]
     expected = yaml.safe_dump(sidecar, sort_keys=False)
@@ -66,5 +64,5 @@ def test_readme_snippet_is_the_example_apps_sidecar() -> None:
         assert volumes[mount["name"]] in snippet["spec"]["volumes"]
     labels = snippet["metadata"]["labels"]
     assert labels.items() <= template["metadata"]["labels"].items()
-    grace = template["spec"]["terminationGracePeriodSeconds"]
-    assert snippet["spec"]["terminationGracePeriodSeconds"] == grace
+    for field in ("terminationGracePeriodSeconds", "enableServiceLinks"):
+        assert snippet["spec"][field] == template["spec"][field], field

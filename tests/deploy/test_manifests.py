@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,11 +14,12 @@ from urllib.parse import urlsplit
 
 import kubernetes_validate
 import pytest
+import yaml
 
 from sidecar.app import create_app
 from sidecar.queue import queue_redis_settings
 from sidecar.settings import PROVIDERS, Settings, load_settings
-from tests.deploy.kustomize import Object, build, load_documents
+from tests.deploy.conftest import KUSTOMIZATIONS, Object, load_documents, render, tool
 from worker.cli import main as worker_main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -81,18 +83,40 @@ class Rendered:
 @pytest.fixture(scope="module", params=OVERLAYS)
 def rendered(request: pytest.FixtureRequest) -> Rendered:
     (secret,) = load_documents(SECRET_TEMPLATE)
-    return Rendered(request.param, build(KUBERNETES / "overlays" / request.param), secret)
+    return Rendered(request.param, render(f"deploy/kubernetes/overlays/{request.param}"), secret)
 
 
 def test_both_overlays_exist() -> None:
     assert OVERLAYS == ["cluster-sentinel", "single-redis"]
+    assert KUSTOMIZATIONS == [
+        "deploy/grafana",
+        "deploy/kubernetes/base",
+        "deploy/kubernetes/overlays/cluster-sentinel",
+        "deploy/kubernetes/overlays/single-redis",
+        "deploy/prometheus",
+    ]
 
 
+def test_kubectl_renders_with_kustomize_v5() -> None:
+    done = subprocess.run([tool("kubectl", "kubectl"), "version", "--client", "-o", "json"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    version = json.loads(done.stdout)["kustomizeVersion"]
+    assert version.startswith("v5."), f"kubectl's kustomize is {version}: install kubectl 1.27+"
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
-def test_objects_match_the_kubernetes_schemas(rendered: Rendered, version: str) -> None:
-    for obj in [*rendered.objects, rendered.secret]:
+def test_every_kustomization_renders_objects_of_the_kubernetes_schemas(
+    kustomization: str, version: str
+) -> None:
+    objects = render(kustomization)
+    assert objects, f"kubectl kustomize {kustomization} renders nothing"
+    if kustomization.endswith("/base"):
+        (secret,) = load_documents(SECRET_TEMPLATE)
+        objects.append(secret)
+    for obj in objects:
         if obj["apiVersion"] == OPERATOR_API:
-            continue
+            continue  # no schema offline: checked by structure below, the rules by promtool
         try:
             kubernetes_validate.validate(obj, version, strict=True)
         except kubernetes_validate.ValidationError as exc:
@@ -162,6 +186,31 @@ def test_pod_monitors_scrape_named_ports_of_real_pods(rendered: Rendered) -> Non
                 assert endpoint["port"] in ports, (
                     f"{monitor['metadata']['name']}: no port {endpoint['port']}"
                 )
+
+
+def test_no_pod_gets_service_link_variables(rendered: Rendered) -> None:
+    # Kubernetes gives every pod <SERVICE>_PORT=tcp://... for each Service of the namespace
+    # unless told not to: a Service named "sidecar" would set SIDECAR_PORT.
+    for workload, template in rendered.pods():
+        name = f"{workload['kind']}/{workload['metadata']['name']}"
+        assert template["spec"].get("enableServiceLinks") is False, (
+            f"{name}: set enableServiceLinks: false on its pod spec"
+        )
+
+
+def test_operator_objects_carry_the_release_label_set_in_one_place(rendered: Rendered) -> None:
+    (kustomization,) = load_documents(KUBERNETES / "base" / "kustomization.yaml")
+    (patch,) = [p for p in kustomization["patches"]
+                if p.get("target", {}).get("group") == "monitoring.coreos.com"]  # fmt: skip
+    assert patch["target"].keys() == {"group"}, "every PodMonitor and PrometheusRule"
+    (operation,) = yaml.safe_load(patch["patch"])
+    assert operation["path"] == "/metadata/labels/release"
+    for obj in rendered.objects:
+        labels = obj["metadata"].get("labels", {})
+        if obj["apiVersion"] == OPERATOR_API:
+            assert labels.get("release") == operation["value"], obj["metadata"]["name"]
+        else:
+            assert "release" not in labels, f"{obj['kind']}: only the operator selects on it"
 
 
 def _setting_names(mapping: dict[str, Any]) -> set[str]:
@@ -360,5 +409,5 @@ def test_secret_template_holds_only_placeholders() -> None:
     assert {"SIDECAR_KEY_SECRET", "SIDECAR_SERVICE_API_KEY"} <= secret["stringData"].keys()
     for name, value in secret["stringData"].items():
         assert "REPLACE_ME" in value, f"{name}: the template must not hold a real secret"
-    for overlay in OVERLAYS:
-        assert "Secret" not in {o["kind"] for o in build(KUBERNETES / "overlays" / overlay)}
+    for kustomization in KUSTOMIZATIONS:
+        assert "Secret" not in {o["kind"] for o in render(kustomization)}
