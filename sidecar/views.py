@@ -147,7 +147,7 @@ def render(outcome: Outcome, provider: str, rules: Rules, latency_ms: int) -> we
             copy.hit_body = (rules.threshold, body)
     else:
         body = _render_body(outcome, provider, rules, latency_ms)
-    headers = cache_headers(outcome)
+    headers = cache_headers(outcome, rules=rules)
     headers["Content-Type"] = "application/json"
     response = web.Response(body=body, status=record.status_code, headers=headers)
     response[OUTCOME] = (outcome, rules)

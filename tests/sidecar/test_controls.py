@@ -157,9 +157,6 @@ async def test_values_the_gateway_or_the_rfc_ignore_are_answered_not_refused(
     assert body["id"] == cid
 
 
-@pytest.mark.xfail(
-    strict=True, reason="views.render must pass rules= to cache_headers; drop this mark then"
-)
 async def test_ignored_values_are_named_in_cache_status(
     sidecar: Running, emulator: Emulator, http: aiohttp.ClientSession
 ) -> None:
