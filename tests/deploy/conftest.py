@@ -20,17 +20,25 @@ KUSTOMIZATIONS = sorted(p.parent.relative_to(REPO).as_posix()
 Object = dict[str, Any]
 
 
-def tool(name: str, package: str) -> str:
+#: How to get each tool the tests run.
+INSTALL = {
+    "kubectl": "install kubectl 1.27 or later (it ships kustomize v5)",
+    "promtool": "install Debian's prometheus package (bash scripts/test does)",
+    "prometheus": "install Debian's prometheus package (bash scripts/test does)",
+}
+
+
+def tool(name: str) -> str:
     """The path of an operator's tool; fails (never skips) when it is not installed."""
     path = shutil.which(name)
     if path is None:
-        pytest.fail(f"{name} is not installed: install {package} (bash scripts/test does)")
+        pytest.fail(f"{name} is not installed: {INSTALL[name]}")
     return path
 
 
 @functools.cache
 def _kustomize(directory: str) -> str:
-    kubectl = tool("kubectl", "kubectl (it ships kustomize v5)")
+    kubectl = tool("kubectl")
     done = subprocess.run([kubectl, "kustomize", str(REPO / directory)],
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     if done.returncode != 0:

@@ -37,7 +37,7 @@ def rules_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def promtool(*args: str | Path, cwd: Path) -> str:
-    done = subprocess.run([tool("promtool", "Debian's prometheus package"), *map(str, args)],
+    done = subprocess.run([tool("promtool"), *map(str, args)],
                           cwd=cwd, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 0, f"promtool {' '.join(map(str, args))}:\n{done.stdout}{done.stderr}"
     return done.stdout

@@ -98,7 +98,7 @@ def test_both_overlays_exist() -> None:
 
 
 def test_kubectl_renders_with_kustomize_v5() -> None:
-    done = subprocess.run([tool("kubectl", "kubectl"), "version", "--client", "-o", "json"],
+    done = subprocess.run([tool("kubectl"), "version", "--client", "-o", "json"],
                           capture_output=True, text=True, check=True)  # fmt: skip
     version = json.loads(done.stdout)["kustomizeVersion"]
     assert version.startswith("v5."), f"kubectl's kustomize is {version}: install kubectl 1.27+"

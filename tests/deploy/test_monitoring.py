@@ -320,7 +320,7 @@ def _wait_for(prometheus: Prometheus, expr: str, logs: list[Path]) -> None:
 @pytest.fixture(scope="module")
 def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
     """Prometheus with the alert rules, scraping a sidecar and a worker that saw some traffic."""
-    prometheus_binary = tool("prometheus", "Debian's prometheus package")
+    prometheus_binary = tool("prometheus")
     workdir = tmp_path_factory.mktemp("monitoring")
     redis = RedisServer(workdir).start()
     processes: list[subprocess.Popen[bytes]] = []
