@@ -1,8 +1,10 @@
-"""The refresh queue as the sidecar sees it: job names (defined once) and how to enqueue.
+"""The refresh queue: job names (defined once), how to enqueue, and the backlog.
 
-The sidecar only enqueues; the workers (``worker/``) run the jobs. Each container has at most
-one refresh job at a time (arq ``_job_id``, results not kept), and each process sends at most one
-enqueue per container per second, so a thousand stale reads make one job.
+The sidecar only enqueues; the workers (``worker/``) run the jobs. A stale read asks for a job
+of its container's own (at most one at a time: arq ``_job_id``, results not kept; each process
+sends at most one enqueue per container per second), so a thousand stale reads make one job.
+Refresh-ahead (in the workers) renews many containers with one batch job. The queue holds
+refresh jobs only, so its backlog is a count of them.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import secrets
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from arq.connections import ArqRedis, RedisSettings, create_pool
@@ -21,20 +25,26 @@ from sidecar.metrics import Metrics
 from sidecar.settings import Settings, SettingsError
 
 __all__ = [
-    "REFRESH_AHEAD_JOB",
+    "REFRESH_BATCH_JOB",
     "REFRESH_JOB",
     "ArqRefresher",
+    "Renewal",
     "create_queue_pool",
+    "enqueue_refresh_batch",
     "enqueue_refresh_job",
     "queue_redis_settings",
+    "refresh_backlog",
     "refresh_job_id",
 ]
 
 log = logging.getLogger(__name__)
 
 REFRESH_JOB = "refresh_container"
-REFRESH_AHEAD_JOB = "refresh_ahead"
+REFRESH_BATCH_JOB = "refresh_batch"
 _ENQUEUE_DEDUP_S = 1.0
+
+#: One renewal of a batch: ``(provider, container_id, due_ms)``, plain data for arq's pickle.
+Renewal = tuple[str, str, int]
 
 
 def refresh_job_id(provider: str, container_id: str) -> str:
@@ -76,8 +86,13 @@ async def enqueue_refresh_job(
     container_id: str,
     due_ms: int,
     delay_s: float = 0.0,
+    job_try: int | None = None,
 ) -> bool:
-    """Queue a container's refresh unless one is queued or running; True when queued."""
+    """Queue a container's refresh unless one is queued or running; True when queued.
+
+    ``job_try`` above 1 hands the job a renewal a batch started (and claimed) but could not
+    finish: it retries without claiming again.
+    """
     job = await pool.enqueue_job(
         REFRESH_JOB,
         provider,
@@ -88,8 +103,34 @@ async def enqueue_refresh_job(
         _defer_by=delay_s or None,
         # A refresh nobody ran in time is no longer worth running: stale reads enqueue anew.
         _expires=delay_s + max(settings.max_stale_s, 30.0),
+        _job_try=job_try,
     )
     return job is not None
+
+
+async def enqueue_refresh_batch(
+    pool: ArqRedis,
+    settings: Settings,
+    renewals: Sequence[Renewal],
+    start_ms: int,
+    expires_s: float,
+) -> None:
+    """Queue one job renewing ``renewals`` from ``start_ms`` (unix ms), dropped if not started
+    within ``expires_s`` (refresh-ahead plans the renewals again by then)."""
+    delay_s = max(0.0, start_ms / 1000 - time.time())
+    await pool.enqueue_job(
+        REFRESH_BATCH_JOB,
+        list(renewals),
+        _job_id=f"refresh-batch:{secrets.token_hex(8)}",
+        _queue_name=settings.queue_name,
+        _defer_by=delay_s or None,
+        _expires=delay_s + expires_s,
+    )
+
+
+async def refresh_backlog(pool: ArqRedis, settings: Settings) -> int:
+    """Refresh jobs due now and not finished (queued or running; deferred ones not counted)."""
+    return int(await pool.zcount(settings.queue_name, "-inf", time.time_ns() // 1_000_000))
 
 
 async def create_queue_pool(settings: Settings) -> ArqRedis:
@@ -118,12 +159,12 @@ class ArqRefresher:
             await close_redis(self._pool)
 
     async def backlog(self) -> int | None:
-        """Jobs waiting in the queue (None while it cannot be reached)."""
+        """Refresh jobs due and not finished (None while the queue cannot be reached)."""
         pool = await self._queue()
         if pool is None:
             return None
         try:
-            return int(await pool.zcard(self._settings.queue_name))
+            return await refresh_backlog(pool, self._settings)
         except (OSError, RedisError):
             return None
 

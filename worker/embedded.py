@@ -16,8 +16,9 @@ from sidecar.errors import StoreUnavailable
 from sidecar.flight import BackgroundTasks
 from sidecar.metrics import Metrics
 from sidecar.settings import Settings
+from worker.ahead import Batch, run_refresh_ahead
 from worker.main import WorkerDeps, build_deps
-from worker.refresh import RetryLater
+from worker.refresh import RetryLater, now_ms
 
 __all__ = ["EmbeddedWorker", "start_embedded_worker"]
 
@@ -33,12 +34,17 @@ class EmbeddedWorker:
         self._queued: set[tuple[str, str]] = set()
 
     def start(self) -> None:
-        """Start the refresh-ahead loop."""
-        self._tasks.spawn(self._refresh_ahead())
+        """Start refresh-ahead."""
+        deps = self._deps
+        self._tasks.spawn(
+            run_refresh_ahead(deps.settings, deps.planner, deps.metrics, deps.redis, self._batch)
+        )
 
     async def close(self) -> None:
-        """Stop the loop and the refreshes still running."""
+        """Stop refresh-ahead and the refreshes still running; finish the saves under way."""
         await self._tasks.close()
+        await self._deps.runner.close()
+        await self._deps.store.close()
 
     async def backlog(self) -> int | None:
         """Refreshes queued or running in this process."""
@@ -48,20 +54,28 @@ class EmbeddedWorker:
         self, provider: str, container_id: str, due_ms: int, delay_s: float = 0.0
     ) -> None:
         """Refresh a container (unless one is already queued for it)."""
+        await self._enqueue(provider, container_id, due_ms, delay_s, 1)
+
+    async def _enqueue(
+        self, provider: str, container_id: str, due_ms: int, delay_s: float, attempt: int
+    ) -> bool:
         key = (provider, container_id)
         jobs = self._deps.metrics.refresh_jobs
         if key in self._queued:
             jobs.labels("deduplicated").inc()
-            return
+            return False
         jobs.labels("enqueued").inc()
         self._queued.add(key)
-        self._tasks.spawn(self._refresh(key, due_ms, delay_s))
+        self._tasks.spawn(self._refresh(key, due_ms, delay_s, attempt))
+        return True
 
-    async def _refresh(self, key: tuple[str, str], due_ms: int, delay_s: float) -> None:
+    async def _refresh(
+        self, key: tuple[str, str], due_ms: int, delay_s: float, first_attempt: int
+    ) -> None:
         try:
             await asyncio.sleep(delay_s)
             deps = self._deps
-            for attempt in range(1, deps.settings.refresh_max_tries + 1):
+            for attempt in range(first_attempt, deps.settings.refresh_max_tries + 1):
                 try:
                     deps.count(await deps.runner.refresh(*key, due_ms, attempt))
                     return
@@ -75,12 +89,19 @@ class EmbeddedWorker:
         finally:
             self._queued.discard(key)
 
-    async def _refresh_ahead(self) -> None:
-        while True:
-            for provider, container_id, due_ms, delay_s in await self._deps.planner.plan():
-                await self.enqueue_refresh(provider, container_id, due_ms, delay_s)
-            await self._deps.stats.flush()
-            await asyncio.sleep(self._deps.settings.refresh_tick_s)
+    async def _batch(self, batch: Batch) -> None:
+        self._tasks.spawn(self._run_batch(batch))
+
+    async def _run_batch(self, batch: Batch) -> None:
+        start_ms, renewals = batch
+        await asyncio.sleep(max(0.0, (start_ms - now_ms()) / 1000))
+        deps = self._deps
+        outcome = await deps.runner.refresh_batch(renewals)
+        for result, times in outcome.results.items():
+            deps.count(result, times)
+        for (provider, container_id, due_ms), delay_s in outcome.retry:
+            if not await self._enqueue(provider, container_id, due_ms, delay_s, 2):
+                await deps.runner.writes.give_back(provider, container_id, due_ms)
 
 
 def start_embedded_worker(

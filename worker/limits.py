@@ -4,12 +4,14 @@ Slots are leases in a sorted set scored by when they were taken; a lease older t
 ``lease_s`` (its worker died) no longer counts. A worker takes slots in blocks of up to
 ``block`` and hands them out locally, so most calls cost no Redis round trip: a block is used for
 new calls only while every call started on it ends before the lease does, and is given back as
-soon as it is idle.
+soon as it is idle. Within a process, calls beyond ``local_limit`` (the upstream connection
+pool's size) queue in order on a semaphore instead of polling for slots.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import random
@@ -21,6 +23,7 @@ from typing import Any
 
 from sidecar.errors import UpstreamTimeout
 from sidecar.keys import KeySpace
+from sidecar.store import REDIS_ERRORS
 
 __all__ = ["ProviderLimiter"]
 
@@ -57,9 +60,16 @@ class ProviderLimiter:
     """At most ``limit`` upstream calls in flight per provider, across all workers."""
 
     def __init__(
-        self, redis: Any, keys: KeySpace, limit: int, call_s: float, block: int = 16
+        self,
+        redis: Any,
+        keys: KeySpace,
+        limit: int,
+        call_s: float,
+        block: int = 16,
+        local_limit: int | None = None,
     ) -> None:
         self._redis = redis
+        self._local = asyncio.Semaphore(min(limit, local_limit or limit))
         self._keys = keys
         self._limit = limit
         self._call_s = call_s
@@ -71,13 +81,15 @@ class ProviderLimiter:
 
     @asynccontextmanager
     async def slot(self, provider: str) -> AsyncIterator[None]:
-        """Hold one of the provider's slots; waits at most one call's time for it."""
-        block = await self._take(provider)
-        try:
-            yield
-        finally:
-            block.in_use -= 1
-            await self._tidy(provider)
+        """Hold one of the provider's slots; waits at most one call's time for it (once this
+        process has a free connection for the call)."""
+        async with self._local:
+            block = await self._take(provider)
+            try:
+                yield
+            finally:
+                block.in_use -= 1
+                await self._tidy(provider)
 
     async def _take(self, provider: str) -> _Block:
         state = self._providers.setdefault(provider, _Provider())
@@ -89,7 +101,9 @@ class ProviderLimiter:
                 return block
             async with state.lock:
                 if not self._free_block(state):
-                    await self._lease(provider, state)
+                    # Redis failing: no slots for now (the call times out waiting, and is retried).
+                    with contextlib.suppress(*REDIS_ERRORS):
+                        await self._lease(provider, state)
             if self._free_block(state):
                 continue
             if time.monotonic() > deadline:
@@ -124,4 +138,5 @@ class ProviderLimiter:
         for block in idle:
             state.blocks.remove(block)
         tokens = [token for block in idle for token in block.tokens]
-        await self._redis.zrem(self._keys.semaphore(provider), *tokens)
+        with contextlib.suppress(*REDIS_ERRORS):  # if not given back, they lapse with the lease
+            await self._redis.zrem(self._keys.semaphore(provider), *tokens)

@@ -1,4 +1,4 @@
-"""The arq worker: refresh jobs, the refresh-ahead tick, and the resources they share."""
+"""The arq worker: refresh jobs, refresh-ahead, and the resources they share."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-from arq import Retry, cron
+from arq import Retry
 from arq.worker import func
 
 from sidecar.connections import close_redis, create_redis
@@ -17,21 +17,32 @@ from sidecar.errors import StoreUnavailable
 from sidecar.keys import KeySpace
 from sidecar.metrics import Metrics
 from sidecar.queue import (
-    REFRESH_AHEAD_JOB,
+    REFRESH_BATCH_JOB,
     REFRESH_JOB,
+    Renewal,
+    enqueue_refresh_batch,
     enqueue_refresh_job,
     queue_redis_settings,
 )
 from sidecar.reads import flush_every
 from sidecar.settings import Settings
 from sidecar.stats import FleetStats
-from sidecar.store import Breaker, CacheStore
+from sidecar.store import REDIS_ERRORS, Breaker, CacheStore
 from sidecar.upstream import Upstream, create_session
+from worker.ahead import Batch, RefreshPlanner, run_refresh_ahead
 from worker.http import start_worker_http
 from worker.limits import ProviderLimiter
-from worker.refresh import RefreshPlanner, RefreshRunner, RetryLater, event_of
+from worker.queue_worker import QueueWorker
+from worker.refresh import RefreshRunner, RetryLater, event_of
 
-__all__ = ["WorkerDeps", "refresh_ahead", "refresh_container", "worker_options"]
+__all__ = [
+    "WorkerDeps",
+    "build_deps",
+    "create_worker",
+    "refresh_batch",
+    "refresh_container",
+    "worker_options",
+]
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +60,17 @@ class WorkerDeps:
     metrics: Metrics
     stats: FleetStats
 
-    def count(self, result: str) -> str:
+    def count(self, result: str, times: int = 1) -> str:
         """Count a refresh's result; returns it."""
-        self.metrics.refresh_jobs.labels(event_of(result)).inc()
+        self.metrics.refresh_jobs.labels(event_of(result)).inc(times)
         return result
+
+    async def close(self) -> None:
+        """Finish the saves under way, then close the connections."""
+        await self.runner.close()
+        await self.store.close()
+        await self.session.close()
+        await close_redis(self.redis)
 
 
 def build_deps(
@@ -64,7 +82,11 @@ def build_deps(
     store = CacheStore(redis, keys, breaker)
     stats = FleetStats(store)
     limiter = ProviderLimiter(
-        redis, keys, settings.provider_concurrency, call_s=settings.upstream_timeout_s
+        redis,
+        keys,
+        settings.provider_concurrency,
+        call_s=settings.upstream_timeout_s,
+        local_limit=settings.upstream_max_connections,
     )
     upstream = Upstream(session, settings, metrics, caller="worker", stats=stats)
     runner = RefreshRunner(store, upstream, limiter, settings)
@@ -83,7 +105,7 @@ def build_deps(
 async def refresh_container(
     ctx: dict[str, Any], provider: str, container_id: str, due_ms: int
 ) -> str:
-    """Job: refresh one container with the service credential."""
+    """Job: refresh one container with the service credential (a stale read asked)."""
     deps: WorkerDeps = ctx["deps"]
     attempt = int(ctx.get("job_try", 1))
     try:
@@ -99,28 +121,51 @@ async def refresh_container(
         raise Retry(defer=exc.delay_s) from exc
 
 
-async def refresh_ahead(ctx: dict[str, Any]) -> int:
-    """Cron job: enqueue the renewals of read entries that go stale before the next tick."""
+async def refresh_batch(ctx: dict[str, Any], renewals: list[Renewal]) -> str:
+    """Job: renew the containers refresh-ahead planned; upstream failures are retried by jobs
+    of their own (which take over the renewal's claim)."""
     deps: WorkerDeps = ctx["deps"]
-    queue = ctx["redis"]
-    enqueued = 0
-    for provider, container_id, due_ms, delay_s in await deps.planner.plan():
-        queued = await enqueue_refresh_job(
-            queue, deps.settings, provider, container_id, due_ms, delay_s
-        )
-        enqueued += queued
-        deps.metrics.refresh_jobs.labels("enqueued" if queued else "deduplicated").inc()
-    return enqueued
+    outcome = await deps.runner.refresh_batch([(p, c, int(d)) for p, c, d in renewals])
+    for result, times in outcome.results.items():
+        deps.count(result, times)
+    for (provider, container_id, due_ms), delay_s in outcome.retry:
+        try:
+            queued = await enqueue_refresh_job(
+                ctx["redis"], deps.settings, provider, container_id, due_ms, delay_s, job_try=2
+            )
+        except REDIS_ERRORS:
+            deps.count("failed")  # the claim lapses, and refresh-ahead plans it again
+            continue
+        if queued:
+            deps.metrics.refresh_jobs.labels("retried").inc()
+        else:  # a stale read's job is queued: let it claim the renewal
+            await deps.runner.writes.give_back(provider, container_id, due_ms)
+            deps.metrics.refresh_jobs.labels("deduplicated").inc()
+    return outcome.summary()
 
 
 async def _startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
     redis = create_redis(settings)
     session = create_session(settings)
-    deps = build_deps(settings, redis, session, Metrics("worker"))
+    deps = build_deps(settings, redis, session, _metrics(settings))
     ctx["deps"] = deps
-    ctx["flush"] = asyncio.create_task(flush_every(1.0, deps.stats.flush))
-    ctx["http"] = await start_worker_http(deps, ctx["redis"])
+    queue = ctx["redis"]
+    tasks = [asyncio.ensure_future(flush_every(1.0, deps.stats.flush))]
+    if ctx.get("refresh_ahead", True):
+
+        async def enqueue(batch: Batch) -> None:
+            start_ms, renewals = batch
+            expires_s = deps.planner.claim_ms / 1000
+            await enqueue_refresh_batch(queue, settings, renewals, start_ms, expires_s)
+
+        tasks.append(
+            asyncio.ensure_future(
+                run_refresh_ahead(settings, deps.planner, deps.metrics, queue, enqueue)
+            )
+        )
+    ctx["tasks"] = tasks
+    ctx["http"] = await start_worker_http(deps, queue)
     log.info(
         "worker ready: queue %r, %d concurrent jobs, refresh-ahead every %ds for entries read "
         "in the last %.0fs",
@@ -131,25 +176,32 @@ async def _startup(ctx: dict[str, Any]) -> None:
     )
 
 
+def _metrics(settings: Settings) -> Metrics:
+    return Metrics("worker", providers=settings.container_providers)
+
+
 async def _shutdown(ctx: dict[str, Any]) -> None:
     deps: WorkerDeps | None = ctx.get("deps")
     if deps is None:
         return
     if ctx.get("http") is not None:
         await ctx["http"].cleanup()
-    ctx["flush"].cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await ctx["flush"]
-    await deps.session.close()
-    await close_redis(deps.redis)
+    for task in ctx["tasks"]:
+        task.cancel()
+    for task in ctx["tasks"]:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    await deps.close()
 
 
-def worker_options(settings: Settings) -> dict[str, Any]:
-    """Keyword arguments of ``arq.Worker`` for these settings."""
-    # A refresh waits at most one upstream timeout for a provider slot, then makes one call.
-    # arq re-runs a job whose worker died once this plus 10 s has passed.
+def worker_options(settings: Settings, *, refresh_ahead: bool = True) -> dict[str, Any]:
+    """Keyword arguments of :class:`QueueWorker` (an ``arq.Worker``) for these settings;
+    without ``refresh_ahead`` it runs queued jobs only (a burst worker)."""
+    # A refresh waits at most one upstream timeout for a provider slot, then makes one call; a
+    # batch also waits its turn for one of this process's connections. These bound a job that
+    # hangs: a job whose worker died is run again once its lease (3 s, renewed) lapses.
     job_timeout_s = settings.upstream_timeout_s * 2 + 2
-    tick = settings.refresh_tick_s
+    batch_timeout_s = settings.upstream_timeout_s * 4 + 10
     return {
         "functions": [
             func(
@@ -158,19 +210,14 @@ def worker_options(settings: Settings) -> dict[str, Any]:
                 keep_result=0,
                 max_tries=settings.refresh_max_tries + 1,
                 timeout=job_timeout_s,
-            )
-        ],
-        "cron_jobs": [
-            cron(
-                refresh_ahead,
-                name=REFRESH_AHEAD_JOB,
-                second=set(range(0, 60, tick)),
-                microsecond=0,
-                unique=True,
-                run_at_startup=True,
+            ),
+            func(
+                refresh_batch,
+                name=REFRESH_BATCH_JOB,
                 keep_result=0,
-                timeout=max(tick * 3, 5),
-            )
+                max_tries=3,  # runs again only when its worker died
+                timeout=batch_timeout_s,
+            ),
         ],
         "redis_settings": queue_redis_settings(settings),
         "queue_name": settings.queue_name,
@@ -182,5 +229,11 @@ def worker_options(settings: Settings) -> dict[str, Any]:
         "health_check_interval": 10,
         "on_startup": _startup,
         "on_shutdown": _shutdown,
-        "ctx": {"settings": settings},
+        "ctx": {"settings": settings, "refresh_ahead": refresh_ahead},
     }
+
+
+def create_worker(settings: Settings, **options: Any) -> QueueWorker:
+    """The worker for these settings; ``options`` override :func:`worker_options`'."""
+    refresh_ahead = not options.get("burst", False)
+    return QueueWorker(**{**worker_options(settings, refresh_ahead=refresh_ahead), **options})

@@ -1,26 +1,63 @@
 """What a refresh does: one upstream call with the service credential, and the record rewritten.
 
-Used by the arq jobs (``worker.main``) and by the embedded worker (``worker.embedded``).
+A stale read's job refreshes one container (:meth:`RefreshRunner.refresh`); refresh-ahead renews
+many with one job (:meth:`RefreshRunner.refresh_batch`): one pipeline reads their records, the
+calls run concurrently under the provider cap, and the answers are saved in pipelines as they
+come in (:class:`WriteBehind`). Used by the arq jobs (``worker.main``) and the embedded worker.
+
+A refresh claims its container's entry in the due set first (refresh-ahead claims a whole plan
+at once), so a stale read's job and a refresh-ahead batch never call the upstream for the same
+container together; the save of the refreshed record gives the entry back.
+
+A container the service credential cannot see (401, 403, 404: another project's) is never
+deleted: its callers may still see it. The record is handed over to them (``inline_refresh``,
+same freshness and expiry), and the workers leave it alone from then on.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import msgspec
 
 from sidecar.errors import StoreUnavailable, UpstreamFailure
+from sidecar.keys import member
 from sidecar.policy import Policy
+from sidecar.queue import Renewal
+from sidecar.records import Record, decode_record
 from sidecar.settings import Settings
 from sidecar.store import CacheStore
 from sidecar.throttle import Throttle
-from sidecar.upstream import Upstream
+from sidecar.upstream import Upstream, UpstreamReply
 from worker.limits import ProviderLimiter
 
-__all__ = ["RefreshPlanner", "RefreshRunner", "RetryLater", "event_of"]
+__all__ = [
+    "EVENTS",
+    "BatchOutcome",
+    "RefreshRunner",
+    "RetryLater",
+    "WriteBehind",
+    "event_of",
+    "now_ms",
+]
 
-_EVENTS = {"refreshed": "succeeded", "deleted": "succeeded", "failed": "failed",
-           "refused": "failed", "store-unavailable": "failed"}  # fmt: skip
+log = logging.getLogger(__name__)
+
+#: The ``sidecar_refresh_jobs_total`` events the workers count, and no others.
+EVENTS = ("enqueued", "deduplicated", "succeeded", "failed", "retried", "skipped")
+_EVENTS = {"refreshed": "succeeded", "failed": "failed", "refused": "failed",
+           "store-unavailable": "failed", "deduplicated": "deduplicated"}  # fmt: skip
+# Whatever else a refresh ends with (lapsed, terminal, inline, handed-over, already-fresh,
+# throttled, no-service-key) is "skipped": nothing needed doing, or someone else does it.
+
+# A refused service credential is an operator's problem: said at most this often per provider.
+_REFUSED_LOG_EVERY_S = 60.0
 
 
 def event_of(result: str) -> str:
@@ -28,7 +65,9 @@ def event_of(result: str) -> str:
     return _EVENTS.get(result, "skipped")
 
 
-log = logging.getLogger(__name__)
+def now_ms() -> int:
+    """Wall-clock unix milliseconds."""
+    return time.time_ns() // 1_000_000
 
 
 class RetryLater(Exception):
@@ -39,13 +78,72 @@ class RetryLater(Exception):
         self.delay_s = delay_s
 
 
-def now_ms() -> int:
-    """Wall-clock unix milliseconds."""
-    return time.time_ns() // 1_000_000
+@dataclass
+class BatchOutcome:
+    """What a batch did: a count per result word, and the renewals to retry (with a delay)."""
+
+    results: Counter[str] = field(default_factory=Counter)
+    retry: list[tuple[Renewal, float]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """``"118 refreshed, 2 already-fresh"`` (for the job's log line)."""
+        words = [f"{n} {word}" for word, n in sorted(self.results.items())]
+        if self.retry:
+            words.append(f"{len(self.retry)} to retry")
+        return ", ".join(words) or "nothing"
+
+
+class WriteBehind:
+    """Saves refreshed records (and gives back claims) in pipelines: whatever is ready within
+    ``delay_s`` of the first goes together. Each call answers whether its write succeeded."""
+
+    def __init__(self, store: CacheStore, policy: Policy, delay_s: float = 0.005) -> None:
+        self._store = store
+        self._policy = policy
+        self._delay_s = delay_s
+        self._records: list[Record] = []
+        self._due: dict[str, int] = {}
+        self._flushed: asyncio.Future[bool] | None = None
+        self._flushes: set[asyncio.Task[None]] = set()
+
+    async def save(self, record: Record) -> bool:
+        """Store a refreshed record (as ``CacheStore.save``, without grants)."""
+        self._records.append(record)
+        return await asyncio.shield(self._next_flush())
+
+    async def give_back(self, provider: str, container_id: str, due_ms: int) -> bool:
+        """Put a claimed entry back in the due set at ``due_ms`` (its refresh did not happen)."""
+        self._due[member(provider, container_id)] = due_ms
+        return await asyncio.shield(self._next_flush())
+
+    def _next_flush(self) -> asyncio.Future[bool]:
+        if self._flushed is None:
+            self._flushed = asyncio.get_running_loop().create_future()
+            task = asyncio.ensure_future(self._flush(self._flushed))
+            self._flushes.add(task)
+            task.add_done_callback(self._flushes.discard)
+        return self._flushed
+
+    async def _flush(self, done: asyncio.Future[bool]) -> None:
+        try:
+            await asyncio.sleep(self._delay_s)
+            records, due = self._records, self._due
+            self._records, self._due, self._flushed = [], {}, None
+            await self._store.save_many(records, self._policy, due)
+            done.set_result(True)
+        except StoreUnavailable:
+            done.set_result(False)
+        finally:
+            if not done.done():  # cancelled (shutdown): the waiters are being cancelled too
+                done.cancel()
+
+    async def close(self) -> None:
+        """Let the flushes under way finish."""
+        await asyncio.gather(*self._flushes, return_exceptions=True)
 
 
 class RefreshRunner:
-    """Refreshes one container; returns what happened (a word for logs and metrics)."""
+    """Refreshes containers; each refresh ends with a word (for logs and metrics)."""
 
     def __init__(
         self, store: CacheStore, upstream: Upstream, limiter: ProviderLimiter, settings: Settings
@@ -55,81 +153,170 @@ class RefreshRunner:
         self.limiter = limiter
         self.policy = Policy(settings)
         self.throttle = Throttle(store, settings.retry_after_default_s)
+        self.writes = WriteBehind(store, self.policy)
         self._settings = settings
+        self._horizon_ms = (settings.refresh_tick_s + settings.refresh_lead_s) * 1000
+        self.claim_ms = claim_ms(settings)
+        self._refused_logged: dict[str, float] = {}
 
     async def refresh(self, provider: str, container_id: str, due_ms: int, attempt: int) -> str:
-        """Refresh unless it is no longer needed; raises RetryLater on upstream failures."""
-        key = self._settings.service_key_for(provider)
-        if key is None:
+        """Refresh a container (a stale read's job) unless it is no longer needed or another
+        refresh holds it; raises RetryLater on upstream failures. Attempts after the first own
+        the claim the first took (or a batch handed over)."""
+        if self._settings.service_key_for(provider) is None:
             return "no-service-key"
-        record = await self.store.read(provider, container_id)
-        if record is None:
+        raw = (await self.store.read_many([(provider, container_id)]))[0]
+        record = decode_record(raw) if raw is not None else None
+        if raw is None or record is None:
             return "lapsed"
-        if record.negative or record.terminal:
-            return "terminal"
-        if self.policy.fresh_until_ms(record) > due_ms:
-            return "already-fresh"
+        skip = self._skip(record, due_ms)
+        if skip is not None:
+            return skip
         if await self.throttle.active(provider):
             return "throttled"
+        if attempt == 1:
+            now = now_ms()
+            claimed = await self.store.claim_refresh(
+                provider, container_id, int(now + self._horizon_ms), now + self.claim_ms
+            )
+            if not claimed:
+                return "deduplicated"
         try:
-            async with self.limiter.slot(provider):
-                reply = await self.upstream.retrieve(
-                    provider, container_id, (("authorization", f"Bearer {key.reveal()}"),)
-                )
+            reply = await self._call(provider, container_id)
         except UpstreamFailure as exc:
             raise RetryLater(exc.message, self._backoff_s(attempt)) from exc
+        if reply.status >= 500:
+            raise RetryLater(f"upstream answered {reply.status}", self._backoff_s(attempt))
+        result = await self._absorb(reply, record, raw)
+        if result == "throttled":  # renewed by refresh-ahead once the back-off is over
+            await self.writes.give_back(provider, container_id, due_ms)
+        return result
+
+    async def refresh_batch(self, renewals: Sequence[Renewal]) -> BatchOutcome:
+        """Renew containers refresh-ahead planned (and claimed): one pipeline of reads, the
+        calls concurrently, the saves in pipelines. Upstream failures come back to retry."""
+        outcome = BatchOutcome()
+        try:
+            raws = await self.store.read_many([(p, c) for p, c, _ in renewals])
+        except StoreUnavailable:
+            outcome.results["store-unavailable"] += len(renewals)
+            return outcome
+        calls = []
+        for renewal, raw in zip(renewals, raws, strict=True):
+            provider, _, due_ms = renewal
+            record = decode_record(raw) if raw is not None else None
+            if raw is None or record is None:
+                outcome.results["lapsed"] += 1
+                continue
+            if self._settings.service_key_for(provider) is None:
+                skip: str | None = "no-service-key"
+            else:
+                skip = self._skip(record, due_ms)
+            due = self.policy.due_ms(record)
+            if skip == "already-fresh" and due is not None:
+                # Refreshed meanwhile (a caller's revalidation): its due entry is its own again.
+                calls.append(self._give_back(renewal, due, outcome, skip))
+            elif skip is not None:
+                outcome.results[skip] += 1
+            else:
+                calls.append(self._renew(renewal, record, raw, outcome))
+        await asyncio.gather(*calls)
+        return outcome
+
+    async def _renew(
+        self, renewal: Renewal, record: Record, raw: bytes, outcome: BatchOutcome
+    ) -> None:
+        provider, container_id, due_ms = renewal
+        if await self.throttle.active(provider):
+            await self._give_back(renewal, due_ms, outcome, "throttled")
+            return
+        try:
+            reply = await self._call(provider, container_id)
+        except UpstreamFailure:
+            outcome.retry.append((renewal, self._backoff_s(1)))
+            return
+        if reply.status >= 500:
+            outcome.retry.append((renewal, self._backoff_s(1)))
+            return
+        try:
+            result = await self._absorb(reply, record, raw)
+        except StoreUnavailable:
+            result = "store-unavailable"
+        if result == "throttled":  # renewed by refresh-ahead once the back-off is over
+            await self._give_back(renewal, due_ms, outcome, result)
+            return
+        outcome.results[result] += 1
+
+    async def _give_back(
+        self, renewal: Renewal, due_ms: int, outcome: BatchOutcome, result: str
+    ) -> None:
+        provider, container_id, _ = renewal
+        written = await self.writes.give_back(provider, container_id, due_ms)
+        outcome.results[result if written else "store-unavailable"] += 1
+
+    def _skip(self, record: Record, due_ms: int) -> str | None:
+        """Why this container needs no refresh from a worker, if it does not."""
+        if record.negative or record.terminal:
+            return "terminal"
+        if record.inline_refresh:
+            return "inline"  # its callers revalidate it: the service credential cannot see it
+        if self.policy.fresh_until_ms(record) > due_ms:
+            return "already-fresh"
+        return None
+
+    async def _call(self, provider: str, container_id: str) -> UpstreamReply:
+        key = self._settings.service_key_for(provider)
+        assert key is not None
+        async with self.limiter.slot(provider):
+            return await self.upstream.retrieve(
+                provider, container_id, (("authorization", f"Bearer {key.reveal()}"),)
+            )
+
+    async def _absorb(self, reply: UpstreamReply, record: Record, raw: bytes) -> str:
+        """Store what the upstream answered (not a 5xx); the refresh's result word."""
+        provider, container_id = record.provider, record.container_id
         if reply.status == 200:
-            record = reply.record(provider, container_id, now_ms())
-            await self.store.save(record, self.policy, index=False)
-            return "refreshed"
-        if reply.status == 404:
-            await self.store.delete(provider, container_id)
-            return "deleted"
+            fresh = reply.record(provider, container_id, now_ms())
+            return "refreshed" if await self.writes.save(fresh) else "store-unavailable"
+        if reply.status in (401, 403, 404):
+            # Another project's container (or a credential refused for it): its callers keep it.
+            inline = msgspec.structs.replace(record, inline_refresh=True)
+            await self.store.hand_over(raw, inline)
+            if reply.status == 404:
+                log.debug("%s/%s is not visible to the service credential: left to its "
+                          "callers", provider, container_id)  # fmt: skip
+                return "handed-over"
+            self._log_refused(provider, reply.status)
+            return "refused"
         if reply.status == 429:
             await self.throttle.obey(provider, reply.retry_after)
             return "throttled"
-        if reply.status >= 500:
-            raise RetryLater(f"upstream answered {reply.status}", self._backoff_s(attempt))
+        log.warning("refresh of %s/%s: the upstream answered %d", provider, container_id,
+                    reply.status)  # fmt: skip
+        return "failed"
+
+    def _log_refused(self, provider: str, status: int) -> None:
+        now = time.monotonic()
+        if now - self._refused_logged.get(provider, -_REFUSED_LOG_EVERY_S) < _REFUSED_LOG_EVERY_S:
+            return
+        self._refused_logged[provider] = now
         log.error(
-            "the service credential for %s was refused (HTTP %d): background refresh cannot "
-            "work until SIDECAR_SERVICE_API_KEY is fixed",
+            "the service credential for %s was refused (HTTP %d): the containers it is refused "
+            "for are revalidated by their callers; check SIDECAR_SERVICE_API_KEY",
             provider,
-            reply.status,
+            status,
         )
-        return "refused"
 
     def _backoff_s(self, attempt: int) -> float:
         """Exponential back-off with full jitter: 0.5 s, 1 s, 2 s ... capped at 30 s."""
         return random.uniform(0.5, 1.0) * min(30.0, 0.5 * 2.0 ** (attempt - 1))
 
+    async def close(self) -> None:
+        """Finish the saves under way."""
+        await self.writes.close()
 
-class RefreshPlanner:
-    """Refresh-ahead: which read entries go stale before the next tick, and when to renew each."""
 
-    def __init__(self, store: CacheStore, settings: Settings, throttle: Throttle) -> None:
-        self.store = store
-        self._throttle = throttle
-        self._tick_ms = settings.refresh_tick_s * 1000
-        self._lead_ms = int(settings.refresh_lead_s * 1000)
-        self._hot_ms = int(settings.hot_window_s * 1000)
-
-    async def plan(self) -> list[tuple[str, str, int, float]]:
-        """``(provider, container_id, due_ms, delay_s)`` for each entry to renew this tick.
-
-        Each renewal is timed from its own entry's freshness (less the lead and a jitter of up
-        to half the lead), so calls spread out instead of bunching at tick boundaries.
-        """
-        now = now_ms()
-        try:
-            due = await self.store.due_for_refresh(
-                now + self._tick_ms + self._lead_ms, now - self._hot_ms
-            )
-        except StoreUnavailable:
-            return []
-        plan = []
-        for provider, container_id, due_ms in due:
-            if await self._throttle.active(provider):
-                continue  # rate limited: renewed once the back-off is over (stale meanwhile)
-            start_ms = due_ms - self._lead_ms - random.uniform(0, self._lead_ms / 2)
-            plan.append((provider, container_id, due_ms, max(0.0, (start_ms - now) / 1000)))
-        return plan
+def claim_ms(settings: Settings) -> int:
+    """How long a claim on a due entry holds: past any batch's wait and run (a refresh that
+    dies with its worker is redone by arq's lease long before: the claim only stops others)."""
+    return int((settings.refresh_tick_s + 2 * settings.upstream_timeout_s + 10) * 1000)

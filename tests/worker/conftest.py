@@ -4,15 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
-from arq.worker import Worker
+import redis.asyncio as aioredis
+from arq.connections import create_pool
 
+from sidecar.keys import KeySpace, member
+from sidecar.policy import Policy
+from sidecar.queue import enqueue_refresh_job, queue_redis_settings
+from sidecar.records import Record, decode_record
 from sidecar.settings import Settings
-from tests.conftest import Emulator
-from worker.main import worker_options
+from sidecar.store import Breaker, CacheStore
+from tests.conftest import Emulator, free_port
+from worker.main import create_worker
+from worker.queue_worker import QueueWorker
+
+BIN = Path(sys.executable).parent
 
 SERVICE_KEY = "sk-bf-team-a"  # the service credential lives in the same project as the callers
 
@@ -28,6 +43,7 @@ def refresh_settings(make_settings: Callable[..., Settings]) -> Callable[..., Se
             "max_stale_s": 30,
             "local_ttl_s": 0,
             "queue_name": "test:queue",
+            "worker_metrics_port": 0,
         }
         values.update(overrides)
         return make_settings(**values)
@@ -35,11 +51,9 @@ def refresh_settings(make_settings: Callable[..., Settings]) -> Callable[..., Se
     return make
 
 
-async def run_worker_burst(settings: Settings) -> Worker:
-    """A real arq worker: run the refresh jobs queued now, then stop (no refresh-ahead cron,
-    which would keep a burst worker busy forever)."""
-    options = {**worker_options(settings), "cron_jobs": []}
-    worker = Worker(**options, burst=True, handle_signals=False)
+async def run_worker_burst(settings: Settings) -> QueueWorker:
+    """A real arq worker: run the refresh jobs queued now, then stop (no refresh-ahead)."""
+    worker = create_worker(settings, burst=True, handle_signals=False)
     try:
         await worker.main()
     finally:
@@ -51,9 +65,9 @@ async def run_worker_burst(settings: Settings) -> Worker:
 
 
 @contextlib.asynccontextmanager
-async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
-    """A real arq worker running in the background of the test."""
-    worker = Worker(**worker_options(settings), handle_signals=False)
+async def running_worker(settings: Settings) -> AsyncIterator[QueueWorker]:
+    """A real arq worker running in the background of the test, refresh-ahead included."""
+    worker = create_worker(settings, handle_signals=False)
     task = asyncio.create_task(worker.main())
     try:
         yield worker
@@ -65,10 +79,8 @@ async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
 
 
 def queued_jobs(redis_server: Any, queue: str = "test:queue") -> int:
-    """Refresh jobs waiting in the arq queue (the refresh-ahead cron's own job left out)."""
-    return sum(
-        1 for job in redis_server.client().zrange(queue, 0, -1) if job.startswith(b"refresh:")
-    )
+    """Jobs waiting in the arq queue."""
+    return int(redis_server.client().zcard(queue))
 
 
 async def wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
@@ -79,4 +91,146 @@ async def wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0) -> No
         await asyncio.sleep(0.02)
 
 
-__all__ = ["SERVICE_KEY", "Emulator", "queued_jobs", "run_worker_burst", "running_worker"]
+class WorkerProcess:
+    """A real ``sidecar-worker`` process; its log goes to ``log`` (read it when a test fails)."""
+
+    def __init__(self, settings: Settings, log: Path, **env: str) -> None:
+        self.port = free_port()
+        self.log = log
+        variables = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")},
+            "SIDECAR_REDIS_URL": settings.redis_url,
+            "SIDECAR_UPSTREAM_URL": settings.upstream_url,
+            "SIDECAR_KEY_SECRET": "test-secret",
+            "SIDECAR_SERVICE_API_KEY": SERVICE_KEY,
+            "SIDECAR_QUEUE_NAME": settings.queue_name,
+            "SIDECAR_WORKER_METRICS_PORT": str(self.port),
+            "SIDECAR_HOST": "127.0.0.1",
+            "SIDECAR_FRESH_TTL_S": str(settings.fresh_ttl_s),
+            "SIDECAR_UPSTREAM_TIMEOUT_S": str(settings.upstream_timeout_s),
+            "SIDECAR_SHUTDOWN_TIMEOUT_S": "5",
+            **env,
+        }
+        with log.open("ab") as sink:
+            self.process = subprocess.Popen(
+                [str(BIN / "sidecar-worker")], env=variables, stdout=sink, stderr=subprocess.STDOUT
+            )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def lines(self) -> list[str]:
+        return self.log.read_text().splitlines()
+
+    async def ready(self, timeout_s: float = 15) -> None:
+        """Wait for the worker's start-up to finish."""
+        await wait_for(lambda: any("worker ready" in line for line in self.lines()), timeout_s)
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        return self.process.wait(5)
+
+
+@pytest.fixture
+def worker_process(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    """Starts ``sidecar-worker`` processes, stopped at the end of the test."""
+    started: list[WorkerProcess] = []
+
+    def start(settings: Settings, **env: str) -> WorkerProcess:
+        process = WorkerProcess(settings, tmp_path / f"worker{len(started)}.log", **env)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.process.kill()
+        process.process.wait(5)
+
+
+@contextlib.asynccontextmanager
+async def cache_store(settings: Settings) -> AsyncIterator[CacheStore]:
+    """The cache store the sidecars and workers of ``settings`` share (real Redis)."""
+    client = aioredis.Redis.from_url(settings.redis_url)
+    store = CacheStore(client, KeySpace(settings.key_prefix), Breaker(1.0))
+    try:
+        yield store
+    finally:
+        await store.close()
+        await client.aclose()
+
+
+async def cache_container(
+    settings: Settings, container_id: str, age_s: float, *, read: bool = False
+) -> Record:
+    """Cache a running container as fetched ``age_s`` ago (``read``: as a caller's read,
+    which refresh-ahead keeps fresh); the record stored."""
+    record = Record(
+        provider="openai", container_id=container_id, status_code=200,
+        body=b'{"id":"%s","object":"container","status":"running"}' % container_id.encode(),
+        fetched_at_ms=time.time_ns() // 1_000_000 - int(age_s * 1000), status="running",
+    )  # fmt: skip
+    async with cache_store(settings) as store:
+        await store.save(record, Policy(settings), read=read)
+    return record
+
+
+async def cached(settings: Settings, container_id: str) -> Record | None:
+    """The record of a container as stored now."""
+    async with cache_store(settings) as store:
+        raw = (await store.read_many([("openai", container_id)]))[0]
+        return decode_record(raw) if raw is not None else None
+
+
+async def indexed(settings: Settings, container_id: str) -> tuple[float | None, float | None]:
+    """The container's scores in the due set and the hot set."""
+    async with cache_store(settings) as store:
+        name = member("openai", container_id)
+        due = await store.redis.zscore(store.keys.due, name)
+        hot = await store.redis.zscore(store.keys.hot, name)
+        return due, hot
+
+
+async def enqueue_refresh(settings: Settings, container_id: str, due_ms: int) -> None:
+    """Queue a stale read's refresh job, as a sidecar does."""
+    pool = await create_pool(queue_redis_settings(settings))
+    try:
+        assert await enqueue_refresh_job(pool, settings, "openai", container_id, due_ms)
+    finally:
+        await pool.aclose()
+
+
+async def scrape(url: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """The samples of one metric at ``url``/metrics, by label set."""
+    import aiohttp
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/metrics") as response:
+        text = await response.text()
+    return {
+        tuple(sorted(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    }
+
+
+__all__ = [
+    "SERVICE_KEY",
+    "Emulator",
+    "WorkerProcess",
+    "cache_container",
+    "cached",
+    "enqueue_refresh",
+    "indexed",
+    "queued_jobs",
+    "run_worker_burst",
+    "running_worker",
+    "scrape",
+    "wait_for",
+]

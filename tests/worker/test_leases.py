@@ -1,0 +1,71 @@
+"""A refresh lost with its worker (SIGKILL mid-call) is redone by another within seconds."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from sidecar.settings import Settings
+from tests.conftest import Emulator
+from tests.worker.conftest import (
+    SERVICE_KEY,
+    cache_container,
+    cached,
+    enqueue_refresh,
+    wait_for,
+)
+
+
+async def refreshed_within(
+    settings: Settings, ids: list[str], since_ms: int, limit_s: float
+) -> float:
+    """Seconds until every container's record was fetched after ``since_ms``."""
+    started = time.monotonic()
+    while True:
+        records = [await cached(settings, cid) for cid in ids]
+        if all(r is not None and r.fetched_at_ms > since_ms for r in records):
+            return time.monotonic() - started
+        assert time.monotonic() - started < limit_s, "not refreshed in time"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_stale_reads_refresh_lost_with_its_worker_is_redone_within_seconds(
+    refresh_settings: Any, emulator: Emulator, worker_process: Any
+) -> None:
+    settings = refresh_settings()
+    cid = (await emulator.create(SERVICE_KEY))["id"]
+    record = await cache_container(settings, cid, age_s=1)
+    first = worker_process(settings)
+    await first.ready()
+    emulator.state.set_latency(1500)
+    await enqueue_refresh(settings, cid, record.fetched_at_ms + 300)
+    await wait_for(lambda: emulator.retrieves(cid) == 1, 10)  # the call is in flight
+    first.process.kill()
+    first.process.wait(5)
+    emulator.state.set_latency(0)
+    worker_process(settings)  # another worker, started now
+
+    # arq's own lease would hold the job for its timeout plus 10 s (16 s here).
+    assert await refreshed_within(settings, [cid], record.fetched_at_ms, 15) < 6
+    assert emulator.retrieves(cid) == 2
+
+
+async def test_a_refresh_ahead_batch_lost_with_its_worker_is_redone_within_seconds(
+    refresh_settings: Any, emulator: Emulator, worker_process: Any
+) -> None:
+    settings = refresh_settings(fresh_ttl_s=2.0)
+    ids = [(await emulator.create(SERVICE_KEY))["id"] for _ in range(5)]
+    records = [await cache_container(settings, cid, age_s=1.9, read=True) for cid in ids]
+    emulator.state.set_latency(1500)
+    first = worker_process(settings)  # plans the renewals at its first tick, then calls
+    await wait_for(lambda: all(emulator.retrieves(cid) == 1 for cid in ids), 10)
+    first.process.kill()
+    first.process.wait(5)
+    emulator.state.set_latency(0)
+    worker_process(settings)
+
+    # The renewals stay claimed (no other plan takes them): only their batch can redo them.
+    since = max(r.fetched_at_ms for r in records)
+    assert await refreshed_within(settings, ids, since, 15) < 6
+    assert all(emulator.retrieves(cid) == 2 for cid in ids)

@@ -1,0 +1,120 @@
+"""Refresh-ahead: renew the entries callers read before they go stale, in batches.
+
+Every ``SIDECAR_REFRESH_TICK_S`` (on the wall clock's tick boundaries) one worker of the fleet
+takes the tick (``SET NX`` on the queue's Redis) and plans: the entries read within the hot
+window whose freshness ends before the next tick, each claimed in the due set (so no other plan
+or stale-read job takes it), grouped by when each should be renewed into batch jobs. Any worker
+runs the batches. It is quiet: nothing is logged unless something goes wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from sidecar.errors import StoreUnavailable
+from sidecar.keys import member
+from sidecar.metrics import Metrics
+from sidecar.queue import Renewal
+from sidecar.settings import Settings
+from sidecar.store import REDIS_ERRORS, CacheStore
+from sidecar.throttle import Throttle
+from worker.refresh import claim_ms, now_ms
+
+__all__ = ["BATCH_SIZE", "Batch", "RefreshPlanner", "run_refresh_ahead"]
+
+log = logging.getLogger(__name__)
+
+#: Renewals per batch job, and how far apart their start times may be (a batch starts them
+#: together: up to this much ahead of time).
+BATCH_SIZE = 100
+BATCH_SPAN_MS = 100
+
+#: ``(start_ms, renewals)``: one batch job.
+Batch = tuple[int, list[Renewal]]
+
+
+class RefreshPlanner:
+    """Which read entries go stale before the next tick, and when to renew each."""
+
+    def __init__(self, store: CacheStore, settings: Settings, throttle: Throttle) -> None:
+        self.store = store
+        self._throttle = throttle
+        self._tick_ms = settings.refresh_tick_s * 1000
+        self._lead_ms = int(settings.refresh_lead_s * 1000)
+        self._hot_ms = int(settings.hot_window_s * 1000)
+        self.claim_ms = claim_ms(settings)
+
+    async def plan(self) -> tuple[list[Batch], int]:
+        """This tick's renewals, claimed and grouped in batches; and how many entries another
+        refresh already held.
+
+        Each renewal starts from its own entry's freshness (less the lead and a jitter of up to
+        half the lead), so calls spread out instead of bunching at tick boundaries.
+        """
+        now = now_ms()
+        try:
+            due = await self.store.due_for_refresh(
+                now + self._tick_ms + self._lead_ms, now - self._hot_ms
+            )
+            throttled = {p for p in {p for p, _, _ in due} if await self._throttle.active(p)}
+            # Rate limited providers are renewed once the back-off is over (stale meanwhile).
+            wanted = [(p, c, d) for p, c, d in due if p not in throttled]
+            claimed = set(
+                await self.store.claim_due(
+                    [(member(p, c), d) for p, c, d in wanted], now + self.claim_ms
+                )
+            )
+        except StoreUnavailable:
+            return [], 0
+        starts = []
+        for provider, container_id, due_ms in wanted:
+            if member(provider, container_id) in claimed:
+                jitter = random.uniform(0, self._lead_ms / 2)
+                start = max(now, int(due_ms - self._lead_ms - jitter))
+                starts.append((start, (provider, container_id, due_ms)))
+        starts.sort()
+        return batches(starts), len(wanted) - len(claimed)
+
+
+def batches(starts: Sequence[tuple[int, Renewal]]) -> list[Batch]:
+    """Renewals sorted by start time, cut into batches of at most ``BATCH_SIZE`` renewals
+    starting within ``BATCH_SPAN_MS`` of each other."""
+    out: list[Batch] = []
+    for start, renewal in starts:
+        if not out or len(out[-1][1]) >= BATCH_SIZE or start - out[-1][0] > BATCH_SPAN_MS:
+            out.append((start, []))
+        out[-1][1].append(renewal)
+    return out
+
+
+async def run_refresh_ahead(
+    settings: Settings,
+    planner: RefreshPlanner,
+    metrics: Metrics,
+    queue: Any,
+    enqueue: Callable[[Batch], Awaitable[object]],
+) -> None:
+    """Plan at every tick this worker takes, and hand each batch to ``enqueue``; ``queue`` is
+    the queue's Redis, where workers take ticks (cancel to stop)."""
+    tick_s = settings.refresh_tick_s
+    jobs = metrics.refresh_jobs
+    tick = int(time.time() // tick_s)  # the current one first: a worker starting up plans
+    while True:
+        try:
+            key = f"{settings.queue_name}:refresh-ahead:{tick}"
+            if await queue.set(key, os.getpid(), nx=True, px=tick_s * 2000):  # else: another's
+                plan, held = await planner.plan()
+                jobs.labels("deduplicated").inc(held)
+                await asyncio.gather(*(enqueue(batch) for batch in plan))
+                jobs.labels("enqueued").inc(sum(len(renewals) for _, renewals in plan))
+        except REDIS_ERRORS as exc:
+            # The queue is unreachable: the worker's poll loop says so; the claims lapse.
+            log.debug("refresh-ahead skipped a tick: %s: %s", type(exc).__name__, exc)
+        tick = max(tick + 1, int(time.time() // tick_s) + 1)
+        await asyncio.sleep(max(0.0, tick * tick_s - time.time()) + random.uniform(0, 0.02))
