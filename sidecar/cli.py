@@ -1,28 +1,37 @@
-"""The ``sidecar`` command: ``serve`` (production), ``emulate`` (a fake upstream), ``demo``."""
+"""The ``sidecar`` command (also ``python -m sidecar``): ``serve`` (production), ``emulate`` (a
+fake upstream), ``demo``."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
-from aiohttp import web
-
-from sidecar import __version__
+from sidecar import __version__, tracing
+from sidecar.logs import configure_logging
 from sidecar.settings import Settings, SettingsError, load_settings
 
-__all__ = ["configure_logging", "main"]
+__all__ = ["main"]
 
 log = logging.getLogger("sidecar")
-ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs'
+#: What ``emulate`` and ``demo`` read of the environment: how to log.
+_LOGGING_VARIABLES = ("SIDECAR_LOG_LEVEL", "SIDECAR_LOG_FORMAT", "SIDECAR_ACCESS_LOG")
 
 
-def configure_logging(level: str) -> None:
-    """One log format for every entry point."""
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
-    )
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError("must be between 0 and 65535")
+    return value
+
+
+def _processes(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 256:
+        raise argparse.ArgumentTypeError("must be between 0 (one per CPU) and 256")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,15 +42,27 @@ def _parser() -> argparse.ArgumentParser:
             "API: answers GET /openai/v1/containers/{id} (and /openai/containers/{id}, "
             "/v1/containers/{id}) from Redis in the gateway's exact format."
         ),
-        epilog="Settings come from SIDECAR_* environment variables: see README.md.",
+        epilog="Settings come from SIDECAR_* environment variables: see README.md. Tracing: "
+        "the standard OTEL_* variables (off unless they name an exporter or an endpoint).",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.add_parser(
+    serve = commands.add_parser(
         "serve",
         help="run the sidecar (configured from SIDECAR_* environment variables)",
-        description="Run the production server. Configuration: SIDECAR_* environment variables.",
+        description="Run the production server. Configuration: SIDECAR_* environment "
+        "variables; the flags override them.",
     )
+    serve.add_argument(
+        "--workers",
+        type=_processes,
+        default=None,
+        metavar="N",
+        help="server processes sharing the port (default SIDECAR_SERVE_PROCESSES; 0: one per "
+        "CPU the container may use)",
+    )
+    serve.add_argument("--host", help="address to listen on (default SIDECAR_HOST)")
+    serve.add_argument("--port", type=_port, help="port to listen on (default SIDECAR_PORT)")
     emulate = commands.add_parser(
         "emulate",
         help="run an emulator of the OpenAI Containers API (and the gateway's routes)",
@@ -54,73 +75,83 @@ def _parser() -> argparse.ArgumentParser:
         "demo",
         help="emulator + sidecar + embedded store on localhost, with requests to try",
         description="Start the emulator and the sidecar on embedded defaults and show a miss "
-        "then a hit. Ctrl-C stops it.",
+        "then a hit (on stdout; logs on stderr, SIDECAR_LOG_FORMAT=json for JSON). Ctrl-C "
+        "stops it.",
     )
-    demo.add_argument("--port", type=int, default=8080, help="sidecar port (default 8080)")
+    demo.add_argument("--port", type=_port, default=8080, help="sidecar port (default 8080)")
     demo.add_argument("--once", action="store_true", help="show the requests, then exit")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``sidecar`` console script."""
+    """Entry point of the ``sidecar`` console script and of ``python -m sidecar``."""
     args = _parser().parse_args(argv)
     if args.command == "serve":
-        return serve()
+        return serve(args)
     if args.command == "emulate":
         return emulate(args)
-    from sidecar.demo import run_demo
-
-    configure_logging("INFO")
-    return run_demo(port=args.port, once=args.once)
+    return demo(args)
 
 
-def _settings_or_exit() -> Settings | None:
-    try:
-        return load_settings()
-    except SettingsError as exc:
-        print(f"sidecar: configuration error: {exc}", file=sys.stderr)
-        return None
+def _configuration_error(message: str) -> int:
+    print(f"sidecar: configuration error: {message}", file=sys.stderr)
+    return 2
 
 
-def serve() -> int:
+def serve(args: argparse.Namespace) -> int:
     """``sidecar serve``: the production server; SIGTERM drains in-flight requests."""
-    settings = _settings_or_exit()
-    if settings is None:
-        return 2
-    configure_logging(settings.log_level)
-    from sidecar.app import create_app
-    from worker.embedded import start_embedded_worker  # the embedded default's worker
+    flags = {"host": args.host, "port": args.port}
+    try:
+        settings = load_settings(
+            **{name: value for name, value in flags.items() if value is not None}
+        )
+        tracing.tracing_exporters()  # checked here, started in each serving process
+    except (SettingsError, tracing.TracingConfigError) as exc:
+        return _configuration_error(str(exc))
+    configure_logging(settings)
+    from sidecar.serve import run_server
 
-    log.info(
-        "sidecar %s: %s upstream %s, listening on %s:%d",
-        __version__,
-        settings.upstream_kind,
-        settings.upstream_url or "https://api.openai.com",
-        settings.host,
-        settings.port,
-    )
-    web.run_app(
-        create_app(settings, embedded_worker=start_embedded_worker),
-        host=settings.host,
-        port=settings.port,
-        access_log=logging.getLogger("sidecar.access") if settings.access_log else None,
-        access_log_format=ACCESS_LOG_FORMAT,
-        shutdown_timeout=settings.shutdown_timeout_s,
-        print=None,
-    )
-    return 0
+    return run_server(settings, settings.serve_processes if args.workers is None else args.workers)
+
+
+def _logging_settings() -> Settings:
+    """Settings made of the environment's logging variables only (for emulate and demo)."""
+    env = {name: os.environ[name] for name in _LOGGING_VARIABLES if name in os.environ}
+    return load_settings(env, upstream_kind="openai")
 
 
 def emulate(args: argparse.Namespace) -> int:
     """``sidecar emulate``: the OpenAI Containers API emulator."""
+    from aiohttp import web
+
     from sidecar.emulator import create_emulator_app
     from sidecar.emulator.cli import config_from_args
 
-    configure_logging("INFO")
+    try:
+        configure_logging(_logging_settings())
+    except SettingsError as exc:
+        return _configuration_error(str(exc))
     config = config_from_args(args)
     log.info("emulator listening on http://%s:%d", args.host, args.port)
     web.run_app(create_emulator_app(config), host=args.host, port=args.port, print=None)
     return 0
+
+
+def demo(args: argparse.Namespace) -> int:
+    """``sidecar demo``: emulator, sidecar and embedded store on localhost, a miss then a hit."""
+    try:
+        log_settings = _logging_settings()
+        tracing.tracing_exporters()
+    except (SettingsError, tracing.TracingConfigError) as exc:
+        return _configuration_error(str(exc))
+    configure_logging(log_settings)
+    from sidecar.demo import run_demo
+
+    tracing.setup_tracing(tracing.SIDECAR_SERVICE)
+    try:
+        return run_demo(port=args.port, once=args.once, log_settings=log_settings)
+    finally:
+        tracing.shutdown_tracing()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,13 +6,15 @@ import asyncio
 import contextlib
 import json
 import time
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from sidecar.app import create_app
 from sidecar.emulator import EmulatorConfig, create_emulator_app
-from sidecar.settings import load_settings
+from sidecar.logs import access_log_options
+from sidecar.settings import Settings, load_settings
 from worker.embedded import start_embedded_worker
 
 __all__ = ["run_demo"]
@@ -22,22 +24,25 @@ DEMO_ADMIN_TOKEN = "demo-admin-token"  # the demo only: never a real token
 EMULATOR_LATENCY_MS = 60.0
 
 
-def run_demo(*, port: int = 8080, once: bool = False) -> int:
-    """Run the demo until Ctrl-C (or, with ``once``, until the requests are shown)."""
+def run_demo(*, port: int = 8080, once: bool = False, log_settings: Settings | None = None) -> int:
+    """Run the demo until Ctrl-C (or, with ``once``, until the requests are shown); the
+    sidecar logs (access lines included) as ``log_settings`` say."""
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_demo(port, once))
+        asyncio.run(_demo(port, once, log_settings))
     return 0
 
 
-async def _start(app: web.Application, port: int) -> tuple[web.AppRunner, int]:
-    runner = web.AppRunner(app, access_log=None)
+async def _start(
+    app: web.Application, port: int, **runner_options: Any
+) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(app, **{"access_log": None, **runner_options})
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
     return runner, runner.addresses[0][1]
 
 
-async def _demo(port: int, once: bool) -> None:
+async def _demo(port: int, once: bool, log_settings: Settings | None) -> None:
     emulator, emulator_port = await _start(
         create_emulator_app(EmulatorConfig(latency_ms=EMULATOR_LATENCY_MS)), 0
     )
@@ -50,9 +55,12 @@ async def _demo(port: int, once: bool) -> None:
         key_secret="demo-only",
         service_api_key=DEMO_KEY,
         admin_token=DEMO_ADMIN_TOKEN,
+        access_log=log_settings.access_log if log_settings else True,
     )
     sidecar, sidecar_port = await _start(
-        create_app(settings, embedded_worker=start_embedded_worker), port
+        create_app(settings, embedded_worker=start_embedded_worker),
+        port,
+        **access_log_options(settings),
     )
     base = f"http://127.0.0.1:{sidecar_port}"
     auth = {"Authorization": f"Bearer {DEMO_KEY}"}
@@ -68,7 +76,7 @@ async def _demo(port: int, once: bool) -> None:
             print(f"sidecar  {base}  (embedded store)\n")
             for attempt in ("first", "second"):
                 started = time.perf_counter()
-                async with http.get(url) as response:
+                async with http.get(url, headers={"X-Request-Id": f"demo-{attempt}"}) as response:
                     body = await response.json()
                 elapsed_ms = (time.perf_counter() - started) * 1000
                 debug = body["extra_fields"].get("cache_debug", {})

@@ -1,0 +1,5 @@
+"""``python -m sidecar``: the ``sidecar`` command (serve, emulate, demo)."""
+
+from sidecar.cli import main
+
+raise SystemExit(main())
