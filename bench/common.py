@@ -149,3 +149,134 @@ def emulator_retrieves(upstream: str) -> int:
 def emulator_reset(upstream: str) -> None:
     request = urllib.request.Request(f"{upstream}/_emulator/stats/reset", method="POST", data=b"")
     urllib.request.urlopen(request).read()
+
+
+@contextlib.contextmanager
+def emulator_with(
+    latency_ms: float = 0.0, *, projects: list[list[str]] | None = None
+) -> Iterator[str]:
+    """The emulator with ``projects`` (groups of API keys sharing containers)."""
+    port = free_port()
+    args = [str(BIN / "sidecar"), "emulate", "--port", str(port), "--latency-ms", str(latency_ms)]
+    for keys in projects or ():
+        args += ["--project", ",".join(keys)]
+    with process(args):
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/_emulator/healthz")
+        yield url
+
+
+@contextlib.contextmanager
+def sidecar_server(
+    env: Mapping[str, str], args: list[str] | None = None, timeout_s: float = 30.0
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """``sidecar serve [args]`` on a free port: its base URL and its process (for pids, RSS).
+
+    Processes it forks and leaves behind when it stops are killed on the way out.
+    """
+    port = free_port()
+    children: set[tuple[int, str]] = set()
+    env = {**env, "SIDECAR_PORT": str(port), "SIDECAR_HOST": "127.0.0.1"}
+    try:
+        with process([str(BIN / "sidecar"), "serve", *(args or [])], env) as proc:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + timeout_s
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"sidecar serve exited with status {proc.returncode}")
+                try:
+                    wait_http(f"{url}/healthz", timeout_s=1.0)
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+            children.update((pid, _started(pid)) for pid in descendants(proc.pid))
+            try:
+                yield url, proc
+            finally:
+                children.update((pid, _started(pid)) for pid in descendants(proc.pid))
+    finally:
+        for pid, started in children:  # the same process (start time), not a reused pid
+            if started and _started(pid) == started:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def _stat_fields(pid: int) -> list[str]:
+    """``/proc/<pid>/stat`` after the command name (field 3 onwards); [] when gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return []
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def _started(pid: int) -> str:
+    fields = _stat_fields(pid)
+    return fields[19] if len(fields) > 19 else ""
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, their children...)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and len(fields := _stat_fields(int(entry.name))) > 1:
+            parents.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def listening(pids: list[int], port: int) -> list[int]:
+    """Which of these processes hold a socket listening on ``port`` (SO_REUSEPORT servers)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(fields[9])
+    found = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    link = os.readlink(fd)
+                    if link.startswith("socket:[") and link[8:-1] in inodes:
+                        found.append(pid)
+                        break
+    return found
+
+
+def rss_kib(pids: list[int]) -> int:
+    """Resident memory of these processes together (KiB; vanished ones count 0)."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, StopIteration):
+            status = Path(f"/proc/{pid}/status").read_text().splitlines()
+            total += int(next(ln.split()[1] for ln in status if ln.startswith("VmRSS:")))
+    return total
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time (user + system) these processes have used so far (vanished ones count 0)."""
+    ticks = 0
+    for pid in pids:
+        fields = _stat_fields(pid)
+        if len(fields) > 12:
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def worker_process(env: Mapping[str, str]) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A ``sidecar-worker`` process: the base URL of its metrics endpoint, and the process."""
+    port = free_port()
+    with process([str(BIN / "sidecar-worker")], {**env, "SIDECAR_WORKER_METRICS_PORT": str(port),
+                                                 "SIDECAR_HOST": "127.0.0.1"}) as proc:  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/healthz")
+        yield url, proc
