@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import json
 import os
 import shutil
@@ -45,7 +44,9 @@ from bench.common import (
     emulator_with,
     free_port,
     listening,
+    print_profile,
     process,
+    profiling,
     redis_server,
     rss_kib,
     sidecar_server,
@@ -230,75 +231,6 @@ def bare_server(body: bytes, processes: int, loop: str) -> Iterator[tuple[str, l
                     raise RuntimeError("bare server processes did not all start")
                 time.sleep(0.05)
             yield base, [proc.pid, *descendants(proc.pid)]
-
-
-@contextmanager
-def profiling(pid: int, path: str | None, duration_s: int) -> Iterator[None]:
-    """py-spy record of the sidecar (and its processes) for the measurement, if asked."""
-    if path is None:
-        yield
-        return
-    spy = shutil.which("py-spy", path=str(BIN)) or shutil.which("py-spy")
-    if spy is None:
-        sys.exit("--profile needs py-spy: .venv/bin/pip install py-spy")
-    command = [spy, "record", "--pid", str(pid), "--subprocesses", "--format",
-               "raw", "--rate", "100", "--duration", str(duration_s), "--output", path]  # fmt: skip
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        yield
-    finally:
-        try:
-            proc.wait(duration_s + 30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-def read_profile(path: str) -> tuple[int, list[list[str]], list[int]]:
-    """py-spy's raw output: total samples, each stack's frames (outermost first), its count."""
-    stacks, counts = [], []
-    for line in Path(path).read_text().splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if stack and count_text.isdigit():
-            stacks.append([f for f in stack.split(";") if not f.startswith("process ")])
-            counts.append(int(count_text))
-    return sum(counts), stacks, counts
-
-
-def package_of(frame: str) -> str:
-    """Where a frame's code lives: ``sidecar``, ``aiohttp``, ``asyncio/uvloop``..."""
-    function, _, where = frame.rpartition(" (")
-    if function in ("Runner.run", "run_app", "run_until_complete", "run_forever"):
-        return "event loop (C)"  # uvloop's own time shows as the frame that started it
-    return where.split("/")[0].split(".")[0].split(":")[0].strip(")")
-
-
-def print_profile(name: str, path: str, top: int = 20) -> None:
-    """Where a server spent its samples: by package, then the top functions (self, inclusive)."""
-    total, stacks, counts = read_profile(path)
-    if not total:
-        print(f"profile of the {name}: no samples")
-        return
-    own: collections.Counter[str] = collections.Counter()
-    inclusive: collections.Counter[str] = collections.Counter()
-    packages: collections.Counter[str] = collections.Counter()
-    for frames, count in zip(stacks, counts, strict=True):
-        if frames:
-            own[frames[-1]] += count
-            packages[package_of(frames[-1])] += count
-        for frame in set(frames):
-            inclusive[frame] += count
-    print(f"\nprofile of the {name} under load ({total} samples; {path})")
-    print("self time by package: " + ", ".join(
-        f"{package} {100 * count / total:.0f}%" for package, count in packages.most_common(8)
-    ))  # fmt: skip
-    if top == 0:
-        return
-    print(f"{'self':>6}  function (file:line)")
-    for frame, count in own.most_common(top):
-        print(f"{100 * count / total:>5.1f}%  {frame}")
-    print(f"{'incl.':>6}  function (file:line)")
-    for frame, count in inclusive.most_common(top):
-        print(f"{100 * count / total:>5.1f}%  {frame}")
 
 
 def measure(
