@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from sidecar import __version__, tracing
-from sidecar.logs import configure_logging
+from sidecar.logs import AccessLogger, configure_logging
 from sidecar.settings import Settings, SettingsError, load_settings
 
 __all__ = ["main"]
@@ -128,12 +128,22 @@ def emulate(args: argparse.Namespace) -> int:
     from sidecar.emulator.cli import config_from_args
 
     try:
-        configure_logging(_logging_settings())
+        log_settings = _logging_settings()
     except SettingsError as exc:
         return _configuration_error(str(exc))
+    configure_logging(log_settings)
     config = config_from_args(args)
     log.info("emulator listening on http://%s:%d", args.host, args.port)
-    web.run_app(create_emulator_app(config), host=args.host, port=args.port, print=None)
+    web.run_app(
+        create_emulator_app(config),
+        host=args.host,
+        port=args.port,
+        print=None,
+        access_log_class=AccessLogger,
+        access_log=logging.getLogger("sidecar.emulator.access")
+        if log_settings.access_log
+        else None,
+    )
     return 0
 
 

@@ -14,7 +14,7 @@ import os
 import re
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, cast
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -320,8 +320,10 @@ class AccessLogger(AbstractAccessLogger):
         try:
             if request.path in _UNLOGGED:
                 return
-            match_info = getattr(request, "match_info", None)  # absent on malformed requests
-            resource = match_info.route.resource if match_info is not None else None
+            try:
+                resource = cast("web.Request", request).match_info.route.resource
+            except (AttributeError, AssertionError):  # refused by aiohttp's parser: not routed
+                resource = None
             route = resource.canonical if resource is not None else "unmatched"
             status = response.status
             outcome = outcome_label(response.get(self._outcome), status)

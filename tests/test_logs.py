@@ -3,6 +3,7 @@ mean something, and never a credential."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -181,6 +182,27 @@ async def test_levels_mean_something(
     assert warnings
     assert all(KEY not in json.dumps(line) for line in warnings)
     assert logs.access()[-1]["status"] == 502
+
+
+async def test_a_request_refused_before_routing_gets_an_access_line_too(
+    serve: Callable[..., Any], capture: Callable[[str], Captured]
+) -> None:
+    logs = capture("json")
+    base = await serve()
+    host, port = base.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"GET /openai/v1/containers/cntr_1 HTTP/1.1\r\nBad Header: sk-abcdefghijkl\r\n\r\n"
+    )
+    await writer.drain()
+    assert (await reader.read(12)).endswith(b" 400")
+    writer.close()
+    await asyncio.sleep(0.05)
+    (line,) = logs.access()
+    assert (line["route"], line["status"], line["outcome"]) == ("unmatched", 400, "error")
+    assert not [line for line in logs.lines() if line["logger"] == ACCESS_LOGGER
+                and line["level"] != "INFO"]  # fmt: skip
+    assert "abcdefghijkl" not in logs.text
 
 
 def test_no_access_line_when_the_access_logger_is_quiet() -> None:
