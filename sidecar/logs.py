@@ -128,7 +128,10 @@ class RedactingFilter(logging.Filter):
             if _suspect(msg) and _SECRET.search(msg):
                 # The format itself holds one (or a credential header's name before its
                 # placeholder): redact the whole message, placeholders filled in.
-                record.msg, record.args = redact(record.getMessage()), None
+                try:
+                    record.msg, record.args = redact(record.getMessage()), None
+                except (TypeError, ValueError):  # a broken format: its handler will say so
+                    record.msg = redact(msg)
             elif record.args and len(self._clean_formats) < 4096:
                 self._clean_formats.add(msg)  # a format string, most likely a constant
         elif isinstance(msg, dict):  # python-json-logger takes a dict as the fields
