@@ -11,7 +11,7 @@ from typing import Any, Protocol
 import aiohttp
 from aiohttp import web
 
-from sidecar import admin, health, proxy
+from sidecar import admin, health, proxy, tracing
 from sidecar.announce import listen_for_changes
 from sidecar.connections import close_redis, create_redis, create_subscriber
 from sidecar.credentials import CredentialReader
@@ -70,7 +70,7 @@ def create_app(
     Without ``SIDECAR_REDIS_URL`` it runs on an embedded store (``embedded_server``, a fakeredis
     server, may be shared) and, given ``embedded_worker``, refreshes in-process.
     """
-    app = web.Application(middlewares=[answer_middleware])
+    app = web.Application(middlewares=[*tracing.server_middlewares(), answer_middleware])
     app[SETTINGS] = settings
     metrics = Metrics("sidecar", settings.container_providers, RETRIEVE_ROUTES)
     for group, outcomes in ROUTE_GROUPS.items():
@@ -98,7 +98,7 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _http(app: web.Application) -> AsyncIterator[None]:
-    async with create_session(app[SETTINGS]) as session:
+    async with create_session(app[SETTINGS], tracing.client_trace_configs()) as session:
         app[HTTP] = session
         yield
 

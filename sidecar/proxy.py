@@ -122,6 +122,8 @@ async def forward(request: web.Request, prefix: str) -> web.StreamResponse:
 async def _seed(
     request: web.Request, provider: str, credential: Credential, body: bytes, *, listed: bool
 ) -> None:
+    """Cache the containers a list or a create answered, with the provider's own JSON of each
+    (a gateway's ``raw_response``; OpenAI's answer itself) for their retrieves' answers."""
     services = request.app[SERVICES]
     if provider not in services.settings.container_providers:
         return
@@ -129,9 +131,24 @@ async def _seed(
         document = msgspec.json.decode(body)
     except msgspec.DecodeError:
         return
-    containers = document.get("data", []) if listed and isinstance(document, dict) else [document]
+    if not isinstance(document, dict):
+        return
+    raw = (
+        document.get("extra_fields", {}).get("raw_response") if "extra_fields" in document else None
+    )
+    if listed:
+        containers = document.get("data", [])
+        raws = {
+            item.get("id"): item for item in (raw or {}).get("data", []) if isinstance(item, dict)
+        }
+    else:
+        containers = [document]
+        raws = {document.get("id"): raw} if isinstance(raw, dict) else {}
     for container in containers:
-        await services.service.seed(provider, credential, container)
+        if isinstance(container, dict):
+            await services.service.seed(
+                provider, credential, container, raws.get(container.get("id"))
+            )
 
 
 def add_routes(router: web.UrlDispatcher, prefix: str) -> None:

@@ -27,12 +27,12 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from sidecar import __version__
 from sidecar.settings import Settings
 
 __all__ = ["PEERS", "Peers", "cpu_limit", "run_server"]
 
 log = logging.getLogger("sidecar")
-ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs'
 _PEER_TIMEOUT_S = 0.5
 _RESTART_DELAY_S = (0.5, 10.0)
 
@@ -130,7 +130,19 @@ def _run(main: Coroutine[Any, Any, None]) -> int:
 
 
 async def _serve(settings: Settings, peers: Peers | None) -> None:
+    from sidecar import tracing
+
+    if tracing.setup_tracing(tracing.SIDECAR_SERVICE):  # in each serving process, after a fork
+        tracing.instrument_redis()
+    try:
+        await _serve_traced(settings, peers)
+    finally:
+        tracing.shutdown_tracing()
+
+
+async def _serve_traced(settings: Settings, peers: Peers | None) -> None:
     from sidecar.app import create_app
+    from sidecar.logs import access_log_options
     from sidecar.runner import SidecarRunner
     from sidecar.state import LIFECYCLE, SERVICES
 
@@ -143,10 +155,7 @@ async def _serve(settings: Settings, peers: Peers | None) -> None:
     if peers is not None:
         app[PEERS] = peers
     runner = SidecarRunner(
-        app,
-        access_log=logging.getLogger("sidecar.access") if settings.access_log else None,
-        access_log_format=ACCESS_LOG_FORMAT,
-        shutdown_timeout=settings.shutdown_timeout_s,
+        app, shutdown_timeout=settings.shutdown_timeout_s, **access_log_options(settings)
     )
     await runner.setup()
     snapshot_server = None
@@ -154,6 +163,10 @@ async def _serve(settings: Settings, peers: Peers | None) -> None:
         snapshot_server = await peers.serve(app[SERVICES].metrics.snapshot)
     site = web.TCPSite(runner, settings.host, settings.port, reuse_port=peers is not None)
     await site.start()
+    if peers is None or peers.index == 0:
+        log.info("sidecar %s: %s upstream %s, listening on %s:%d", __version__,
+                 settings.upstream_kind, settings.upstream_url or "https://api.openai.com",
+                 settings.host, settings.port)  # fmt: skip
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -343,16 +343,20 @@ class ContainerService:
         return Outcome("stale-if-error", stale, cache_id, freshness, forward="stale",
                        upstream_status=status)  # fmt: skip
 
-    async def seed(self, provider: str, credential: Credential, payload: object) -> None:
-        """Cache a container the upstream just returned to this credential (list, create)."""
+    async def seed(
+        self, provider: str, credential: Credential, payload: object, raw: object = None
+    ) -> None:
+        """Cache a container the upstream just returned to this credential (list, create);
+        ``raw`` is the provider's own JSON of it, when a gateway relayed it."""
         openai = self._settings.upstream_kind == "openai"
         try:
             body, container = normalize_container(payload, keep_unknown=not openai)
         except UpstreamMalformed:
             return
         extra = default_extra(provider)
-        if openai:
-            extra += b',"raw_response":' + msgspec.json.encode(payload)
+        if openai or raw is not None:
+            raw_json = msgspec.json.encode(payload if openai else raw)
+            extra += b',"raw_response":' + raw_json
         reply = UpstreamReply(200, body, container, extra=extra)
         record = reply.record(provider, container.id, now_ms())
         fingerprint = credential.fingerprint

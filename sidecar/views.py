@@ -54,8 +54,10 @@ async def retrieve_openai(request: web.Request) -> web.Response:
 
 
 async def retrieve_native(request: web.Request) -> web.Response:
-    """``GET /v1/containers/{container_id}``: the gateway's native route, ``provider`` required."""
-    return await _retrieve(request, _NATIVE, provider_required=True)
+    """``GET /v1/containers/{container_id}``: the gateway's native route, ``provider``
+    required; straight against OpenAI it is OpenAI's own route (an app's ``/v1`` base URL)."""
+    kind = request.app[SERVICES].settings.upstream_kind
+    return await _retrieve(request, _NATIVE, provider_required=kind == "bifrost")
 
 
 #: The retrieval routes and their handlers (each counts its answers under its own route).

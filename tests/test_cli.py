@@ -137,9 +137,6 @@ def _get(url: str, headers: dict[str, str] | None = None) -> int:
         return exc.code
 
 
-@pytest.mark.xfail(
-    strict=True, reason="until sidecar/serve.py runs with sidecar.logs.access_log_options(settings)"
-)
 def test_serve_takes_its_port_from_the_command_line_and_logs_each_request() -> None:
     port = free_port()
     process = subprocess.Popen(
