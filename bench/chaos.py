@@ -12,12 +12,12 @@ projects with five credentials (the workers' service credential belongs to the f
 container and a credential chosen at random per request; one request in twenty asks for another
 project's container (a legitimate 404; a 200 there is counted as a leak).
 
-Phases, each after the previous one healed (dead processes restarted, faults cleared):
-baseline; redis-kill (SIGKILL, restarted on the same port, empty); redis-hang (SIGSTOP ~5 s,
-SIGCONT); upstream-5xx (the emulator answers 503 to everything); upstream-kill (the gateway
-process SIGKILLed, restarted); worker-kill (a worker SIGKILLed while refreshes are in flight,
-restarted a second later); worker-redis (Redis killed under the workers: do they survive and
-resume). Every phase prints one row: requests and errors (non-2xx other than legitimate 404s,
+Phases, each once the previous one has healed (dead processes restarted, faults cleared, and
+up to 12 s for answers to look like the baseline's again): baseline; redis-kill (SIGKILL,
+restarted on the same port, empty); redis-hang (SIGSTOP ~5 s, SIGCONT); worker-kill (a worker
+SIGKILLed while refreshes are in flight, restarted a second later); upstream-5xx (the emulator
+answers 503 to everything); worker-redis (Redis killed under the workers: do they survive and
+resume); upstream-kill (the gateway process SIGKILLed, restarted). Every phase prints one row: requests and errors (non-2xx other than legitimate 404s,
 and connection errors) from the fault's start to the phase's end, latency while the fault
 lasts, upstream calls/s as the emulator counts them and call attempts/s as the sidecars and
 workers count them (while the fault lasts), and the time to recover. A whole default run takes
@@ -35,6 +35,7 @@ import itertools
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -55,8 +56,10 @@ KEYS_A = ("sk-bf-chaos-a1", "sk-bf-chaos-a2", "sk-bf-chaos-a3")
 KEYS_B = ("sk-bf-chaos-b1", "sk-bf-chaos-b2")
 SERVICE_KEY = "sk-bf-chaos-service"  # in project A, as a deployment's service key would be
 BUCKET_S = 1.0
-PHASES = ("baseline", "redis-kill", "redis-hang", "upstream-5xx", "upstream-kill",
-          "worker-kill", "worker-redis")  # fmt: skip
+# The default order keeps after-effects apart: worker-redis (Redis restarted empty) comes
+# between the two upstream outages, whose failure back-offs would otherwise run into each other.
+PHASES = ("baseline", "redis-kill", "redis-hang", "worker-kill", "upstream-5xx",
+          "worker-redis", "upstream-kill")  # fmt: skip
 
 
 # -- processes -------------------------------------------------------------------------------------
@@ -313,6 +316,8 @@ class Answer:
     age_s: float
     project: str
     cid: str
+    detail: str = ""
+    """For an error: its status and the start of its message."""
 
 
 ERRORS = frozenset({"bad404", "4xx", "5xx", "conn"})
@@ -346,15 +351,19 @@ class Load:
             url = f"{rng.choice(self.stack.sidecar_urls)}/openai/v1/containers/{cid}"
             started = self.now()
             age = 0.0
+            detail = ""
             try:
                 async with http.get(url, headers={"Authorization": f"Bearer {key}"}) as response:
                     body = await response.read()
                     status = response.status
                     age = float(response.headers.get("Age") or 0)
                 kind = classify(status, body, other)
-            except (aiohttp.ClientError, TimeoutError):
+                if kind in ERRORS:
+                    detail = f"{status} {error_message(body)}"
+            except (aiohttp.ClientError, TimeoutError) as exc:
                 kind = "conn"
-            self.answers.append(Answer(started, self.now(), kind, age, project, cid))
+                detail = type(exc).__name__
+            self.answers.append(Answer(started, self.now(), kind, age, project, cid, detail))
             await asyncio.sleep(self.args.interval)
 
     async def run(self) -> None:
@@ -362,6 +371,14 @@ class Load:
         timeout = aiohttp.ClientTimeout(total=15)
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
             await asyncio.gather(*(self.client(http, i) for i in range(self.args.clients)))
+
+
+def error_message(body: bytes) -> str:
+    try:
+        message = json.loads(body)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = body[:60].decode(errors="replace")
+    return str(message)[:60]
 
 
 def classify(status: int, body: bytes, other: bool) -> str:
@@ -472,6 +489,20 @@ class Chaos:
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(self.s(seconds))
 
+    async def settle(self, base: dict[str, float]) -> str | None:
+        """Wait (2 s, at most 12 s) until the last second of answers looks like the baseline,
+        so that a phase does not inherit the previous one's after-effects."""
+        started = self.load.now()
+        await self.sleep(2)
+        while True:
+            now = self.load.now()
+            recent = buckets(self.load.answers, now - BUCKET_S, now)[0]
+            if healthy(recent, base):
+                return None
+            if now - started > self.s(12):
+                return f"not settled after {now - started:.0f}s (previous phase's after-effects)"
+            await asyncio.sleep(0.5)
+
     async def baseline(self, phase: Phase) -> None:
         phase.fault_start = self.load.now()
         await self.sleep(15)
@@ -525,8 +556,8 @@ class Chaos:
             "POST", "/_emulator/latency", {"ms": self.args.latency_ms}
         )
         phase.notes.append(
-            f"upstream slowed to 1 s for 1.5 s before the kill; arq jobs marked in progress "
-            f"(all workers) at the kill: {marked}"
+            "upstream slowed to 1 s for 1.5 s before the kill"
+            + (f"; arq in-progress keys at the kill: {marked}" if marked else "")
         )
         await asyncio.sleep(1)
         await self.stack.start_worker(0)
@@ -626,6 +657,17 @@ def buckets(answers: list[Answer], start: float, end: float) -> list[Bucket]:
     return out
 
 
+def healthy(b: Bucket, base: dict[str, float]) -> bool:
+    """Answers as good as in the baseline: no errors, from cache, fresh."""
+    return (
+        b.own > 0
+        and b.errors == 0
+        and b.sie == 0
+        and b.cached / b.own >= 0.9 * base["cached_share"]
+        and b.stale / b.own <= 0.02
+    )
+
+
 def analyse(phase: Phase, load: Load, sampler: Sampler, base: dict[str, float]) -> dict[str, Any]:
     window = [a for a in load.answers if phase.fault_start <= a.started < phase.end]
     during_end = phase.fault_end if phase.fault_end > phase.fault_start else phase.end
@@ -644,14 +686,14 @@ def analyse(phase: Phase, load: Load, sampler: Sampler, base: dict[str, float]) 
         "attempts": sampler.rate("attempts", phase.fault_start, during_end),
         "recover": None,
     }
-    kinds: dict[str, int] = {}
+    details: dict[str, int] = {}
     for a in window:
         if a.kind in ERRORS:
-            kinds[a.kind] = kinds.get(a.kind, 0) + 1
-    if kinds:
-        phase.notes.append(
-            "errors by kind: " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items()))
-        )
+            key = re.sub(r"cntr_\w+", "cntr_...", a.detail) if a.detail else a.kind
+            details[key] = details.get(key, 0) + 1
+    if details:
+        top = sorted(details.items(), key=lambda kv: -kv[1])[:3]
+        phase.notes.append("errors: " + "; ".join(f"{n} x {d!r}" for d, n in top))
     if phase.name == "baseline":
         own = [a for a in window if a.kind not in ("404", "leak")]
         for project in ("A", "B"):
@@ -663,7 +705,7 @@ def analyse(phase: Phase, load: Load, sampler: Sampler, base: dict[str, float]) 
     after = buckets(load.answers, recover_from, phase.end)
     if phase.name == "worker-kill":
         # Containers answered stale for longer than any did in the baseline: left unrefreshed.
-        longer = base["stale_run_s"] + BUCKET_S
+        longer = max(base["stale_run_s"] + BUCKET_S, 3.0)  # the slowed upstream's own delay
         hit = []
         for _, start, end in stale_runs(load.answers):
             if end is not None and end <= recover_from:
@@ -685,8 +727,7 @@ def analyse(phase: Phase, load: Load, sampler: Sampler, base: dict[str, float]) 
     if phase.name == "worker-redis":
         row["recover"] = phase.extra.get("resumed_s")
         return row
-    good = [b.errors == 0 and b.sie == 0 and b.own > 0
-            and b.cached / b.own >= 0.9 * base["cached_share"] for b in after]  # fmt: skip
+    good = [healthy(b, base) for b in after]
     for i in range(len(good) - 1):
         if good[i] and good[i + 1]:
             row["recover"] = i * BUCKET_S
@@ -779,8 +820,11 @@ async def run(args: argparse.Namespace, stack: Stack) -> None:
         base: dict[str, float] = {}
         for name in phases:
             healed = await stack.heal()
-            await asyncio.sleep(chaos.s(2) if name != "baseline" else 0)
             phase = Phase(name, TARGETS[name])
+            if name != "baseline":
+                settled = await chaos.settle(base)
+                if settled is not None:
+                    healed.append(settled)
             if healed:
                 phase.notes.append("before the phase: " + "; ".join(healed))
             await getattr(chaos, name.replace("-", "_"))(phase)
@@ -852,7 +896,7 @@ def main() -> None:
     logs = Path(tempfile.mkdtemp(prefix="chaos-"))
     stack = Stack(args, logs)
     signal.signal(signal.SIGTERM, _interrupt)
-    budget_s = (120 + args.worker_kill_observe) * args.scale + 120
+    budget_s = (200 + args.worker_kill_observe) * args.scale + 90
     try:
         asyncio.run(asyncio.wait_for(_run_and_close(args, stack), budget_s))
     except KeyboardInterrupt:
