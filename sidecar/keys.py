@@ -1,17 +1,18 @@
 """Every Redis key the sidecar and the workers use, built in one place.
 
-A container's keys are tagged with its public cache id (``{<cache_id>}``, a Redis Cluster hash
-tag), so the record, its grants, its lock and its failure marker share one slot (a hit is one
-``MGET``), and a purge by ``cache_id`` finds them without an index. Key names are short: every
-byte is paid once per cached container.
+A container's keys are tagged with its public cache id (``{<cache_id>}``, in 22 characters: a
+Redis Cluster hash tag), so the record, its grants, its lock and its failure marker share one
+slot (a hit is one ``MGET``), and a purge by ``cache_id`` finds them without an index. Key
+names are short: every byte is paid once per cached container.
 """
 
 from __future__ import annotations
 
+import base64
 import functools
 import uuid
 
-__all__ = ["KeySpace", "cache_id_for", "member", "parse_member"]
+__all__ = ["KeySpace", "cache_id_for", "compact_id", "member", "parse_member"]
 
 _CACHE_ID_NAMESPACE = uuid.UUID("5f0d3c6e-8a51-4c43-9a39-0c1f3b1f6a10")
 
@@ -20,6 +21,16 @@ _CACHE_ID_NAMESPACE = uuid.UUID("5f0d3c6e-8a51-4c43-9a39-0c1f3b1f6a10")
 def cache_id_for(provider: str, container_id: str) -> str:
     """The stable public id of a cache entry (a UUIDv5; reveals nothing about the key)."""
     return str(uuid.uuid5(_CACHE_ID_NAMESPACE, f"{provider}/{container_id}"))
+
+
+def compact_id(cache_id: str) -> str:
+    """A cache id in 22 characters (base64url of its 16 bytes), as it stands in keys."""
+    return base64.urlsafe_b64encode(uuid.UUID(cache_id).bytes).rstrip(b"=").decode()
+
+
+@functools.lru_cache(maxsize=65_536)
+def _tag_of(provider: str, container_id: str) -> str:
+    return compact_id(cache_id_for(provider, container_id))
 
 
 class KeySpace:
@@ -36,28 +47,31 @@ class KeySpace:
         return f"{self.prefix}:changes"
 
     def tag(self, cache_id: str) -> str:
-        """The common start of one container's keys."""
-        return f"{self.prefix}:{{{cache_id}}}"
+        """The common start of the keys of the container behind a public cache id."""
+        return f"{self.prefix}:{{{compact_id(cache_id)}}}"
+
+    def _tag(self, provider: str, container_id: str) -> str:
+        return f"{self.prefix}:{{{_tag_of(provider, container_id)}}}"
 
     def record(self, provider: str, container_id: str) -> str:
         """The cached record."""
-        return self.tag(cache_id_for(provider, container_id)) + ":r"
+        return self._tag(provider, container_id) + ":r"
 
     def grant(self, provider: str, container_id: str, fingerprint: str) -> str:
         """Proof that the upstream answered this credential for this container."""
-        return f"{self.tag(cache_id_for(provider, container_id))}:g:{fingerprint}"
+        return f"{self._tag(provider, container_id)}:g:{fingerprint}"
 
     def negative(self, provider: str, container_id: str, fingerprint: str) -> str:
         """A cached 404 for one credential (another project may well see the container)."""
-        return f"{self.tag(cache_id_for(provider, container_id))}:n:{fingerprint}"
+        return f"{self._tag(provider, container_id)}:n:{fingerprint}"
 
     def lock(self, provider: str, container_id: str, fingerprint: str) -> str:
         """The cross-replica fetch lock of one credential for one container."""
-        return f"{self.tag(cache_id_for(provider, container_id))}:l:{fingerprint}"
+        return f"{self._tag(provider, container_id)}:l:{fingerprint}"
 
     def failing(self, provider: str, container_id: str) -> str:
         """Set while the upstream fails for this container: its last error and back-off."""
-        return self.tag(cache_id_for(provider, container_id)) + ":f"
+        return self._tag(provider, container_id) + ":f"
 
     @property
     def stats(self) -> str:
