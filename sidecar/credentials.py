@@ -23,7 +23,7 @@ from collections.abc import Iterable
 
 from sidecar.errors import AmbiguousCredential, MissingCredential
 
-__all__ = ["ANONYMOUS", "Credential", "CredentialReader", "identity_header"]
+__all__ = ["ANONYMOUS", "PASS_ALONG", "Credential", "CredentialReader", "identity_header"]
 
 # The gateway's virtual-key headers (transports/bifrost-http/lib/ctx.go): x-bf-vk with any value;
 # Authorization (Bearer), x-api-key and x-goog-api-key when the value starts with sk-bf-.
@@ -35,6 +35,14 @@ _EXTRA_HEADER_PREFIX = "x-bf-eh-"
 # OpenAI scopes a key further by organisation and project: part of the identity too.
 _OPENAI_IDENTITY = frozenset(("authorization", "openai-organization", "openai-project"))
 _CACHE_MAX = 4096
+#: Request headers that are not an identity but go to the upstream on every path: the gateway
+#: acts on them (transports/bifrost-http/lib/ctx.go), and trace context flows through.
+PASS_ALONG = {
+    "bifrost": frozenset(
+        ("x-bf-send-back-raw-response", "x-bf-session-id", "traceparent", "tracestate")
+    ),
+    "openai": frozenset(("traceparent", "tracestate")),
+}
 
 
 class Credential:
@@ -78,6 +86,7 @@ class CredentialReader:
     def __init__(self, kind: str, secret: str | None) -> None:
         self._kind = kind
         self._openai = kind == "openai"
+        self._pass_along = PASS_ALONG[kind]
         key = secret.encode() if secret else secrets.token_bytes(32)
         self._mac = hmac.new(key, digestmod=hashlib.sha256)
         self._known: dict[tuple[tuple[str, str], ...], Credential] = {}
@@ -88,10 +97,19 @@ class CredentialReader:
         Raises ``AmbiguousCredential`` for a repeated identity header or two different virtual
         keys, and ``MissingCredential`` when an OpenAI-style upstream gets no key.
         """
+        return self.scan(headers)[0]
+
+    def scan(
+        self, headers: Iterable[tuple[str, str]]
+    ) -> tuple[Credential, tuple[tuple[str, str], ...]]:
+        """The request's credential and the headers passed along with it (one pass)."""
         found: list[tuple[str, str]] = []
+        passed: list[tuple[str, str]] = []
         for raw_name, value in headers:
             name = raw_name.lower()
             if not identity_header(self._kind, name):
+                if name in self._pass_along:
+                    passed.append((name, value))
                 continue
             value = value.strip()
             if not value or (name == "authorization" and value.lower() in ("bearer", "basic")):
@@ -102,12 +120,12 @@ class CredentialReader:
                 raise MissingCredential(
                     "a credential is required: send it as 'Authorization: Bearer <key>'"
                 )
-            return ANONYMOUS
+            return ANONYMOUS, tuple(passed)
         key = tuple(sorted(found))
         credential = self._known.get(key)
         if credential is None:
             credential = self._make(key)
-        return credential
+        return credential, tuple(passed)
 
     def _make(self, pairs: tuple[tuple[str, str], ...]) -> Credential:
         names = [name for name, _ in pairs]

@@ -66,9 +66,10 @@ class Policy:
             until = min(until, expires_ms)
         return until
 
-    def assess(self, record: Record, now_ms: int) -> Freshness:
-        """The record's freshness at ``now_ms``."""
-        fresh_until = self.fresh_until_ms(record)
+    def assess(self, record: Record, now_ms: int, fresh_until: int | None = None) -> Freshness:
+        """The record's freshness at ``now_ms`` (``fresh_until``: its end, if already known)."""
+        if fresh_until is None:
+            fresh_until = self.fresh_until_ms(record)
         age_s = max(0, now_ms - record.fetched_at_ms) / 1000
         ttl_s = (fresh_until - now_ms) / 1000
         if now_ms < fresh_until:

@@ -103,9 +103,9 @@ class ContainerService:
         now = now_ms()
         if not rules.no_cache and (got := self.local.get(provider, cid, fingerprint, now)):
             copy, grant_expiry_ms = got
-            freshness = self.policy.assess(copy.record, now)
+            freshness = self.policy.assess(copy.record, now, copy.fresh_until_ms)
             if rules.admits(freshness):
-                self._renew_early(query, copy.record, grant_expiry_ms, now)
+                self._renew_early(query, copy.record, grant_expiry_ms, now, copy.fresh_until_ms)
                 return Outcome("hit", copy.record, cache_id_for(provider, cid), freshness,
                                copy=copy)  # fmt: skip
         try:
@@ -179,7 +179,14 @@ class ContainerService:
             return stale  # the caller accepts it; it revalidates inline when it must
         return None
 
-    def _renew_early(self, query: Query, record: Record, grant_expiry_ms: int, now: int) -> None:
+    def _renew_early(
+        self,
+        query: Query,
+        record: Record,
+        grant_expiry_ms: int,
+        now: int,
+        fresh_until: int | None = None,
+    ) -> None:
         """Renew a grant together with the record's refresh instead of on its own.
 
         A grant that would lapse before the record's next refresh is due costs an extra upstream
@@ -188,7 +195,8 @@ class ContainerService:
         call both proves access again and refreshes the record, and the worker's refresh then
         finds it fresh and makes none.
         """
-        fresh_until = self.policy.fresh_until_ms(record)
+        if fresh_until is None:
+            fresh_until = self.policy.fresh_until_ms(record)
         if grant_expiry_ms >= fresh_until + self._fresh_ms or fresh_until - now > self._renew_ms:
             return
         key = (query.provider, query.container_id, query.credential.fingerprint, False)

@@ -29,22 +29,7 @@ from sidecar.wire import (
     split_gateway_answer,
 )
 
-__all__ = ["PASS_ALONG", "Upstream", "UpstreamReply", "create_session", "pass_along"]
-
-#: Request headers that are not the caller's identity but are passed to the upstream on every
-#: path: the gateway acts on them (transports/bifrost-http/lib/ctx.go) and trace context flows.
-PASS_ALONG = {
-    "bifrost": frozenset(
-        ("x-bf-send-back-raw-response", "x-bf-session-id", "traceparent", "tracestate")
-    ),
-    "openai": frozenset(("traceparent", "tracestate")),
-}
-
-
-def pass_along(kind: str, headers: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
-    """The headers of a request that go to the upstream beside its credential."""
-    names = PASS_ALONG[kind]
-    return tuple((name, value) for name, value in headers if name.lower() in names)
+__all__ = ["Upstream", "UpstreamReply", "create_session"]
 
 
 log = logging.getLogger(__name__)

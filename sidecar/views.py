@@ -18,7 +18,6 @@ from sidecar.middleware import COUNTED, OUTCOME, count_answer
 from sidecar.outcomes import Outcome, Query
 from sidecar.settings import PROVIDER_NAME, PROVIDERS, Settings
 from sidecar.state import SERVICES
-from sidecar.upstream import PASS_ALONG
 from sidecar.wire import (
     REQUEST_TYPE,
     CacheDebug,
@@ -73,11 +72,9 @@ async def _retrieve(request: web.Request, route: str, *, provider_required: bool
     services = request.app[SERVICES]
     settings = services.settings
     headers = request.headers
-    credential = services.credentials.read(headers.items())
-    provider = parse_provider(request.query.get("provider", ""), provider_required, settings)
-    passed = tuple(
-        (name, value) for name in PASS_ALONG[settings.upstream_kind] if (value := headers.get(name))
-    )
+    credential, passed = services.credentials.scan(headers.items())
+    provider = request.query.get("provider", "") if request.query_string else ""
+    provider = parse_provider(provider, provider_required, settings)
     query = Query(
         provider=provider,
         container_id=parse_container_id(request.match_info["container_id"]),
