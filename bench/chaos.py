@@ -403,20 +403,25 @@ class Sampler:
     def __init__(self, stack: Stack, load: Load) -> None:
         self.stack = stack
         self.load = load
-        self.series: dict[str, list[tuple[float, float]]] = {"emulator": [], "attempts": [],
-                                                             "refreshed": []}  # fmt: skip
+        self.names = ("attempts", "attempts_sidecar", "attempts_worker", "refreshed")
+        self.series: dict[str, list[tuple[float, float]]] = {
+            n: [] for n in ("emulator", *self.names)
+        }
         self._last: dict[tuple[str, str], float] = {}
-        self._total: dict[str, float] = {"attempts": 0.0, "refreshed": 0.0}
+        self._total: dict[str, float] = dict.fromkeys(self.names, 0.0)
 
     async def scrape(self, url: str) -> dict[str, float]:
         from prometheus_client.parser import text_string_to_metric_families
 
         _, text = await self.stack.get(f"{url}/metrics", timeout_s=0.5)
-        values = {"attempts": 0.0, "refreshed": 0.0}
+        values = dict.fromkeys(self.names, 0.0)
         for family in text_string_to_metric_families(text.decode()):
             for sample in family.samples:
                 if sample.name == "sidecar_upstream_requests_total":
                     values["attempts"] += sample.value
+                    caller = sample.labels.get("caller")
+                    if caller in ("sidecar", "worker"):
+                        values[f"attempts_{caller}"] += sample.value
                 elif (sample.name == "sidecar_refresh_jobs_total"
                       and sample.labels.get("event") == "succeeded"):  # fmt: skip
                     values["refreshed"] += sample.value
@@ -438,8 +443,8 @@ class Sampler:
                 with contextlib.suppress(Exception):
                     for name, value in (await self.scrape(source)).items():
                         self.add(source, name, value)
-            self.series["attempts"].append((now, self._total["attempts"]))
-            self.series["refreshed"].append((now, self._total["refreshed"]))
+            for name in self.names:
+                self.series[name].append((now, self._total[name]))
             await asyncio.sleep(0.5)
 
     def rate(self, name: str, start: float, end: float) -> float | None:
@@ -686,6 +691,13 @@ def analyse(phase: Phase, load: Load, sampler: Sampler, base: dict[str, float]) 
         "attempts": sampler.rate("attempts", phase.fault_start, during_end),
         "recover": None,
     }
+    if phase.name.startswith("upstream") or phase.name == "baseline":
+        by = [
+            sampler.rate(f"attempts_{c}", phase.fault_start, during_end)
+            for c in ("sidecar", "worker")
+        ]
+        if None not in by:
+            phase.notes.append(f"tries/s by caller: sidecars {by[0]:.1f}, workers {by[1]:.1f}")
     details: dict[str, int] = {}
     for a in window:
         if a.kind in ERRORS:
