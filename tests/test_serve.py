@@ -51,7 +51,10 @@ async def test_processes_share_the_port_stay_coherent_add_up_and_stop_together(
     url = f"http://127.0.0.1:{port}"
     try:
         await _wait_up(url)
-        children = _children(server.pid)
+        for _ in range(100):
+            if len(children := _children(server.pid)) == 2:
+                break
+            await asyncio.sleep(0.1)
         assert len(children) == 2, log.read_text()
         cid = (await emulator.create(KEY_A))["id"]
         retrieve = f"{url}/openai/v1/containers/{cid}"
