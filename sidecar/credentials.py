@@ -21,9 +21,16 @@ import hmac
 import secrets
 from collections.abc import Iterable
 
-from sidecar.errors import AmbiguousCredential, MissingCredential
+from sidecar.errors import AmbiguousCredential, InvalidParameter, MissingCredential
 
-__all__ = ["ANONYMOUS", "PASS_ALONG", "Credential", "CredentialReader", "identity_header"]
+__all__ = [
+    "ANONYMOUS",
+    "PASS_ALONG",
+    "Credential",
+    "CredentialReader",
+    "check_forwardable",
+    "identity_header",
+]
 
 # The gateway's virtual-key headers (transports/bifrost-http/lib/ctx.go): x-bf-vk with any value;
 # Authorization (Bearer), x-api-key and x-goog-api-key when the value starts with sk-bf-.
@@ -109,9 +116,9 @@ class CredentialReader:
             name = raw_name.lower()
             if not identity_header(self._kind, name):
                 if name in self._pass_along:
-                    passed.append((name, value))
+                    passed.append((name, check_forwardable(name, value)))
                 continue
-            value = value.strip()
+            value = check_forwardable(name, value).strip()
             if not value or (name == "authorization" and value.lower() in ("bearer", "basic")):
                 continue
             found.append((name, value))
@@ -154,6 +161,19 @@ class CredentialReader:
             del self._known[next(iter(self._known))]
         self._known[pairs] = credential
         return credential
+
+
+def check_forwardable(name: str, value: str) -> str:
+    """``value``, if it can be sent on: a header value with bytes that are not UTF-8 (HTTP
+    allows them; aiohttp keeps them as surrogates) can be neither forwarded nor fingerprinted."""
+    if not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise InvalidParameter(
+                f"the {name} header is not valid UTF-8", param=name[:64]
+            ) from None
+    return value
 
 
 def _virtual_keys(pairs: Iterable[tuple[str, str]]) -> Iterable[str]:

@@ -11,6 +11,7 @@ SidecarError                      an answer that is not a container
 │   ├── NotFound                  404: no such cache entry (admin)
 │   ├── MethodNotAllowed          405: the route takes other methods
 │   ├── MalformedRequest          400: the HTTP parser refused the request
+│   ├── UnsupportedVersion        505: not HTTP/1.x
 │   └── NotCached                 504: ``only-if-cached`` and nothing usable cached
 ├── UpstreamReplyError            the upstream answered an error: relayed as it came
 └── UpstreamFailure               the upstream could not be reached or made no sense
@@ -37,6 +38,7 @@ __all__ = [
     "SidecarError",
     "StoreUnavailable",
     "UnsupportedOperation",
+    "UnsupportedVersion",
     "UpstreamFailure",
     "UpstreamMalformed",
     "UpstreamReplyError",
@@ -116,6 +118,13 @@ class MalformedRequest(RequestError):
     """A request the HTTP parser refused (bad header, over-long line, bad method...): 400."""
 
     code = "malformed_request"
+
+
+class UnsupportedVersion(RequestError):
+    """A request in an HTTP version other than 1.x: 505, as Go's server (the gateway) answers."""
+
+    status = 505
+    code = "http_version_not_supported"
 
 
 class NotCached(RequestError):

@@ -17,7 +17,7 @@ import msgspec
 from aiohttp import web
 from multidict import CIMultiDict
 
-from sidecar.credentials import Credential, identity_header
+from sidecar.credentials import Credential, check_forwardable, identity_header
 from sidecar.errors import UpstreamTimeout, UpstreamUnavailable
 from sidecar.middleware import OUTCOME, ROUTE_GROUP
 from sidecar.settings import upstream_base
@@ -43,7 +43,7 @@ def _forward_headers(headers: Any, credential: Credential, kind: str) -> CIMulti
     """The caller's headers, less hop-by-hop ones, with its identity exactly as read: the
     upstream authenticates with what the cache keyed the answer by, nothing else."""
     forwarded = CIMultiDict(
-        (k, v)
+        (k, check_forwardable(name, v))
         for k, v in headers.items()
         if (name := k.lower()) not in _DROP and not identity_header(kind, name)
     )

@@ -9,12 +9,14 @@ gateway's error shape and one short WARNING line naming what was wrong, never a 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
 
-from aiohttp import http_exceptions, web
+from aiohttp import HttpVersion11, http_exceptions, web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
-from sidecar.errors import MalformedRequest, SidecarError
+from sidecar.errors import MalformedRequest, SidecarError, UnsupportedVersion
 from sidecar.state import SERVICES
 from sidecar.wire import error_body
 
@@ -84,6 +86,41 @@ class _GatewayServer(web.Server):
         return _GatewayRequestHandler(self, loop=self._loop, **self._kwargs)
 
 
+#: The HTTP version a request came with, when it is not 1.x (it is answered 505).
+_ASKED_VERSION: web.RequestKey[tuple[int, int]] = web.RequestKey("asked_version", tuple)
+
+
+def _answer_1x_only(factory: Callable[..., BaseRequest]) -> Callable[..., BaseRequest]:
+    """Requests that say HTTP/2.0 or later over HTTP/1 get a 1.1 answer: a 505."""
+
+    def make(message: Any, *args: Any) -> BaseRequest:
+        if message.version.major == 1:
+            return factory(message, *args)
+        request = factory(message._replace(version=HttpVersion11, should_close=True), *args)
+        request[_ASKED_VERSION] = (message.version.major, message.version.minor)
+        return request
+
+    return make
+
+
+def _refuse_other_versions(
+    handler: Callable[[BaseRequest], Awaitable[web.StreamResponse]],
+) -> Callable[[BaseRequest], Awaitable[web.StreamResponse]]:
+    async def handle(request: BaseRequest) -> web.StreamResponse:
+        if _ASKED_VERSION not in request:
+            return await handler(request)
+        error = UnsupportedVersion("this server speaks HTTP/1.0 and HTTP/1.1 only")
+        major, minor = request[_ASKED_VERSION]
+        log.warning("refused an HTTP/%d.%d request from %s (505)", major, minor, request.remote)
+        return web.Response(
+            body=error_body(error, "", request_type=""),
+            status=error.status,
+            content_type="application/json",
+        )
+
+    return handle
+
+
 class SidecarRunner(web.AppRunner):
     """An ``AppRunner`` whose connections answer unreadable requests in the gateway's shape."""
 
@@ -93,4 +130,7 @@ class SidecarRunner(web.AppRunner):
         # is given one that does (same layout, one method more).
         server.__class__ = _GatewayServer
         server.sidecar_app = self.app  # type: ignore[attr-defined]
+        # aiohttp answers in the version a request says it speaks, "HTTP/2.0 200" included.
+        server.request_factory = _answer_1x_only(server.request_factory)
+        server.request_handler = _refuse_other_versions(server.request_handler)
         return server

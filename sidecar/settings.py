@@ -132,9 +132,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     error_backoff_s: Seconds = 10.0
     """After the upstream fails for a container (5xx, 429, timeout, unreachable), how long
     nobody calls it again for that container: callers get the stale-if-error copy or the same
-    error meanwhile. Doubles with each failure in a row, up to ``error_backoff_max_s``."""
-    error_backoff_max_s: Seconds = 120.0
-    """The longest back-off after failures in a row."""
+    error meanwhile. At the fresh TTL (the default), a failing upstream sees no more calls than
+    a healthy one. Doubles with each failure in a row, up to ``error_backoff_max_s``."""
+    error_backoff_max_s: Seconds = 20.0
+    """The longest back-off after failures in a row: the longest a container may wait for a
+    recovered upstream."""
     negative_ttl_s: NonNegSeconds = 5.0
     """How long an upstream 404 is cached (0 disables negative caching)."""
     terminal_ttl_s: Seconds = 3600.0

@@ -555,7 +555,10 @@ def judge(case: Case, reply: Reply, relayed: bool, verdicts: Verdicts) -> None:
     if reply.status is None:
         verdicts.add(case, f"no HTTP answer ({reply.problem})")
         return
-    if reply.status >= 500 and not relayed and not (reply.status == 504 and case.only_if_cached):
+    # 505 is the answer RFC 9110 (15.6.6) gives a request in a version the server does not
+    # speak (HTTP/2.0 over an HTTP/1 connection), as Go's server (the gateway) answers it.
+    prescribed = (reply.status == 504 and case.only_if_cached) or reply.status == 505
+    if reply.status >= 500 and not relayed and not prescribed:
         verdicts.add(case, f"5xx for client input ({reply.status}: {reply.body[:160]!r})")
     if 200 <= reply.status < 300 or case.method == "HEAD":
         return
