@@ -227,20 +227,25 @@ class ContainerService:
         if isinstance(locked, Outcome):
             return locked
         try:
-            reply = await self.upstream.retrieve(query.provider, query.container_id, query.headers)
-        except UpstreamFailure as exc:
-            await self._failed(query, exc.status, error_body(exc, query.provider))
-            if served := self._stale_if_error(query, stale, None):
-                return served
-            raise
+            try:
+                reply = await self.upstream.retrieve(
+                    query.provider, query.container_id, query.headers
+                )
+            except UpstreamFailure as exc:
+                await self._failed(query, exc.status, error_body(exc, query.provider))
+                if served := self._stale_if_error(query, stale, None):
+                    return served
+                raise
+            return await self._absorb(query, reply, stale, forward, previous)
         finally:
+            # Released once the answer is stored (or its failure noted): a replica waiting on
+            # the lock finds it, instead of taking the lock in between and fetching again.
             if locked:
                 await self._quietly(
                     self.store.unlock(
                         query.provider, query.container_id, query.credential.fingerprint, token
                     )
                 )
-        return await self._absorb(query, reply, stale, forward, previous)
 
     async def _failed(
         self, query: Query, status: int, body: bytes, retry_after: str | None = None
