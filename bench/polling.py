@@ -1,12 +1,19 @@
 """Polling workload: K clients poll M containers through R sidecar replicas sharing one Redis,
 with N workers refreshing in the background and an upstream that takes 50 ms a call.
 
-    .venv/bin/python bench/polling.py [--clients 100] [--containers 100] [--seconds 60]
-                                      [--replicas 1,2,4] [--workers 2] [--fresh-ttl 10]
+    .venv/bin/python bench/polling.py [--clients 25,100,200] [--replicas 1,2,4]
+                                      [--containers 100] [--seconds 60] [--workers 2]
+                                      [--fresh-ttl 10] [--projects 1] [--cluster]
 
-After a warm-up (every container read once), it counts for T seconds: upstream calls against
-the ideal M x T / fresh TTL (one call per container per refresh interval), the share of answers
-served stale and their mean age, and refresh jobs per second per worker.
+Each K x R pair is a run of its own (fresh Redis, emulator and processes). After a warm-up
+(every container read once), it counts for T seconds: upstream calls against the ideal
+M x T / fresh TTL (one call per container per refresh interval), the share of answers served
+stale and their mean age, misses, and refreshes per second per worker.
+
+``--projects N`` spreads containers and clients over N projects, each with its own API key;
+the workers' service key belongs to the first. Refreshes of the other projects' containers are
+refused (404) to the service key: the table adds the workers' refused calls (``worker 4xx``)
+and the refresh jobs that ended in each event.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import random
 import sys
 import tempfile
@@ -26,16 +34,21 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (
     create_containers,
-    emulator,
     emulator_reset,
     emulator_retrieves,
+    emulator_with,
     redis_server,
-    scrape,
+    scrape_total,
     sidecar,
     worker,
 )  # fmt: skip
 
-KEY = "sk-bf-bench-app"
+SERVICE_KEY = "sk-bf-bench-service"
+EVENTS = ("succeeded", "failed", "skipped", "retried", "deduplicated")
+
+
+def app_key(project: int) -> str:
+    return f"sk-bf-bench-app-{project}"
 
 
 @dataclass
@@ -48,21 +61,26 @@ class Tally:
     read: set[str] = field(default_factory=set)
 
 
-async def poll(replicas: list[str], ids: list[str], weights: list[float], clients: int,
-               interval_s: float, seconds: float, tally: Tally) -> None:  # fmt: skip
-    """K clients, each reading a container (Zipf popularity) through a random replica."""
+async def poll(replicas: list[str], projects: list[list[str]], clients: int, interval_s: float,
+               seconds: float, zipf: float, tally: Tally) -> None:  # fmt: skip
+    """K clients, each of one project (round robin), reading its containers (Zipf popularity)
+    through a random replica with its project's key."""
     connector = aiohttp.TCPConnector(limit=clients)
     deadline = time.monotonic() + seconds
-    async with aiohttp.ClientSession(connector=connector,
-                                     headers={"Authorization": f"Bearer {KEY}"}) as http:  # fmt: skip
+    async with aiohttp.ClientSession(connector=connector) as http:
 
-        async def client() -> None:
+        async def client(number: int) -> None:
             rng = random.Random()
+            project = number % len(projects)
+            ids = projects[project]
+            weights = [1 / (rank + 1) ** zipf for rank in range(len(ids))]
+            rng.shuffle(weights)
+            headers = {"Authorization": f"Bearer {app_key(project)}"}
             await asyncio.sleep(rng.uniform(0, interval_s))
             while time.monotonic() < deadline:
                 cid = rng.choices(ids, weights)[0]
                 url = f"{rng.choice(replicas)}/openai/v1/containers/{cid}"
-                async with http.get(url) as response:
+                async with http.get(url, headers=headers) as response:
                     body = await response.json()
                     age = response.headers.get("Age")
                 tally.answers += 1
@@ -78,13 +96,25 @@ async def poll(replicas: list[str], ids: list[str], weights: list[float], client
                     tally.stale_age_s += float(age or 0)
                 await asyncio.sleep(interval_s)
 
-        await asyncio.gather(*(client() for _ in range(clients)))
+        await asyncio.gather(*(client(n) for n in range(clients)))
 
 
-def run(args: argparse.Namespace, replicas: int) -> dict[str, float]:
+def worker_counts(workers: list[str]) -> dict[str, float]:
+    """Refresh job events and refused upstream calls, summed over the workers."""
+    counts = {event: sum(scrape_total(w, "sidecar_refresh_jobs_total", event=event)
+                         for w in workers) for event in EVENTS}  # fmt: skip
+    counts["refused"] = sum(
+        scrape_total(w, "sidecar_upstream_requests_total", caller="worker", status_class="4xx")
+        for w in workers
+    )
+    return counts
+
+
+def run(args: argparse.Namespace, clients: int, replicas: int) -> dict[str, float]:
     with contextlib.ExitStack() as stack:
         redis_url = stack.enter_context(redis_server())
-        upstream = stack.enter_context(emulator(latency_ms=args.latency_ms))
+        projects = [[app_key(0), SERVICE_KEY]] + [[app_key(p)] for p in range(1, args.projects)]
+        upstream = stack.enter_context(emulator_with(args.latency_ms, projects=projects))
         cache: dict[str, str] = {"SIDECAR_REDIS_URL": redis_url}
         if args.cluster:
             # The cache on a 3-master, 3-replica Redis Cluster; arq's queue on the plain Redis.
@@ -98,33 +128,37 @@ def run(args: argparse.Namespace, replicas: int) -> dict[str, float]:
             "SIDECAR_UPSTREAM_URL": upstream,
             **cache,
             "SIDECAR_KEY_SECRET": "bench",
-            "SIDECAR_SERVICE_API_KEY": KEY,
+            "SIDECAR_SERVICE_API_KEY": SERVICE_KEY,
             "SIDECAR_FRESH_TTL_S": str(args.fresh_ttl),
             "SIDECAR_ACCESS_LOG": "false",
             "SIDECAR_LOG_LEVEL": "WARNING",
         }
-        ids = create_containers(upstream, KEY, args.containers)
+        owned = [create_containers(upstream, app_key(p), len(range(p, args.containers,
+                                                                  args.projects)))
+                 for p in range(args.projects)]  # fmt: skip
         urls = [stack.enter_context(sidecar(env)) for _ in range(replicas)]
         workers = [stack.enter_context(worker(env)) for _ in range(args.workers)]
-        weights = [1 / (rank + 1) ** args.zipf for rank in range(len(ids))]
-        random.shuffle(weights)
 
         async def warm() -> None:
-            async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as http:
-                for cid in ids:
-                    async with http.get(f"{urls[0]}/openai/v1/containers/{cid}") as response:
-                        await response.read()
+            async with aiohttp.ClientSession() as http:
+                for project, ids in enumerate(owned):
+                    for cid in ids:
+                        async with http.get(f"{urls[0]}/openai/v1/containers/{cid}",
+                                            headers={"Authorization": f"Bearer {app_key(project)}"}
+                                            ) as response:  # fmt: skip
+                            await response.read()
 
         asyncio.run(warm())
         emulator_reset(upstream)
-        jobs_before = [scrape(w, "sidecar_refresh_jobs_total", event="succeeded") for w in workers]
+        before = worker_counts(workers)
         tally = Tally()
-        asyncio.run(poll(urls, ids, weights, args.clients, args.interval, args.seconds, tally))
+        asyncio.run(poll(urls, owned, clients, args.interval, args.seconds, args.zipf, tally))
         calls = emulator_retrieves(upstream)
-        jobs = [scrape(w, "sidecar_refresh_jobs_total", event="succeeded") - before
-                for w, before in zip(workers, jobs_before, strict=True)]  # fmt: skip
+        after = worker_counts(workers)
+    done = {name: after[name] - before[name] for name in after}
     ideal = len(tally.read) * args.seconds / args.fresh_ttl
     return {
+        "clients": clients,
         "replicas": replicas,
         "answers": tally.answers,
         "read": len(tally.read),
@@ -135,36 +169,46 @@ def run(args: argparse.Namespace, replicas: int) -> dict[str, float]:
         "stale_age_s": tally.stale_age_s / tally.stale if tally.stale else 0.0,
         "misses": tally.misses,
         "errors": tally.errors,
-        "jobs_per_worker_s": sum(jobs) / len(jobs) / args.seconds,
+        "refreshes_per_worker_s": done["succeeded"] / args.workers / args.seconds,
+        **{f"jobs_{event}": done[event] for event in EVENTS},
+        "refused": done["refused"],
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--clients", default="25,100,200", help="K values (comma-separated)")
     parser.add_argument("--containers", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--interval", type=float, default=0.2, help="each client's pause (s)")
-    parser.add_argument("--replicas", default="1,2,4")
+    parser.add_argument("--replicas", default="1,2,4", help="R values (comma-separated)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--fresh-ttl", type=float, default=10)
     parser.add_argument("--latency-ms", type=float, default=50)
     parser.add_argument("--zipf", type=float, default=1.1)
+    parser.add_argument("--projects", type=int, default=1,
+                        help="spread containers and clients over this many projects")  # fmt: skip
     parser.add_argument("--cluster", action="store_true", help="cache on a Redis Cluster")
     args = parser.parse_args()
-    print(f"K={args.clients} clients polling every {args.interval}s, M={args.containers} "
-          f"containers (Zipf {args.zipf}), T={args.seconds:.0f}s, N={args.workers} workers, "
-          f"fresh TTL {args.fresh_ttl}s, upstream {args.latency_ms:.0f} ms"
+    # The emulator stands for the upstream: no access log of its own to write.
+    os.environ.update(SIDECAR_ACCESS_LOG="false", SIDECAR_LOG_LEVEL="WARNING")
+    print(f"clients polling every {args.interval}s, M={args.containers} containers (Zipf "
+          f"{args.zipf}) in {args.projects} project(s), T={args.seconds:.0f}s, N={args.workers} "
+          f"workers, fresh TTL {args.fresh_ttl}s, upstream {args.latency_ms:.0f} ms"
           + (", cache on a Redis Cluster (3 masters + 3 replicas)" if args.cluster else ""))  # fmt: skip
-    print(f"{'R':>2} {'answers':>8} {'read':>5} {'upstream calls':>15} {'ideal':>7} "
-          f"{'calls/ideal':>11} {'stale share':>11} {'stale age':>9} {'misses':>6} "
-          f"{'errors':>6} {'refreshes/s/worker':>18}")  # fmt: skip
-    for replicas in (int(r) for r in args.replicas.split(",")):
-        r = run(args, replicas)
-        print(f"{r['replicas']:>2} {r['answers']:>8,.0f} {r['read']:>5.0f} {r['calls']:>15,.0f} "
-              f"{r['ideal']:>7,.0f} {r['ratio']:>11.3f} {r['stale_share']:>11.2%} "
-              f"{r['stale_age_s']:>8.1f}s {r['misses']:>6.0f} {r['errors']:>6.0f} "
-              f"{r['jobs_per_worker_s']:>18.1f}", flush=True)  # fmt: skip
+    print(f"{'K':>4} {'R':>2} {'answers':>8} {'read':>5} {'calls':>7} {'ideal':>6} "
+          f"{'calls/ideal':>11} {'stale':>6} {'stale age':>9} {'misses':>6} {'errors':>6} "
+          f"{'refreshes/s/worker':>18} {'jobs ok/failed/skipped/retried/dedup':>36} "
+          f"{'worker 4xx':>10}")  # fmt: skip
+    for clients in (int(k) for k in args.clients.split(",")):
+        for replicas in (int(r) for r in args.replicas.split(",")):
+            r = run(args, clients, replicas)
+            jobs = "/".join(f"{r[f'jobs_{event}']:.0f}" for event in EVENTS)
+            print(f"{r['clients']:>4} {r['replicas']:>2} {r['answers']:>8,.0f} {r['read']:>5.0f} "
+                  f"{r['calls']:>7,.0f} {r['ideal']:>6,.0f} {r['ratio']:>11.3f} "
+                  f"{r['stale_share']:>6.1%} {r['stale_age_s']:>8.1f}s {r['misses']:>6.0f} "
+                  f"{r['errors']:>6.0f} {r['refreshes_per_worker_s']:>18.1f} {jobs:>36} "
+                  f"{r['refused']:>10.0f}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -469,23 +469,37 @@ class CacheStore:
             scripts[name] = self.redis.register_script(text)
         return scripts[name]
 
-    async def read_many(self, names: list[tuple[str, str]]) -> list[bytes | None]:
-        """The stored bytes of these ``(provider, container_id)`` records (None: not cached)."""
-        keys = self.keys
+    async def read_many(
+        self, names: list[tuple[str, str]]
+    ) -> list[tuple[bytes | None, Failure | None]]:
+        """The stored bytes of these ``(provider, container_id)`` records (None: not cached),
+        each with its failure marker: one ``MGET``, or on a cluster a pipeline of ``GET``."""
+        keys: list[str] = []
+        for provider, cid in names:
+            keys += (self.keys.record(provider, cid), self.keys.failing(provider, cid))
 
         async def op() -> list[bytes | None]:
+            if not self._cluster:
+                return list(await self.redis.mget(keys)) if keys else []
             async with self.redis.pipeline(transaction=False) as pipe:
-                for provider, container_id in names:
-                    pipe.get(keys.record(provider, container_id))
+                for key in keys:
+                    pipe.get(key)
                 return list(await pipe.execute())
 
-        return await self.call(op)
+        found = await self.call(op)
+        pairs = zip(found[::2], found[1::2], strict=True)
+        return [(raw, _parse_failure(failing)) for raw, failing in pairs]
 
     async def save_many(
-        self, records: list[Record], policy: Policy, due: dict[str, int] | None = None
+        self,
+        records: list[Record],
+        policy: Policy,
+        due: dict[str, int] | None = None,
+        failing: set[str] | None = None,
     ) -> None:
         """Store refreshed records as :meth:`save` does (no grants), in one pipeline; ``due``
-        sets other entries' due scores (claims given back)."""
+        sets other entries' due scores (claims given back). Only the failure markers of the
+        ``failing`` containers (``provider/container_id``; None: all) are cleared."""
         keys = self.keys
         stored = [(record, encode_record(record)) for record in records]
         scores = dict(due or {})
@@ -503,7 +517,8 @@ class CacheStore:
                 for record, data in stored:
                     provider, cid = record.provider, record.container_id
                     pipe.set(keys.record(provider, cid), data, px=policy.retention_ms(record))
-                    pipe.delete(keys.failing(provider, cid))
+                    if failing is None or member(provider, cid) in failing:
+                        pipe.delete(keys.failing(provider, cid))
                     if not self._cluster:
                         pipe.publish(keys.changes, announce_record(data))
                 if scores:

@@ -3,8 +3,9 @@
 Every ``SIDECAR_REFRESH_TICK_S`` (on the wall clock's tick boundaries) one worker of the fleet
 takes the tick (``SET NX`` on the queue's Redis) and plans: the entries read within the hot
 window whose freshness ends before the next tick, each claimed in the due set (so no other plan
-or stale-read job takes it), grouped by when each should be renewed into batch jobs. Any worker
-runs the batches. It is quiet: nothing is logged unless something goes wrong.
+or stale-read job takes it), grouped by when each should be renewed (``SIDECAR_REFRESH_LEAD_S``
+before it goes stale) into batch jobs. Any worker runs the batches. It is quiet: nothing is
+logged unless something goes wrong.
 """
 
 from __future__ import annotations
@@ -30,10 +31,9 @@ __all__ = ["BATCH_SIZE", "Batch", "RefreshPlanner", "run_refresh_ahead"]
 
 log = logging.getLogger(__name__)
 
-#: Renewals per batch job, and how far apart their start times may be (a batch starts them
-#: together: up to this much ahead of time).
+#: Renewals per batch job, and how far apart their start times may be.
 BATCH_SIZE = 100
-BATCH_SPAN_MS = 100
+BATCH_SPAN_MS = 250
 
 #: ``(start_ms, renewals)``: one batch job.
 Batch = tuple[int, list[Renewal]]
@@ -54,8 +54,9 @@ class RefreshPlanner:
         """This tick's renewals, claimed and grouped in batches; and how many entries another
         refresh already held.
 
-        Each renewal starts from its own entry's freshness (less the lead and a jitter of up to
-        half the lead), so calls spread out instead of bunching at tick boundaries.
+        Each renewal starts from its own entry's freshness (less the lead), so calls spread out
+        as the entries' freshness does, instead of bunching at tick boundaries, and each
+        container is called once per fresh TTL (less the lead).
         """
         now = now_ms()
         try:
@@ -65,19 +66,15 @@ class RefreshPlanner:
             throttled = {p for p in {p for p, _, _ in due} if await self._throttle.active(p)}
             # Rate limited providers are renewed once the back-off is over (stale meanwhile).
             wanted = [(p, c, d) for p, c, d in due if p not in throttled]
-            claimed = set(
-                await self.store.claim_due(
-                    [(member(p, c), d) for p, c, d in wanted], now + self.claim_ms
-                )
-            )
+            names = [(member(p, c), d) for p, c, d in wanted]
+            claimed = set(await self.store.claim_due(names, now + self.claim_ms) if names else ())
         except StoreUnavailable:
             return [], 0
-        starts = []
-        for provider, container_id, due_ms in wanted:
-            if member(provider, container_id) in claimed:
-                jitter = random.uniform(0, self._lead_ms / 2)
-                start = max(now, int(due_ms - self._lead_ms - jitter))
-                starts.append((start, (provider, container_id, due_ms)))
+        starts = [
+            (max(now, due_ms - self._lead_ms), (provider, container_id, due_ms))
+            for provider, container_id, due_ms in wanted
+            if member(provider, container_id) in claimed
+        ]
         starts.sort()
         return batches(starts), len(wanted) - len(claimed)
 

@@ -89,10 +89,13 @@ class ProviderLimiter:
                 yield
             finally:
                 block.in_use -= 1
-                await self._tidy(provider)
+                if block.in_use == 0:
+                    await self._tidy(provider)
 
     async def _take(self, provider: str) -> _Block:
-        state = self._providers.setdefault(provider, _Provider())
+        state = self._providers.get(provider)
+        if state is None:
+            state = self._providers[provider] = _Provider()
         deadline = time.monotonic() + self._call_s
         delay = 0.005
         while True:

@@ -149,11 +149,17 @@ class QueueWorker(Worker):
             self.outage.recovered()
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
-        """arq's, but a Redis error cannot leak a job slot, and batches are capped."""
+        """arq's, but a Redis error cannot leak a job slot, a job running here is not started
+        again, and batches are capped."""
+        batches = self._batches()
         for raw_id in job_ids:
             job_id = raw_id.decode()
-            if job_id.startswith(BATCH_JOB_PREFIX) and self._batches() >= self.max_batches:
+            batch = job_id.startswith(BATCH_JOB_PREFIX)
+            if batch and batches >= self.max_batches:
                 continue  # for another worker, or for this one once a batch is done
+            running = self.tasks.get(job_id)
+            if running is not None and not running.done():
+                continue
             await self.sem.acquire()
             if self.job_counter >= self.max_jobs:
                 self.sem.release()
@@ -170,6 +176,7 @@ class QueueWorker(Worker):
             task = self.loop.create_task(self.run_job(job_id, score))
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
             self.tasks[job_id] = task
+            batches += batch
 
     def _batches(self) -> int:
         return sum(

@@ -32,7 +32,7 @@ from sidecar.policy import Policy
 from sidecar.queue import Renewal
 from sidecar.records import Record, decode_record
 from sidecar.settings import Settings
-from sidecar.store import CacheStore
+from sidecar.store import CacheStore, Failure
 from sidecar.throttle import Throttle
 from sidecar.upstream import Upstream, UpstreamReply
 from worker.limits import ProviderLimiter
@@ -103,12 +103,16 @@ class WriteBehind:
         self._delay_s = delay_s
         self._records: list[Record] = []
         self._due: dict[str, int] = {}
+        self._failing: set[str] = set()
         self._flushed: asyncio.Future[bool] | None = None
         self._flushes: set[asyncio.Task[None]] = set()
 
-    async def save(self, record: Record) -> bool:
-        """Store a refreshed record (as ``CacheStore.save``, without grants)."""
+    async def save(self, record: Record, failing: bool = True) -> bool:
+        """Store a refreshed record (as ``CacheStore.save``, without grants); ``failing``: its
+        container has a failure marker to clear."""
         self._records.append(record)
+        if failing:
+            self._failing.add(member(record.provider, record.container_id))
         return await asyncio.shield(self._next_flush())
 
     async def give_back(self, provider: str, container_id: str, due_ms: int) -> bool:
@@ -127,12 +131,14 @@ class WriteBehind:
     async def _flush(self, done: asyncio.Future[bool]) -> None:
         try:
             await asyncio.sleep(self._delay_s)
-            records, due = self._records, self._due
-            self._records, self._due, self._flushed = [], {}, None
-            await self._store.save_many(records, self._policy, due)
+            records, due, failing = self._records, self._due, self._failing
+            self._records, self._due, self._failing, self._flushed = [], {}, set(), None
+            await self._store.save_many(records, self._policy, due, failing)
             done.set_result(True)
         except StoreUnavailable:
             done.set_result(False)
+        except Exception as exc:  # a bug: every waiter raises it
+            done.set_exception(exc)
         finally:
             if not done.done():  # cancelled (shutdown): the waiters are being cancelled too
                 done.cancel()
@@ -156,8 +162,11 @@ class RefreshRunner:
         self.writes = WriteBehind(store, self.policy)
         self._settings = settings
         self._horizon_ms = (settings.refresh_tick_s + settings.refresh_lead_s) * 1000
+        self._lead_ms = int(settings.refresh_lead_s * 1000)
         self.claim_ms = claim_ms(settings)
         self._refused_logged: dict[str, float] = {}
+        self._throttled: dict[str, bool] = {}
+        self._checking: set[str] = set()
 
     async def refresh(self, provider: str, container_id: str, due_ms: int, attempt: int) -> str:
         """Refresh a container (a stale read's job) unless it is no longer needed or another
@@ -165,14 +174,14 @@ class RefreshRunner:
         the claim the first took (or a batch handed over)."""
         if self._settings.service_key_for(provider) is None:
             return "no-service-key"
-        raw = (await self.store.read_many([(provider, container_id)]))[0]
+        raw, failure = (await self.store.read_many([(provider, container_id)]))[0]
         record = decode_record(raw) if raw is not None else None
         if raw is None or record is None:
             return "lapsed"
-        skip = self._skip(record, due_ms)
+        skip = self._skip(record, due_ms, failure)
         if skip is not None:
             return skip
-        if await self.throttle.active(provider):
+        if await self._backing_off(provider):
             return "throttled"
         if attempt == 1:
             now = now_ms()
@@ -187,14 +196,15 @@ class RefreshRunner:
             raise RetryLater(exc.message, self._backoff_s(attempt)) from exc
         if reply.status >= 500:
             raise RetryLater(f"upstream answered {reply.status}", self._backoff_s(attempt))
-        result = await self._absorb(reply, record, raw)
+        result = await self._absorb(reply, record, raw, failure is not None)
         if result == "throttled":  # renewed by refresh-ahead once the back-off is over
             await self.writes.give_back(provider, container_id, due_ms)
         return result
 
     async def refresh_batch(self, renewals: Sequence[Renewal]) -> BatchOutcome:
-        """Renew containers refresh-ahead planned (and claimed): one pipeline of reads, the
-        calls concurrently, the saves in pipelines. Upstream failures come back to retry."""
+        """Renew containers refresh-ahead planned (and claimed): one pipeline of reads, then
+        each call ``SIDECAR_REFRESH_LEAD_S`` before its container goes stale (all concurrent),
+        the saves in pipelines. Upstream failures come back to retry."""
         outcome = BatchOutcome()
         try:
             raws = await self.store.read_many([(p, c) for p, c, _ in renewals])
@@ -202,7 +212,7 @@ class RefreshRunner:
             outcome.results["store-unavailable"] += len(renewals)
             return outcome
         calls = []
-        for renewal, raw in zip(renewals, raws, strict=True):
+        for renewal, (raw, failure) in zip(renewals, raws, strict=True):
             provider, _, due_ms = renewal
             record = decode_record(raw) if raw is not None else None
             if raw is None or record is None:
@@ -211,23 +221,28 @@ class RefreshRunner:
             if self._settings.service_key_for(provider) is None:
                 skip: str | None = "no-service-key"
             else:
-                skip = self._skip(record, due_ms)
+                skip = self._skip(record, due_ms, failure)
             due = self.policy.due_ms(record)
             if skip == "already-fresh" and due is not None:
                 # Refreshed meanwhile (a caller's revalidation): its due entry is its own again.
                 calls.append(self._give_back(renewal, due, outcome, skip))
+            elif skip == "failing" and failure is not None:  # planned again when it is over
+                calls.append(self._give_back(renewal, failure.until_ms, outcome, skip))
             elif skip is not None:
                 outcome.results[skip] += 1
             else:
-                calls.append(self._renew(renewal, record, raw, outcome))
+                calls.append(self._renew(renewal, record, raw, failure is not None, outcome))
         await asyncio.gather(*calls)
         return outcome
 
     async def _renew(
-        self, renewal: Renewal, record: Record, raw: bytes, outcome: BatchOutcome
+        self, renewal: Renewal, record: Record, raw: bytes, failing: bool, outcome: BatchOutcome
     ) -> None:
         provider, container_id, due_ms = renewal
-        if await self.throttle.active(provider):
+        wait_ms = due_ms - self._lead_ms - now_ms()
+        if wait_ms > 5:
+            await asyncio.sleep(wait_ms / 1000)
+        if await self._backing_off(provider):
             await self._give_back(renewal, due_ms, outcome, "throttled")
             return
         try:
@@ -239,7 +254,7 @@ class RefreshRunner:
             outcome.retry.append((renewal, self._backoff_s(1)))
             return
         try:
-            result = await self._absorb(reply, record, raw)
+            result = await self._absorb(reply, record, raw, failing)
         except StoreUnavailable:
             result = "store-unavailable"
         if result == "throttled":  # renewed by refresh-ahead once the back-off is over
@@ -254,7 +269,21 @@ class RefreshRunner:
         written = await self.writes.give_back(provider, container_id, due_ms)
         outcome.results[result if written else "store-unavailable"] += 1
 
-    def _skip(self, record: Record, due_ms: int) -> str | None:
+    async def _backing_off(self, provider: str) -> bool:
+        """Whether the provider's 429 back-off runs. ``Throttle`` asks Redis now and then:
+        while it does, the calls starting meanwhile take its last answer instead of each
+        asking too (thousands of renewals would otherwise ask at once)."""
+        if provider in self._checking:
+            return self._throttled.get(provider, False)
+        self._checking.add(provider)
+        try:
+            active = await self.throttle.active(provider)
+        finally:
+            self._checking.discard(provider)
+        self._throttled[provider] = active
+        return active
+
+    def _skip(self, record: Record, due_ms: int, failure: Failure | None) -> str | None:
         """Why this container needs no refresh from a worker, if it does not."""
         if record.negative or record.terminal:
             return "terminal"
@@ -262,6 +291,8 @@ class RefreshRunner:
             return "inline"  # its callers revalidate it: the service credential cannot see it
         if self.policy.fresh_until_ms(record) > due_ms:
             return "already-fresh"
+        if failure is not None and failure.left_ms > 0:
+            return "failing"  # the upstream fails for it: nobody calls until the back-off ends
         return None
 
     async def _call(self, provider: str, container_id: str) -> UpstreamReply:
@@ -272,12 +303,13 @@ class RefreshRunner:
                 provider, container_id, (("authorization", f"Bearer {key.reveal()}"),)
             )
 
-    async def _absorb(self, reply: UpstreamReply, record: Record, raw: bytes) -> str:
+    async def _absorb(self, reply: UpstreamReply, record: Record, raw: bytes, failing: bool) -> str:
         """Store what the upstream answered (not a 5xx); the refresh's result word."""
         provider, container_id = record.provider, record.container_id
         if reply.status == 200:
             fresh = reply.record(provider, container_id, now_ms())
-            return "refreshed" if await self.writes.save(fresh) else "store-unavailable"
+            saved = await self.writes.save(fresh, failing)
+            return "refreshed" if saved else "store-unavailable"
         if reply.status in (401, 403, 404):
             # Another project's container (or a credential refused for it): its callers keep it.
             inline = msgspec.structs.replace(record, inline_refresh=True)

@@ -183,7 +183,7 @@ async def cache_container(
 async def cached(settings: Settings, container_id: str) -> Record | None:
     """The record of a container as stored now."""
     async with cache_store(settings) as store:
-        raw = (await store.read_many([("openai", container_id)]))[0]
+        raw, _ = (await store.read_many([("openai", container_id)]))[0]
         return decode_record(raw) if raw is not None else None
 
 
