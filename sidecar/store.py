@@ -561,10 +561,11 @@ class CacheStore:
         return [n.decode() if isinstance(n, bytes) else str(n) for n in claimed]
 
     async def claim_refresh(
-        self, provider: str, container_id: str, horizon_ms: int, until_ms: int
+        self, provider: str, container_id: str, due_ms: int, until_ms: int
     ) -> bool:
         """Claim a container's due entry for a refresh unless another refresh holds it (its
-        score is past ``horizon_ms``); True when this refresh may go ahead."""
+        score is past ``due_ms``, when the record read goes stale); True when this refresh may
+        go ahead."""
         claim = self._script(
             "claim_refresh",
             """
@@ -575,7 +576,7 @@ class CacheStore:
             return 1
             """,
         )
-        args = [member(provider, container_id), horizon_ms, until_ms]
+        args = [member(provider, container_id), due_ms, until_ms]
         return bool(await self.call(lambda: claim(keys=[self.keys.due], args=args)))
 
     async def hand_over(self, read: bytes, record: Record) -> bool:

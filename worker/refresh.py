@@ -161,7 +161,6 @@ class RefreshRunner:
         self.throttle = Throttle(store, settings.retry_after_default_s)
         self.writes = WriteBehind(store, self.policy)
         self._settings = settings
-        self._horizon_ms = (settings.refresh_tick_s + settings.refresh_lead_s) * 1000
         self._lead_ms = int(settings.refresh_lead_s * 1000)
         self.claim_ms = claim_ms(settings)
         self._refused_logged: dict[str, float] = {}
@@ -183,12 +182,10 @@ class RefreshRunner:
             return skip
         if await self._backing_off(provider):
             return "throttled"
-        if attempt == 1:
-            now = now_ms()
-            claimed = await self.store.claim_refresh(
-                provider, container_id, int(now + self._horizon_ms), now + self.claim_ms
-            )
-            if not claimed:
+        natural_due = self.policy.due_ms(record)
+        if attempt == 1 and natural_due is not None:
+            until = max(now_ms(), natural_due) + self.claim_ms
+            if not await self.store.claim_refresh(provider, container_id, natural_due, until):
                 return "deduplicated"
         try:
             reply = await self._call(provider, container_id)
