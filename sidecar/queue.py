@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 REFRESH_JOB = "refresh_container"
 REFRESH_BATCH_JOB = "refresh_batch"
 _ENQUEUE_DEDUP_S = 1.0
+_POLL_S = 0.05
 
 #: One renewal of a batch: ``(provider, container_id, due_ms)``, plain data for arq's pickle.
 Renewal = tuple[str, str, int]
@@ -113,14 +114,19 @@ async def enqueue_refresh_batch(
     settings: Settings,
     renewals: Sequence[Renewal],
     start_ms: int,
+    lead_ms: int,
+    *,
     expires_s: float,
 ) -> None:
-    """Queue one job renewing ``renewals`` from ``start_ms`` (unix ms), dropped if not started
-    within ``expires_s`` (refresh-ahead plans the renewals again by then)."""
-    delay_s = max(0.0, start_ms / 1000 - time.time())
+    """Queue one job renewing ``renewals`` (each ``lead_ms`` before it goes stale, the first at
+    ``start_ms``, unix ms), dropped if not started within ``expires_s`` (refresh-ahead plans
+    the renewals again by then)."""
+    # Workers poll the queue every 50 ms: the job starts that much early, its renewals on time.
+    delay_s = max(0.0, start_ms / 1000 - time.time() - _POLL_S)
     await pool.enqueue_job(
         REFRESH_BATCH_JOB,
         list(renewals),
+        lead_ms,
         _job_id=f"refresh-batch:{secrets.token_hex(8)}",
         _queue_name=settings.queue_name,
         _defer_by=delay_s or None,

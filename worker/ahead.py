@@ -3,9 +3,12 @@
 Every ``SIDECAR_REFRESH_TICK_S`` (on the wall clock's tick boundaries) one worker of the fleet
 takes the tick (``SET NX`` on the queue's Redis) and plans: the entries read within the hot
 window whose freshness ends before the next tick, each claimed in the due set (so no other plan
-or stale-read job takes it), grouped by when each should be renewed (``SIDECAR_REFRESH_LEAD_S``
-before it goes stale) into batch jobs. Any worker runs the batches. It is quiet: nothing is
-logged unless something goes wrong.
+or stale-read job takes it), grouped by when each should be renewed into batch jobs. Any worker
+runs the batches. It is quiet: nothing is logged unless something goes wrong.
+
+A renewal starts as late as the upstream's recent call times allow (``RefreshRunner.lead_ms``,
+at most ``SIDECAR_REFRESH_LEAD_S`` before the entry goes stale): each early call shortens the
+container's refresh interval, and so adds calls.
 """
 
 from __future__ import annotations
@@ -35,16 +38,24 @@ log = logging.getLogger(__name__)
 BATCH_SIZE = 100
 BATCH_SPAN_MS = 250
 
-#: ``(start_ms, renewals)``: one batch job.
-Batch = tuple[int, list[Renewal]]
+#: ``(start_ms, lead_ms, renewals)``: one batch job, its renewals each ``lead_ms`` before their
+#: entry goes stale, the first at ``start_ms``.
+Batch = tuple[int, int, list[Renewal]]
 
 
 class RefreshPlanner:
     """Which read entries go stale before the next tick, and when to renew each."""
 
-    def __init__(self, store: CacheStore, settings: Settings, throttle: Throttle) -> None:
+    def __init__(
+        self,
+        store: CacheStore,
+        settings: Settings,
+        throttle: Throttle,
+        lead_ms: Callable[[], int] | None = None,
+    ) -> None:
         self.store = store
         self._throttle = throttle
+        self._lead = lead_ms
         self._tick_ms = settings.refresh_tick_s * 1000
         self._lead_ms = int(settings.refresh_lead_s * 1000)
         self._hot_ms = int(settings.hot_window_s * 1000)
@@ -55,10 +66,10 @@ class RefreshPlanner:
         refresh already held.
 
         Each renewal starts from its own entry's freshness (less the lead), so calls spread out
-        as the entries' freshness does, instead of bunching at tick boundaries, and each
-        container is called once per fresh TTL (less the lead).
+        as the entries' freshness does, instead of bunching at tick boundaries.
         """
         now = now_ms()
+        lead_ms = self._lead() if self._lead is not None else self._lead_ms
         try:
             due = await self.store.due_for_refresh(
                 now + self._tick_ms + self._lead_ms, now - self._hot_ms
@@ -71,22 +82,22 @@ class RefreshPlanner:
         except StoreUnavailable:
             return [], 0
         starts = [
-            (max(now, due_ms - self._lead_ms), (provider, container_id, due_ms))
+            (max(now, due_ms - lead_ms), (provider, container_id, due_ms))
             for provider, container_id, due_ms in wanted
             if member(provider, container_id) in claimed
         ]
         starts.sort()
-        return batches(starts), len(wanted) - len(claimed)
+        return batches(starts, lead_ms), len(wanted) - len(claimed)
 
 
-def batches(starts: Sequence[tuple[int, Renewal]]) -> list[Batch]:
+def batches(starts: Sequence[tuple[int, Renewal]], lead_ms: int) -> list[Batch]:
     """Renewals sorted by start time, cut into batches of at most ``BATCH_SIZE`` renewals
     starting within ``BATCH_SPAN_MS`` of each other."""
     out: list[Batch] = []
     for start, renewal in starts:
-        if not out or len(out[-1][1]) >= BATCH_SIZE or start - out[-1][0] > BATCH_SPAN_MS:
-            out.append((start, []))
-        out[-1][1].append(renewal)
+        if not out or len(out[-1][2]) >= BATCH_SIZE or start - out[-1][0] > BATCH_SPAN_MS:
+            out.append((start, lead_ms, []))
+        out[-1][2].append(renewal)
     return out
 
 
@@ -109,7 +120,7 @@ async def run_refresh_ahead(
                 plan, held = await planner.plan()
                 jobs.labels("deduplicated").inc(held)
                 await asyncio.gather(*(enqueue(batch) for batch in plan))
-                jobs.labels("enqueued").inc(sum(len(renewals) for _, renewals in plan))
+                jobs.labels("enqueued").inc(sum(len(renewals) for _, _, renewals in plan))
         except REDIS_ERRORS as exc:
             # The queue is unreachable: the worker's poll loop says so; the claims lapse.
             log.debug("refresh-ahead skipped a tick: %s: %s", type(exc).__name__, exc)

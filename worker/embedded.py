@@ -93,10 +93,10 @@ class EmbeddedWorker:
         self._tasks.spawn(self._run_batch(batch))
 
     async def _run_batch(self, batch: Batch) -> None:
-        start_ms, renewals = batch
+        start_ms, lead_ms, renewals = batch
         await asyncio.sleep(max(0.0, (start_ms - now_ms()) / 1000))
         deps = self._deps
-        outcome = await deps.runner.refresh_batch(renewals)
+        outcome = await deps.runner.refresh_batch(renewals, lead_ms)
         for result, times in outcome.results.items():
             deps.count(result, times)
         for (provider, container_id, due_ms), delay_s in outcome.retry:

@@ -96,7 +96,7 @@ def build_deps(
         session=session,
         store=store,
         runner=runner,
-        planner=RefreshPlanner(store, settings, runner.throttle),
+        planner=RefreshPlanner(store, settings, runner.throttle, runner.lead_ms),
         metrics=metrics,
         stats=stats,
     )
@@ -121,11 +121,13 @@ async def refresh_container(
         raise Retry(defer=exc.delay_s) from exc
 
 
-async def refresh_batch(ctx: dict[str, Any], renewals: list[Renewal]) -> str:
-    """Job: renew the containers refresh-ahead planned; upstream failures are retried by jobs
-    of their own (which take over the renewal's claim)."""
+async def refresh_batch(
+    ctx: dict[str, Any], renewals: list[Renewal], lead_ms: int | None = None
+) -> str:
+    """Job: renew the containers refresh-ahead planned, each ``lead_ms`` before it goes stale;
+    upstream failures are retried by jobs of their own (which take over the renewal's claim)."""
     deps: WorkerDeps = ctx["deps"]
-    outcome = await deps.runner.refresh_batch([(p, c, int(d)) for p, c, d in renewals])
+    outcome = await deps.runner.refresh_batch([(p, c, int(d)) for p, c, d in renewals], lead_ms)
     for result, times in outcome.results.items():
         deps.count(result, times)
     for (provider, container_id, due_ms), delay_s in outcome.retry:
@@ -155,9 +157,11 @@ async def _startup(ctx: dict[str, Any]) -> None:
     if ctx.get("refresh_ahead", True):
 
         async def enqueue(batch: Batch) -> None:
-            start_ms, renewals = batch
+            start_ms, lead_ms, renewals = batch
             expires_s = deps.planner.claim_ms / 1000
-            await enqueue_refresh_batch(queue, settings, renewals, start_ms, expires_s)
+            await enqueue_refresh_batch(
+                queue, settings, renewals, start_ms, lead_ms, expires_s=expires_s
+            )
 
         tasks.append(
             asyncio.ensure_future(

@@ -20,7 +20,7 @@ import asyncio
 import logging
 import random
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -58,6 +58,10 @@ _EVENTS = {"refreshed": "succeeded", "failed": "failed", "refused": "failed",
 
 # A refused service credential is an operator's problem: said at most this often per provider.
 _REFUSED_LOG_EVERY_S = 60.0
+# Refresh-ahead renews an entry twice the upstream's recent p95 call time before it goes stale
+# (once enough calls were timed), at least this long before, at most SIDECAR_REFRESH_LEAD_S.
+_MIN_LEAD_MS = 50
+_TIMED_CALLS = 256
 
 
 def event_of(result: str) -> str:
@@ -161,7 +165,8 @@ class RefreshRunner:
         self.throttle = Throttle(store, settings.retry_after_default_s)
         self.writes = WriteBehind(store, self.policy)
         self._settings = settings
-        self._lead_ms = int(settings.refresh_lead_s * 1000)
+        self._max_lead_ms = int(settings.refresh_lead_s * 1000)
+        self._call_s: deque[float] = deque(maxlen=_TIMED_CALLS)
         self.claim_ms = claim_ms(settings)
         self._refused_logged: dict[str, float] = {}
         self._throttled: dict[str, bool] = {}
@@ -198,10 +203,23 @@ class RefreshRunner:
             await self.writes.give_back(provider, container_id, due_ms)
         return result
 
-    async def refresh_batch(self, renewals: Sequence[Renewal]) -> BatchOutcome:
+    def lead_ms(self) -> int:
+        """How long before an entry goes stale refresh-ahead should renew it: long enough for
+        the call to be over by then (twice the p95 of the recent calls' time), no longer (an
+        earlier call is a more frequent one), and at most ``SIDECAR_REFRESH_LEAD_S``."""
+        if len(self._call_s) < _TIMED_CALLS // 8:
+            return self._max_lead_ms
+        timed = sorted(self._call_s)
+        p95_ms = timed[int(len(timed) * 0.95)] * 1000
+        return min(self._max_lead_ms, max(_MIN_LEAD_MS, int(2 * p95_ms)))
+
+    async def refresh_batch(
+        self, renewals: Sequence[Renewal], lead_ms: int | None = None
+    ) -> BatchOutcome:
         """Renew containers refresh-ahead planned (and claimed): one pipeline of reads, then
-        each call ``SIDECAR_REFRESH_LEAD_S`` before its container goes stale (all concurrent),
-        the saves in pipelines. Upstream failures come back to retry."""
+        each call ``lead_ms`` before its container goes stale (all concurrent), the saves in
+        pipelines. Upstream failures come back to retry."""
+        lead_ms = self._max_lead_ms if lead_ms is None else lead_ms
         outcome = BatchOutcome()
         try:
             raws = await self.store.read_many([(p, c) for p, c, _ in renewals])
@@ -228,15 +246,23 @@ class RefreshRunner:
             elif skip is not None:
                 outcome.results[skip] += 1
             else:
-                calls.append(self._renew(renewal, record, raw, failure is not None, outcome))
+                calls.append(
+                    self._renew(renewal, lead_ms, record, raw, failure is not None, outcome)
+                )
         await asyncio.gather(*calls)
         return outcome
 
     async def _renew(
-        self, renewal: Renewal, record: Record, raw: bytes, failing: bool, outcome: BatchOutcome
+        self,
+        renewal: Renewal,
+        lead_ms: int,
+        record: Record,
+        raw: bytes,
+        failing: bool,
+        outcome: BatchOutcome,
     ) -> None:
         provider, container_id, due_ms = renewal
-        wait_ms = due_ms - self._lead_ms - now_ms()
+        wait_ms = due_ms - lead_ms - now_ms()
         if wait_ms > 5:
             await asyncio.sleep(wait_ms / 1000)
         if await self._backing_off(provider):
@@ -295,10 +321,13 @@ class RefreshRunner:
     async def _call(self, provider: str, container_id: str) -> UpstreamReply:
         key = self._settings.service_key_for(provider)
         assert key is not None
+        started = time.perf_counter()
         async with self.limiter.slot(provider):
-            return await self.upstream.retrieve(
+            reply = await self.upstream.retrieve(
                 provider, container_id, (("authorization", f"Bearer {key.reveal()}"),)
             )
+        self._call_s.append(time.perf_counter() - started)
+        return reply
 
     async def _absorb(self, reply: UpstreamReply, record: Record, raw: bytes, failing: bool) -> str:
         """Store what the upstream answered (not a 5xx); the refresh's result word."""
