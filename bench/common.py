@@ -351,3 +351,16 @@ def print_profile(name: str, path: str, top: int = 20) -> None:
     print(f"{'incl.':>6}  function (file:line)")
     for frame, count in inclusive.most_common(top):
         print(f"{100 * count / total:>5.1f}%  {frame}")
+
+
+def scrape_total(url: str, name: str, **labels: str) -> float:
+    """The sum of a metric's samples at a ``/metrics`` endpoint that carry these labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=5).read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
