@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Coroutine
@@ -179,8 +180,28 @@ async def _serve_traced(settings: Settings, peers: Peers | None) -> None:
         snapshot_server.close()
 
 
+def _port_in_use(host: str, port: int) -> OSError | None:
+    """Whether someone listens on the port already: ``SO_REUSEPORT`` would let the server
+    processes join another server's port (another sidecar started by mistake) and silently
+    share its traffic, so the port is first bound once without it."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        return exc
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as probe:
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                return exc
+    return None
+
+
 def _supervise(settings: Settings, count: int) -> int:
     """Fork ``count`` server processes, keep them running, stop them all on SIGTERM."""
+    if (error := _port_in_use(settings.host, settings.port)) is not None:
+        log.error("cannot listen on %s:%d: %s", settings.host, settings.port, error)
+        return 1
     directory = Path(tempfile.mkdtemp(prefix="sidecar-"))
     context = multiprocessing.get_context("fork")
     stopping = False

@@ -83,7 +83,7 @@ async def test_sigterm_lets_the_running_refresh_finish_and_exits_0(
         code = await asyncio.to_thread(worker.wait, 10)
     finally:
         worker.kill()
-    assert code == 0
+    assert code == 0, (tmp_path / "worker.log").read_text()[-3000:]
     emulator.state.set_latency(0)
     _, body, _ = await get(http, f"{sidecar.url}/openai/v1/containers/{cid}",
                            {**AUTH_A, "Cache-Control": "only-if-cached"})  # fmt: skip
@@ -158,6 +158,6 @@ async def test_sidecar_sigterm_finishes_in_flight_requests_and_exits_0(
     finally:
         process.kill()
     assert [status for status, _, _ in answers] == [200] * 5
-    assert code == 0
+    assert code == 0, log.read_text()[-3000:]
     assert stopped_after < 5
     assert "Traceback" not in log.read_text()
