@@ -14,7 +14,6 @@ from redis.asyncio.sentinel import Sentinel
 from sidecar.settings import Settings, SettingsError
 
 __all__ = [
-    "ConcurrentPool",
     "SentinelTarget",
     "create_redis",
     "create_subscriber",
@@ -64,25 +63,6 @@ def _options(settings: Settings) -> dict[str, Any]:
     }
 
 
-class ConcurrentPool(aioredis.ConnectionPool):
-    """A connection pool that connects outside its lock.
-
-    redis-py holds the pool's lock while a new connection connects and says hello, so one
-    slow connect (a hung Redis accepts the TCP connection, then never answers) makes every
-    caller wait behind it, a socket timeout each, one after the other.
-    """
-
-    async def get_connection(self, command_name: Any = None, *keys: Any, **options: Any) -> Any:
-        """A connected connection; connecting does not hold up other callers."""
-        connection = self.get_available_connection()  # type: ignore[no-untyped-call]
-        try:
-            await self.ensure_connection(connection)
-        except BaseException:
-            await self.release(connection)
-            raise
-        return connection
-
-
 def create_redis(settings: Settings, *, embedded_server: Any = None) -> Any:
     """The cache's Redis client; with no ``SIDECAR_REDIS_URL``, an embedded fakeredis store."""
     url = settings.redis_url
@@ -110,7 +90,13 @@ def create_redis(settings: Settings, *, embedded_server: Any = None) -> Any:
         sentinel = Sentinel(target.sentinels, **options)  # type: ignore[no-untyped-call]
         return sentinel.master_for(target.master, db=target.db, password=target.password, **options)
     log.info("cache on Redis %s", redact_url(url))
-    pool = ConcurrentPool.from_url(url, max_connections=256, **options)
+    # A burst of requests past the pool's size waits for a connection (at most the socket
+    # timeout) instead of failing at once ("Too many connections") and going upstream; and this
+    # pool connects outside its lock, so one slow connect (a hung Redis accepts the connection,
+    # then never answers) does not hold up every other caller.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=256, timeout=settings.redis_socket_timeout_s, **options
+    )
     return aioredis.Redis.from_pool(pool)  # closing the client closes its pool
 
 

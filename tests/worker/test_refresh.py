@@ -49,7 +49,7 @@ async def test_a_thousand_concurrent_stale_reads_make_one_job_and_one_call(
     redis_server: Any,
 ) -> None:
     # A loaded machine must not make Redis look hung (a timeout sends reads upstream by design).
-    settings = refresh_settings(redis_socket_timeout_s=5)
+    settings = refresh_settings(redis_socket_timeout_s=5, redis_connect_timeout_s=5)
     replicas = [await start_sidecar(settings) for _ in range(2)]
     cid = (await emulator.create(KEY_A))["id"]
     await get(http, f"{replicas[0].url}/openai/v1/containers/{cid}")
