@@ -80,9 +80,14 @@ async def poll(replicas: list[str], projects: list[list[str]], clients: int, int
             while time.monotonic() < deadline:
                 cid = rng.choices(ids, weights)[0]
                 url = f"{rng.choice(replicas)}/openai/v1/containers/{cid}"
-                async with http.get(url, headers=headers) as response:
-                    body = await response.json()
-                    age = response.headers.get("Age")
+                try:
+                    async with http.get(url, headers=headers) as response:
+                        body = await response.json()
+                        age = response.headers.get("Age")
+                except aiohttp.ClientError:
+                    tally.errors += 1  # a replica that is gone: counted, not fatal
+                    await asyncio.sleep(interval_s)
+                    continue
                 tally.answers += 1
                 tally.read.add(cid)
                 if response.status != 200:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from arq.worker import async_check_health
 
-from sidecar import __version__
+from sidecar import __version__, tracing
 from sidecar.logs import configure_logging
 from sidecar.queue import queue_redis_settings
 from sidecar.settings import SettingsError, load_settings
@@ -49,7 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings()
         redis_settings = queue_redis_settings(settings)
-    except SettingsError as exc:
+        tracing.tracing_exporters()  # an OTEL_* mistake stops start-up, naming the variable
+    except (SettingsError, tracing.TracingConfigError) as exc:
         print(f"sidecar-worker: configuration error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings)
@@ -64,7 +65,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     _use_uvloop()
-    create_worker(settings, burst=args.burst).run()
+    if tracing.setup_tracing(tracing.WORKER_SERVICE):
+        tracing.instrument_redis()
+    try:
+        create_worker(settings, burst=args.burst).run()
+    finally:
+        tracing.shutdown_tracing()
     return 0
 
 

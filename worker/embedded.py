@@ -12,9 +12,11 @@ from typing import Any
 
 import aiohttp
 
+from sidecar import tracing
 from sidecar.errors import StoreUnavailable
 from sidecar.flight import BackgroundTasks
 from sidecar.metrics import Metrics
+from sidecar.queue import REFRESH_JOB
 from sidecar.settings import Settings
 from worker.ahead import Batch, run_refresh_ahead
 from worker.main import WorkerDeps, build_deps
@@ -70,6 +72,14 @@ class EmbeddedWorker:
         return True
 
     async def _refresh(
+        self, key: tuple[str, str], due_ms: int, delay_s: float, first_attempt: int
+    ) -> None:
+        # The task was made by the request that asked: its trace context is the one to link.
+        attributes = {"bifrost.provider": key[0], "bifrost.container_id": key[1]}
+        with tracing.job_span(REFRESH_JOB, tracing.current_carrier(), attributes):
+            await self._run_refresh(key, due_ms, delay_s, first_attempt)
+
+    async def _run_refresh(
         self, key: tuple[str, str], due_ms: int, delay_s: float, first_attempt: int
     ) -> None:
         try:

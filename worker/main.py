@@ -12,6 +12,7 @@ import aiohttp
 from arq import Retry
 from arq.worker import func
 
+from sidecar import tracing
 from sidecar.connections import close_redis, create_redis
 from sidecar.errors import StoreUnavailable
 from sidecar.keys import KeySpace
@@ -103,9 +104,22 @@ def build_deps(
 
 
 async def refresh_container(
+    ctx: dict[str, Any],
+    provider: str,
+    container_id: str,
+    due_ms: int,
+    carrier: dict[str, str] | None = None,
+) -> str:
+    """Job: refresh one container with the service credential (a stale read asked); its trace
+    links to the request's (``carrier``)."""
+    attributes = {"bifrost.provider": provider, "bifrost.container_id": container_id}
+    with tracing.job_span(REFRESH_JOB, carrier, attributes):
+        return await _refresh_container(ctx, provider, container_id, due_ms)
+
+
+async def _refresh_container(
     ctx: dict[str, Any], provider: str, container_id: str, due_ms: int
 ) -> str:
-    """Job: refresh one container with the service credential (a stale read asked)."""
     deps: WorkerDeps = ctx["deps"]
     attempt = int(ctx.get("job_try", 1))
     try:
@@ -127,7 +141,8 @@ async def refresh_batch(
     """Job: renew the containers refresh-ahead planned, each ``lead_ms`` before it goes stale;
     upstream failures are retried by jobs of their own (which take over the renewal's claim)."""
     deps: WorkerDeps = ctx["deps"]
-    outcome = await deps.runner.refresh_batch([(p, c, int(d)) for p, c, d in renewals], lead_ms)
+    with tracing.job_span("refresh_batch", None, {"bifrost.renewals": len(renewals)}):
+        outcome = await deps.runner.refresh_batch([(p, c, int(d)) for p, c, d in renewals], lead_ms)
     for result, times in outcome.results.items():
         deps.count(result, times)
     for (provider, container_id, due_ms), delay_s in outcome.retry:
@@ -149,7 +164,7 @@ async def refresh_batch(
 async def _startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
     redis = create_redis(settings)
-    session = create_session(settings)
+    session = create_session(settings, tracing.client_trace_configs())
     deps = build_deps(settings, redis, session, _metrics(settings))
     ctx["deps"] = deps
     queue = ctx["redis"]

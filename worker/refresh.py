@@ -3,7 +3,7 @@
 A stale read's job refreshes one container (:meth:`RefreshRunner.refresh`); refresh-ahead renews
 many with one job (:meth:`RefreshRunner.refresh_batch`): one pipeline reads their records, the
 calls run concurrently under the provider cap, and the answers are saved in pipelines as they
-come in (:class:`WriteBehind`). Used by the arq jobs (``worker.main``) and the embedded worker.
+come in (``worker.writes``). Used by the arq jobs (``worker.main``) and the embedded worker.
 
 A refresh claims its container's entry in the due set first (refresh-ahead claims a whole plan
 at once), so a stale read's job and a refresh-ahead batch never call the upstream for the same
@@ -21,13 +21,12 @@ import logging
 import random
 import time
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
 
 from sidecar.errors import StoreUnavailable, UpstreamFailure
-from sidecar.keys import member
 from sidecar.policy import Policy
 from sidecar.queue import Renewal
 from sidecar.records import Record, decode_record
@@ -36,13 +35,13 @@ from sidecar.store import CacheStore, Failure
 from sidecar.throttle import Throttle
 from sidecar.upstream import Upstream, UpstreamReply
 from worker.limits import ProviderLimiter
+from worker.writes import WriteBehind
 
 __all__ = [
     "EVENTS",
     "BatchOutcome",
     "RefreshRunner",
     "RetryLater",
-    "WriteBehind",
     "event_of",
     "now_ms",
 ]
@@ -62,6 +61,9 @@ _REFUSED_LOG_EVERY_S = 60.0
 # (once enough calls were timed), at least this long before, at most SIDECAR_REFRESH_LEAD_S.
 _MIN_LEAD_MS = 50
 _TIMED_CALLS = 256
+# A batch reads its records in waves, each just before its calls: renewals due this close
+# together go in one wave.
+_WAVE_MS = 20
 
 
 def event_of(result: str) -> str:
@@ -95,61 +97,6 @@ class BatchOutcome:
         if self.retry:
             words.append(f"{len(self.retry)} to retry")
         return ", ".join(words) or "nothing"
-
-
-class WriteBehind:
-    """Saves refreshed records (and gives back claims) in pipelines: whatever is ready within
-    ``delay_s`` of the first goes together. Each call answers whether its write succeeded."""
-
-    def __init__(self, store: CacheStore, policy: Policy, delay_s: float = 0.005) -> None:
-        self._store = store
-        self._policy = policy
-        self._delay_s = delay_s
-        self._records: list[Record] = []
-        self._due: dict[str, int] = {}
-        self._failing: set[str] = set()
-        self._flushed: asyncio.Future[bool] | None = None
-        self._flushes: set[asyncio.Task[None]] = set()
-
-    async def save(self, record: Record, failing: bool = True) -> bool:
-        """Store a refreshed record (as ``CacheStore.save``, without grants); ``failing``: its
-        container has a failure marker to clear."""
-        self._records.append(record)
-        if failing:
-            self._failing.add(member(record.provider, record.container_id))
-        return await asyncio.shield(self._next_flush())
-
-    async def give_back(self, provider: str, container_id: str, due_ms: int) -> bool:
-        """Put a claimed entry back in the due set at ``due_ms`` (its refresh did not happen)."""
-        self._due[member(provider, container_id)] = due_ms
-        return await asyncio.shield(self._next_flush())
-
-    def _next_flush(self) -> asyncio.Future[bool]:
-        if self._flushed is None:
-            self._flushed = asyncio.get_running_loop().create_future()
-            task = asyncio.ensure_future(self._flush(self._flushed))
-            self._flushes.add(task)
-            task.add_done_callback(self._flushes.discard)
-        return self._flushed
-
-    async def _flush(self, done: asyncio.Future[bool]) -> None:
-        try:
-            await asyncio.sleep(self._delay_s)
-            records, due, failing = self._records, self._due, self._failing
-            self._records, self._due, self._failing, self._flushed = [], {}, set(), None
-            await self._store.save_many(records, self._policy, due, failing)
-            done.set_result(True)
-        except StoreUnavailable:
-            done.set_result(False)
-        except Exception as exc:  # a bug: every waiter raises it
-            done.set_exception(exc)
-        finally:
-            if not done.done():  # cancelled (shutdown): the waiters are being cancelled too
-                done.cancel()
-
-    async def close(self) -> None:
-        """Let the flushes under way finish."""
-        await asyncio.gather(*self._flushes, return_exceptions=True)
 
 
 class RefreshRunner:
@@ -216,18 +163,34 @@ class RefreshRunner:
     async def refresh_batch(
         self, renewals: Sequence[Renewal], lead_ms: int | None = None
     ) -> BatchOutcome:
-        """Renew containers refresh-ahead planned (and claimed): one pipeline of reads, then
-        each call ``lead_ms`` before its container goes stale (all concurrent), the saves in
-        pipelines. Upstream failures come back to retry."""
+        """Renew containers refresh-ahead planned (and claimed), each ``lead_ms`` before it
+        goes stale: in waves of those due together, each wave one read of its records just
+        before its calls (a caller's refresh meanwhile is seen), the calls concurrent, the saves
+        in pipelines. Upstream failures come back to retry."""
         lead_ms = self._max_lead_ms if lead_ms is None else lead_ms
         outcome = BatchOutcome()
+        calls: list[asyncio.Future[None]] = []
         try:
-            raws = await self.store.read_many([(p, c) for p, c, _ in renewals])
+            for wave in _waves(renewals):
+                wait_ms = wave[0][2] - lead_ms - now_ms()
+                if wait_ms > 5:
+                    await asyncio.sleep(wait_ms / 1000)
+                calls += [asyncio.ensure_future(call) for call in await self._wave(wave, outcome)]
+            await asyncio.gather(*calls)
+        finally:
+            for call in calls:  # cancelled (the job timed out): so are its calls
+                call.cancel()
+        return outcome
+
+    async def _wave(self, wave: list[Renewal], outcome: BatchOutcome) -> list[Awaitable[None]]:
+        """Read a wave's records; the calls (and claims given back) to make."""
+        try:
+            raws = await self.store.read_many([(p, c) for p, c, _ in wave])
         except StoreUnavailable:
-            outcome.results["store-unavailable"] += len(renewals)
-            return outcome
-        calls = []
-        for renewal, (raw, failure) in zip(renewals, raws, strict=True):
+            outcome.results["store-unavailable"] += len(wave)
+            return []
+        calls: list[Awaitable[None]] = []
+        for renewal, (raw, failure) in zip(wave, raws, strict=True):
             provider, _, due_ms = renewal
             record = decode_record(raw) if raw is not None else None
             if raw is None or record is None:
@@ -246,25 +209,13 @@ class RefreshRunner:
             elif skip is not None:
                 outcome.results[skip] += 1
             else:
-                calls.append(
-                    self._renew(renewal, lead_ms, record, raw, failure is not None, outcome)
-                )
-        await asyncio.gather(*calls)
-        return outcome
+                calls.append(self._renew(renewal, record, raw, failure is not None, outcome))
+        return calls
 
     async def _renew(
-        self,
-        renewal: Renewal,
-        lead_ms: int,
-        record: Record,
-        raw: bytes,
-        failing: bool,
-        outcome: BatchOutcome,
+        self, renewal: Renewal, record: Record, raw: bytes, failing: bool, outcome: BatchOutcome
     ) -> None:
         provider, container_id, due_ms = renewal
-        wait_ms = due_ms - lead_ms - now_ms()
-        if wait_ms > 5:
-            await asyncio.sleep(wait_ms / 1000)
         if await self._backing_off(provider):
             await self._give_back(renewal, due_ms, outcome, "throttled")
             return
@@ -372,6 +323,16 @@ class RefreshRunner:
     async def close(self) -> None:
         """Finish the saves under way."""
         await self.writes.close()
+
+
+def _waves(renewals: Sequence[Renewal]) -> list[list[Renewal]]:
+    """Renewals by due time, in waves whose starts are at most ``_WAVE_MS`` apart."""
+    waves: list[list[Renewal]] = []
+    for renewal in sorted(renewals, key=lambda renewal: renewal[2]):
+        if not waves or renewal[2] - waves[-1][0][2] > _WAVE_MS:
+            waves.append([])
+        waves[-1].append(renewal)
+    return waves
 
 
 def claim_ms(settings: Settings) -> int:

@@ -1,0 +1,68 @@
+"""Writes behind the refreshes: records and due-set scores saved in pipelines, a few ms apart."""
+
+from __future__ import annotations
+
+import asyncio
+
+from sidecar.errors import StoreUnavailable
+from sidecar.keys import member
+from sidecar.policy import Policy
+from sidecar.records import Record
+from sidecar.store import CacheStore
+
+__all__ = ["WriteBehind"]
+
+
+class WriteBehind:
+    """Saves refreshed records (and gives back claims) in pipelines: whatever is ready within
+    ``delay_s`` of the first goes together. Each call answers whether its write succeeded."""
+
+    def __init__(self, store: CacheStore, policy: Policy, delay_s: float = 0.005) -> None:
+        self._store = store
+        self._policy = policy
+        self._delay_s = delay_s
+        self._records: list[Record] = []
+        self._due: dict[str, int] = {}
+        self._failing: set[str] = set()
+        self._flushed: asyncio.Future[bool] | None = None
+        self._flushes: set[asyncio.Task[None]] = set()
+
+    async def save(self, record: Record, failing: bool = True) -> bool:
+        """Store a refreshed record (as ``CacheStore.save``, without grants); ``failing``: its
+        container has a failure marker to clear."""
+        self._records.append(record)
+        if failing:
+            self._failing.add(member(record.provider, record.container_id))
+        return await asyncio.shield(self._next_flush())
+
+    async def give_back(self, provider: str, container_id: str, due_ms: int) -> bool:
+        """Put a claimed entry back in the due set at ``due_ms`` (its refresh did not happen)."""
+        self._due[member(provider, container_id)] = due_ms
+        return await asyncio.shield(self._next_flush())
+
+    def _next_flush(self) -> asyncio.Future[bool]:
+        if self._flushed is None:
+            self._flushed = asyncio.get_running_loop().create_future()
+            task = asyncio.ensure_future(self._flush(self._flushed))
+            self._flushes.add(task)
+            task.add_done_callback(self._flushes.discard)
+        return self._flushed
+
+    async def _flush(self, done: asyncio.Future[bool]) -> None:
+        try:
+            await asyncio.sleep(self._delay_s)
+            records, due, failing = self._records, self._due, self._failing
+            self._records, self._due, self._failing, self._flushed = [], {}, set(), None
+            await self._store.save_many(records, self._policy, due, failing)
+            done.set_result(True)
+        except StoreUnavailable:
+            done.set_result(False)
+        except Exception as exc:  # a bug: every waiter raises it
+            done.set_exception(exc)
+        finally:
+            if not done.done():  # cancelled (shutdown): the waiters are being cancelled too
+                done.cancel()
+
+    async def close(self) -> None:
+        """Let the flushes under way finish."""
+        await asyncio.gather(*self._flushes, return_exceptions=True)
