@@ -14,12 +14,13 @@ import dataclasses
 import logging
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from redis.exceptions import RedisError
 
+from sidecar import tracing
 from sidecar.connections import close_redis, parse_sentinel_url
 from sidecar.metrics import Metrics
 from sidecar.settings import Settings, SettingsError
@@ -88,17 +89,21 @@ async def enqueue_refresh_job(
     due_ms: int,
     delay_s: float = 0.0,
     job_try: int | None = None,
+    carrier: Mapping[str, str] | None = None,
 ) -> bool:
     """Queue a container's refresh unless one is queued or running; True when queued.
 
     ``job_try`` above 1 hands the job a renewal a batch started (and claimed) but could not
-    finish: it retries without claiming again.
+    finish: it retries without claiming again. ``carrier`` is the trace context of the request
+    that asked (the job's trace links to it).
     """
+    traced: dict[str, Any] = {"carrier": dict(carrier)} if carrier else {}
     job = await pool.enqueue_job(
         REFRESH_JOB,
         provider,
         container_id,
         due_ms,
+        **traced,
         _job_id=refresh_job_id(provider, container_id),
         _queue_name=settings.queue_name,
         _defer_by=delay_s or None,
@@ -200,7 +205,10 @@ class ArqRefresher:
         if pool is None:
             return
         try:
-            queued = await enqueue_refresh_job(pool, self._settings, provider, container_id, due_ms)
+            queued = await enqueue_refresh_job(
+                pool, self._settings, provider, container_id, due_ms,
+                carrier=tracing.current_carrier(),
+            )  # fmt: skip
         except (OSError, RedisError) as exc:
             log.debug("enqueue of %s/%s failed: %s", provider, container_id, exc)
             return
