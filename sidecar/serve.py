@@ -172,6 +172,8 @@ async def _serve_traced(settings: Settings, peers: Peers | None) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    if _stop_requested:  # a SIGTERM that came while this process was starting
+        stop.set()
     await stop.wait()
     # Readiness fails at once; the listener closes; in-flight requests get shutdown_timeout_s.
     app[LIFECYCLE].draining = True
@@ -202,6 +204,9 @@ def _supervise(settings: Settings, count: int) -> int:
     if (error := _port_in_use(settings.host, settings.port)) is not None:
         log.error("cannot listen on %s:%d: %s", settings.host, settings.port, error)
         return 1
+    # Imported once before forking: the processes start at once and share the code's memory.
+    import sidecar.app  # noqa: F401
+
     directory = Path(tempfile.mkdtemp(prefix="sidecar-"))
     context = multiprocessing.get_context("fork")
     stopping = False
@@ -250,7 +255,16 @@ def _supervise(settings: Settings, count: int) -> int:
     return 0 if all(process.exitcode == 0 for process in processes.values()) else 1
 
 
+_stop_requested = False
+
+
+def _note_stop(signum: int, frame: object) -> None:
+    global _stop_requested
+    _stop_requested = True
+
+
 def _child(settings: Settings, peers: Peers) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    # Until its loop handles them, a stop is noted (and honoured once it is up), never fatal.
+    signal.signal(signal.SIGTERM, _note_stop)
+    signal.signal(signal.SIGINT, _note_stop)
     _run(_serve(settings, peers))

@@ -34,6 +34,7 @@ from sidecar.settings import Settings
 from sidecar.store import CacheStore, Failure
 from sidecar.throttle import Throttle
 from sidecar.upstream import Upstream, UpstreamReply
+from sidecar.wire import error_body
 from worker.limits import ProviderLimiter
 from worker.writes import WriteBehind
 
@@ -142,9 +143,12 @@ class RefreshRunner:
         try:
             reply = await self._call(provider, container_id)
         except UpstreamFailure as exc:
-            raise RetryLater(exc.message, self._backoff_s(attempt)) from exc
+            body = error_body(exc, provider)
+            delay_s = await self._failed(provider, container_id, exc.status, body)
+            raise RetryLater(exc.message, delay_s) from exc
         if reply.status >= 500:
-            raise RetryLater(f"upstream answered {reply.status}", self._backoff_s(attempt))
+            delay_s = await self._failed(provider, container_id, reply.status, reply.body)
+            raise RetryLater(f"upstream answered {reply.status}", delay_s)
         result = await self._absorb(reply, record, raw, failure is not None)
         if result == "throttled":  # renewed by refresh-ahead once the back-off is over
             await self.writes.give_back(provider, container_id, due_ms)
@@ -221,11 +225,14 @@ class RefreshRunner:
             return
         try:
             reply = await self._call(provider, container_id)
-        except UpstreamFailure:
-            outcome.retry.append((renewal, self._backoff_s(1)))
+        except UpstreamFailure as exc:
+            body = error_body(exc, provider)
+            delay_s = await self._failed(provider, container_id, exc.status, body)
+            outcome.retry.append((renewal, delay_s))
             return
         if reply.status >= 500:
-            outcome.retry.append((renewal, self._backoff_s(1)))
+            delay_s = await self._failed(provider, container_id, reply.status, reply.body)
+            outcome.retry.append((renewal, delay_s))
             return
         try:
             result = await self._absorb(reply, record, raw, failing)
@@ -315,6 +322,22 @@ class RefreshRunner:
             provider,
             status,
         )
+
+    async def _failed(self, provider: str, container_id: str, status: int, body: bytes) -> float:
+        """Note an upstream failure for everyone (sidecars and workers of every replica): nobody
+        calls the upstream for this container until its back-off ends, this refresh's retry
+        included. The seconds to wait before retrying."""
+        settings = self._settings
+        try:
+            backoff_ms = await self.store.upstream_failed(
+                provider, container_id, status, body,
+                base_ms=int(settings.error_backoff_s * 1000),
+                cap_ms=int(settings.error_backoff_max_s * 1000),
+                keep_ms=int(settings.stale_if_error_s * 1000),
+            )  # fmt: skip
+        except StoreUnavailable:
+            return self._backoff_s(1)
+        return backoff_ms / 1000 * random.uniform(1.0, 1.1)
 
     def _backoff_s(self, attempt: int) -> float:
         """Exponential back-off with full jitter: 0.5 s, 1 s, 2 s ... capped at 30 s."""
