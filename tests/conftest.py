@@ -205,3 +205,16 @@ async def sidecar(
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+@pytest.fixture
+def spans() -> Iterator[Any]:
+    """Tracing on for this test, its spans kept in memory (the SDK's in-memory exporter)."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from sidecar import tracing
+
+    exporter = InMemorySpanExporter()
+    assert tracing.setup_tracing("test-sidecar", exporter=exporter)
+    yield exporter
+    tracing.shutdown_tracing()

@@ -9,7 +9,7 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -25,14 +25,6 @@ from sidecar.logs import ACCESS_LOGGER, AccessLogger, log_handler
 from sidecar.tracing import TracingConfigError, tracing_exporters
 
 UPSTREAM_SEEN: web.AppKey[list[dict[str, str]]] = web.AppKey("seen", list)
-
-
-@pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    assert tracing.setup_tracing("test-sidecar", exporter=exporter)
-    yield exporter
-    tracing.shutdown_tracing()
 
 
 async def _start(app: web.Application, **options: Any) -> tuple[web.AppRunner, str]:

@@ -3,27 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
-import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from sidecar import tracing
 from tests.conftest import Emulator
 from tests.sidecar.test_retrieve import get
 from tests.worker.conftest import SERVICE_KEY, run_worker_burst
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
-
-
-@pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    assert tracing.setup_tracing("test-sidecar", exporter=exporter)
-    yield exporter
-    tracing.shutdown_tracing()
 
 
 async def test_a_stale_reads_refresh_job_links_to_the_callers_trace(
