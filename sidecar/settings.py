@@ -169,7 +169,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     refresh_tick_s: Annotated[int, msgspec.Meta(ge=1, le=60)] = 1
     """How often the refresh-ahead scan runs (whole seconds dividing 60)."""
     refresh_lead_s: NonNegSeconds = 0.3
-    """How long before an entry goes stale refresh-ahead renews it (plus up to half as jitter)."""
+    """At most this long before an entry goes stale refresh-ahead renews it: twice the
+    upstream's recent p95 call time before (at least 50 ms), no earlier than this."""
     provider_concurrency: Positive = 200
     """Concurrent upstream calls per provider, shared by all workers."""
     retry_after_default_s: Seconds = 5.0

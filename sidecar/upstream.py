@@ -77,6 +77,9 @@ def create_session(
     """The pooled HTTP client for upstream calls."""
     return aiohttp.ClientSession(
         trace_configs=trace_configs,
+        # One session serves every caller: a cookie the upstream set for one must never go out
+        # with another's request (and a jar costs every call a lookup).
+        cookie_jar=aiohttp.DummyCookieJar(),
         connector=aiohttp.TCPConnector(limit=settings.upstream_max_connections, ttl_dns_cache=300),
         timeout=aiohttp.ClientTimeout(
             total=settings.upstream_timeout_s, sock_connect=settings.upstream_connect_timeout_s
