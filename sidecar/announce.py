@@ -57,9 +57,8 @@ async def listen_for_changes(
     """Apply announcements to ``local``; while the channel is lost, copies only age out.
 
     Without the channel a process cannot hear of deletes and revocations: its copies then
-    serve only until their own freshness or grant ends (``LocalCache``), and those it made
-    while the channel was down are kept. What was announced in between is unknown, so copies
-    older than the reconnection are dropped once it is back.
+    serve only until their own freshness or grant ends (``LocalCache``). What was announced in
+    between is unknown, so every copy is dropped once the channel is back.
     """
     connected = True
     while True:

@@ -7,6 +7,7 @@ import time
 from aiohttp import web
 
 from sidecar.metrics import CONTENT_TYPE
+from sidecar.serve import PEERS
 from sidecar.state import LIFECYCLE, SERVICES
 
 __all__ = ["OPS_PATHS", "add_routes"]
@@ -46,8 +47,6 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus text exposition: this process's metrics, plus the counters of the pod's
     other server processes when there are several."""
-    from sidecar.serve import PEERS
-
     peers = request.app.get(PEERS)
     others = await peers.snapshots() if peers is not None else []
     body = request.app[SERVICES].metrics.render(others)

@@ -38,7 +38,6 @@ __all__ = [
     "configure_logging",
     "configure_logging_basic",
     "log_handler",
-    "outcome_label",
     "redact",
     "request_id",
 ]
@@ -271,46 +270,31 @@ def request_id(request: BaseRequest) -> str:
 # -- the access log
 
 _UNLOGGED = frozenset({"/healthz", "/readyz", "/metrics"})
-_KINDS = {"stale-if-error": "stale_if_error"}
+_from_middleware: Any = None
 
 
-def outcome_label(seen: object, status: int) -> str:
-    """The metrics' outcome word for what a handler left under ``sidecar.middleware.OUTCOME``:
-    a retrieval's (Outcome, Rules), a word, or nothing."""
-    if isinstance(seen, tuple):
-        outcome, rules = seen
-        kind: str = outcome.kind
-        if kind == "miss" and (rules.no_cache or rules.no_store):
-            return "bypass"
-        return _KINDS.get(kind, kind)
-    if isinstance(seen, str):
-        return seen
-    return "error" if status >= 400 else "bypass"
-
-
-_outcome_key: Any = None
-
-
-def _outcome_key_of() -> Any:
+def _middleware() -> Any:
     # Imported on first use: the middleware module pulls in the app's state, which the
     # worker's entry point (also configured here) does not need.
-    global _outcome_key
-    if _outcome_key is None:
-        from sidecar.middleware import OUTCOME
+    global _from_middleware
+    if _from_middleware is None:
+        from sidecar import middleware
 
-        _outcome_key = OUTCOME
-    return _outcome_key
+        _from_middleware = middleware
+    return _from_middleware
 
 
 class AccessLogger(AbstractAccessLogger):
     """One INFO line per answered request, none for probes and metrics; no header values but a
     plausible ``X-Request-Id``. aiohttp makes one per connection and checks ``enabled`` then."""
 
-    __slots__ = ("_outcome", "_traced")
+    __slots__ = ("_label", "_outcome", "_traced")
 
     def __init__(self, logger: logging.Logger, log_format: str) -> None:
         super().__init__(logger, log_format)
-        self._outcome = _outcome_key_of()
+        middleware = _middleware()
+        self._outcome = middleware.OUTCOME
+        self._label = middleware.outcome_label
         self._traced = tracing.is_enabled()
 
     @property
@@ -329,7 +313,7 @@ class AccessLogger(AbstractAccessLogger):
                 resource = None
             route = resource.canonical if resource is not None else "unmatched"
             status = response.status
-            outcome = outcome_label(response.get(self._outcome), status)
+            outcome = self._label(response.get(self._outcome), status)
             duration_ms = round(time * 1000, 3)
             rid = request_id(request)
             method = request.method

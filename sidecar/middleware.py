@@ -34,6 +34,7 @@ __all__ = [
     "answer_middleware",
     "count_answer",
     "error_response",
+    "outcome_label",
 ]
 
 #: What a handler leaves on its response for the access log: a retrieval's (Outcome, Rules),
@@ -113,13 +114,26 @@ def _log_error(request: web.Request, exc: SidecarError) -> None:
         log.info("%s %s: the upstream answered %d", request.method, request.path[:200], exc.status)
 
 
+def _retrieval_label(outcome: Outcome, rules: Rules) -> str:
+    label = _KINDS[outcome.kind]
+    return "bypass" if label == "miss" and (rules.no_cache or rules.no_store) else label
+
+
+def outcome_label(seen: object, status: int) -> str:
+    """The outcome word (metrics, stats, access log) of an answer: from what its handler left
+    under ``OUTCOME`` (a retrieval's (Outcome, Rules), or a word), else from its status."""
+    if isinstance(seen, tuple):
+        return _retrieval_label(*seen)
+    if isinstance(seen, str):
+        return seen
+    return "error" if status >= 400 else "bypass"
+
+
 def count_answer(
     services: Services, route: str, outcome: Outcome, rules: Rules, seconds: float
 ) -> None:
     """Count one retrieval answer (metrics and the fleet's stats)."""
-    label = _KINDS[outcome.kind]
-    if label == "miss" and (rules.no_cache or rules.no_store):
-        label = "bypass"
+    label = _retrieval_label(outcome, rules)
     metrics = services.metrics
     if outcome.kind != "miss" and outcome.freshness is not None:
         metrics.served_age.observe(outcome.freshness.age_s)
@@ -136,7 +150,6 @@ def _observe(request: web.Request, response: web.StreamResponse, started: float)
         return
     route = request.get(ROUTE_GROUP, route)
     services = request.app[SERVICES]
-    seen = response.get(OUTCOME)
-    label = seen if isinstance(seen, str) else ("error" if response.status >= 400 else "bypass")
+    label = outcome_label(response.get(OUTCOME), response.status)
     services.metrics.answered(route, label, time.perf_counter() - started)
     services.stats.add(_STAT_NAMES.get(label) or f"answers.{label}")

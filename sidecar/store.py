@@ -283,16 +283,13 @@ class CacheStore:
         fingerprint: str | None = None,
         grant_ms: int = 0,
         read: bool = False,
-        index: bool = True,
     ) -> None:
         """Store ``record`` as long as ``policy`` may serve it; with a fingerprint, grant it.
 
         The record enters the refresh-ahead index at the end of its freshness (a terminal one,
         or one the workers cannot refresh, leaves it), any failure marker of the container is
-        cleared, and the other processes get the new record on the change channel. ``index`` is
-        accepted for callers of the old layout and changes nothing (no index is kept).
+        cleared, and the other processes get the new record on the change channel.
         """
-        del index
         keys, provider, cid = self.keys, record.provider, record.container_id
         name = member(provider, cid)
         data = encode_record(record)
