@@ -111,7 +111,8 @@ class Running:
 
 async def start_app(app: web.Application) -> Running:
     # The sidecar's own runner: it answers what aiohttp's parser refuses in the gateway's shape.
-    runner = SidecarRunner(app, access_log=None)
+    # Teardown waits for open connections at most 5 s (aiohttp's default is 60 s).
+    runner = SidecarRunner(app, access_log=None, shutdown_timeout=5)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
