@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 import time
 
+from sidecar.keys import cache_id_for
 from sidecar.policy import Policy
 from sidecar.records import Record
 
@@ -22,10 +23,11 @@ __all__ = ["Copy", "LocalCache"]
 class Copy:
     """A record this process keeps, and what it has rendered of it."""
 
-    __slots__ = ("fresh_until_ms", "hit_body", "keep_until", "record")
+    __slots__ = ("cache_id", "fresh_until_ms", "hit_body", "keep_until", "record")
 
     def __init__(self, record: Record, fresh_until_ms: int, keep_until: float) -> None:
         self.record = record
+        self.cache_id = cache_id_for(record.provider, record.container_id)
         self.fresh_until_ms = fresh_until_ms
         self.keep_until = keep_until
         self.hit_body: tuple[float, bytes] | None = None

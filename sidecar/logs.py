@@ -307,11 +307,13 @@ class AccessLogger(AbstractAccessLogger):
         try:
             if request.path in _UNLOGGED:
                 return
-            try:
-                resource = cast("web.Request", request).match_info.route.resource
-            except (AttributeError, AssertionError):  # refused by aiohttp's parser: not routed
-                resource = None
-            route = resource.canonical if resource is not None else "unmatched"
+            route = getattr(response, "route", None)  # a hit lane answer names its route
+            if route is None:
+                try:
+                    resource = cast("web.Request", request).match_info.route.resource
+                except (AttributeError, AssertionError):  # refused by aiohttp's parser
+                    resource = None
+                route = resource.canonical if resource is not None else "unmatched"
             status = response.status
             outcome = self._label(response.get(self._outcome), status)
             duration_ms = round(time * 1000, 3)

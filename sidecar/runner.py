@@ -1,4 +1,5 @@
-"""The application runner: what aiohttp answers before any handler runs, in the gateway's shape.
+"""The application runner: what aiohttp answers before any handler runs, in the gateway's shape,
+and the hit lane (``sidecar.lane``) in front of the application's routing.
 
 aiohttp's HTTP parser refuses some requests outright (a bad header character, an over-long
 line, too many headers, a method that is not a token, an invalid URL) and answers them itself:
@@ -16,7 +17,9 @@ from aiohttp import HttpVersion11, http_exceptions, web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
+from sidecar import tracing
 from sidecar.errors import MalformedRequest, SidecarError, UnsupportedVersion
+from sidecar.lane import hit_lane
 from sidecar.state import SERVICES
 from sidecar.wire import error_body
 
@@ -133,4 +136,6 @@ class SidecarRunner(web.AppRunner):
         # aiohttp answers in the version a request says it speaks, "HTTP/2.0 200" included.
         server.request_factory = _answer_1x_only(server.request_factory)
         server.request_handler = _refuse_other_versions(server.request_handler)
+        if SERVICES in self.app and not tracing.is_enabled():
+            server.request_handler = hit_lane(self.app, server.request_handler)
         return server

@@ -96,18 +96,10 @@ class ContainerService:
 
     async def retrieve(self, query: Query) -> Outcome:
         """The answer to one retrieve; upstream refusals raise ``UpstreamReplyError``."""
+        if served := self.local_hit(query):
+            return served
         provider, cid, rules = query.provider, query.container_id, query.rules
         fingerprint = query.credential.fingerprint
-        if self.reads is not None:
-            self.reads.note(provider, cid)
-        now = now_ms()
-        if not rules.no_cache and (got := self.local.get(provider, cid, fingerprint, now)):
-            copy, grant_expiry_ms = got
-            freshness = self.policy.assess(copy.record, now, copy.fresh_until_ms)
-            if rules.admits(freshness):
-                self._renew_early(query, copy.record, grant_expiry_ms, now, copy.fresh_until_ms)
-                return Outcome("hit", copy.record, cache_id_for(provider, cid), freshness,
-                               copy=copy)  # fmt: skip
         try:
             found = await self.store.lookup(provider, cid, fingerprint)
         except StoreUnavailable:
@@ -132,6 +124,25 @@ class ContainerService:
             key, lambda: self._fetch(query, stale, forward, found.record)
         )
         return msgspec.structs.replace(outcome, collapsed="process") if joined else outcome
+
+    def local_hit(self, query: Query) -> Outcome | None:
+        """The answer from this process's own copy, if it has one this caller may see and the
+        request's rules admit (no await: the hit lane answers with it before any routing)."""
+        provider, cid, rules = query.provider, query.container_id, query.rules
+        if self.reads is not None:
+            self.reads.note(provider, cid)
+        if rules.no_cache:
+            return None
+        now = now_ms()
+        got = self.local.get(provider, cid, query.credential.fingerprint, now)
+        if got is None:
+            return None
+        copy, grant_expiry_ms = got
+        freshness = self.policy.assess(copy.record, now, copy.fresh_until_ms)
+        if not rules.admits(freshness):
+            return None
+        self._renew_early(query, copy.record, grant_expiry_ms, now, copy.fresh_until_ms)
+        return Outcome("hit", copy.record, copy.cache_id, freshness, copy=copy)
 
     def _shield(
         self, query: Query, stale: Record | None, failure: Failure | None

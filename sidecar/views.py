@@ -1,7 +1,8 @@
 """HTTP handlers for retrievals: parse, call the service, answer in the gateway's shape.
 
-This is the hot path: a hit from the process's own copy reads the credential (remembered per
-header value), answers with the copy's pre-rendered body and counts itself in plain integers.
+A hit from the process's own copy usually never gets here: the hit lane (``sidecar.lane``)
+answers it before routing, with the copy's pre-rendered body (``hit_body``). What it leaves to
+the router (other shapes of request, cache-control headers, misses) is handled here.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from aiohttp import web
 from sidecar.controls import Rules, parse_rules
 from sidecar.errors import InvalidParameter, UnsupportedOperation
 from sidecar.headers import cache_headers
+from sidecar.local import Copy
 from sidecar.middleware import COUNTED, OUTCOME, count_answer
 from sidecar.outcomes import Outcome, Query
 from sidecar.settings import PROVIDER_NAME, PROVIDERS, Settings
@@ -28,6 +30,7 @@ from sidecar.wire import (
 
 __all__ = [
     "RETRIEVE_ROUTES",
+    "hit_body",
     "parse_container_id",
     "parse_provider",
     "retrieve_native",
@@ -136,14 +139,8 @@ def parse_container_id(value: str, param: str = "container_id") -> str:
 def render(outcome: Outcome, provider: str, rules: Rules, latency_ms: int) -> web.Response:
     """The response for an outcome: the container, or the 404, with ``cache_debug``."""
     record = outcome.record
-    copy = outcome.copy
-    if copy is not None and latency_ms == 0:
-        cached = copy.hit_body
-        if cached is not None and cached[0] == rules.threshold:
-            body = cached[1]
-        else:
-            body = _render_body(outcome, provider, rules, 0)
-            copy.hit_body = (rules.threshold, body)
+    if outcome.copy is not None and latency_ms == 0:
+        body = hit_body(outcome, provider, rules)
     else:
         body = _render_body(outcome, provider, rules, latency_ms)
     headers = cache_headers(outcome, rules=rules)
@@ -151,6 +148,18 @@ def render(outcome: Outcome, provider: str, rules: Rules, latency_ms: int) -> we
     response = web.Response(body=body, status=record.status_code, headers=headers)
     response[OUTCOME] = (outcome, rules)
     return response
+
+
+def hit_body(outcome: Outcome, provider: str, rules: Rules) -> bytes:
+    """The body of a hit on a process's own copy (``outcome.copy``) with latency 0: rendered
+    once per copy and threshold, then reused."""
+    copy: Copy = outcome.copy
+    cached = copy.hit_body
+    if cached is not None and cached[0] == rules.threshold:
+        return cached[1]
+    body = _render_body(outcome, provider, rules, 0)
+    copy.hit_body = (rules.threshold, body)
+    return body
 
 
 def _render_body(outcome: Outcome, provider: str, rules: Rules, latency_ms: int) -> bytes:

@@ -22,6 +22,7 @@ from sidecar.logs import (
     log_handler,
     redact,
 )
+from sidecar.runner import SidecarRunner
 from sidecar.settings import Settings
 from tests.conftest import Emulator, free_port
 
@@ -70,12 +71,13 @@ def capture() -> Iterator[Callable[[str], Captured]]:
 async def serve(
     make_settings: Callable[..., Settings],
 ) -> AsyncIterator[Callable[..., Any]]:
-    """Starts the sidecar app with the production access logger; returns its base URL."""
+    """Starts the sidecar app with the production runner and access logger; returns its base
+    URL (hits on a copy are answered by the hit lane)."""
     runners: list[web.AppRunner] = []
 
     async def start(**overrides: Any) -> str:
         settings = make_settings(**overrides)
-        runner = web.AppRunner(create_app(settings), **access_log_options(settings))
+        runner = SidecarRunner(create_app(settings), **access_log_options(settings))
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
