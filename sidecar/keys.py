@@ -1,9 +1,9 @@
 """Every Redis key the sidecar and the workers use, built in one place.
 
-A container's keys are tagged with its public cache id (``{<cache_id>}``, in 22 characters: a
-Redis Cluster hash tag), so the record, its grants, its lock and its failure marker share one
-slot (a hit is one ``MGET``), and a purge by ``cache_id`` finds them without an index. Key
-names are short: every byte is paid once per cached container.
+A container's keys are tagged with its public cache id (``{<cache_id>}``, its first 96 bits in
+16 characters: a Redis Cluster hash tag), so the record, its grants, its lock and its failure
+marker share one slot (a hit is one ``MGET``), and a purge by ``cache_id`` finds them without an
+index. Key names are short: every byte is paid once per cached container.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ def cache_id_for(provider: str, container_id: str) -> str:
 
 
 def compact_id(cache_id: str) -> str:
-    """A cache id in 22 characters (base64url of its 16 bytes), as it stands in keys."""
-    return base64.urlsafe_b64encode(uuid.UUID(cache_id).bytes).rstrip(b"=").decode()
+    """A cache id as it stands in keys: 16 characters, base64url of its first 12 bytes (96 bits
+    of a hash: no two containers meet; and 16 characters fit a smaller allocation than 22)."""
+    return base64.urlsafe_b64encode(uuid.UUID(cache_id).bytes[:12]).decode()
 
 
 @functools.lru_cache(maxsize=65_536)
@@ -79,14 +80,16 @@ class KeySpace:
         return f"{self.prefix}:stats"
 
     @property
-    def hot(self) -> str:
-        """Sorted set: ``provider/container_id`` scored by when it was last read (unix ms)."""
-        return f"{self.prefix}:hot"
+    def due(self) -> str:
+        """Sorted set: ``provider/container_id`` scored by when it stops being fresh and when it
+        was last read, packed in one number (``store.DUE_MARKS``)."""
+        return f"{self.prefix}:due"
 
     @property
-    def due(self) -> str:
-        """Sorted set: ``provider/container_id`` scored by when it stops being fresh (unix ms)."""
-        return f"{self.prefix}:due"
+    def retired(self) -> tuple[str, ...]:
+        """Keys earlier versions kept and this one does not (a worker removes them at start):
+        the read set, now folded into the due set."""
+        return (f"{self.prefix}:hot",)
 
     def backoff(self, provider: str) -> str:
         """Set while a provider's 429 Retry-After runs; nobody refreshes from it until then."""
@@ -98,7 +101,7 @@ class KeySpace:
 
 
 def member(provider: str, container_id: str) -> str:
-    """How a container is named inside the hot and due sets and on the change channel."""
+    """How a container is named inside the due set and on the change channel."""
     return f"{provider}/{container_id}"
 
 

@@ -48,6 +48,60 @@ redis.call('set', KEYS[1], count .. '|' .. string.format('%d', until_ms) .. '|' 
 return backoff
 """
 
+# The due set holds one entry per container refresh-ahead may renew, scored with two numbers:
+# ``due_ms * DUE_MARKS + mark``: when its record goes stale (unix ms), and when a caller last read
+# it (``mark``: the ``READ_EPOCH_MS`` epoch of the read, modulo DUE_MARKS - 1, plus one; 0: none
+# known). One sorted set instead of a due set and a read set: a container costs one entry (about
+# 130 bytes of Redis) less. Scores stay exact doubles until the year 2109 (due_ms * 2048 < 2^53);
+# a mark repeats after 2047 one-second epochs (34 minutes). An entry nobody reads leaves the set
+# at its first due time past the hot window, so only an entry fresh for longer than that could
+# be taken for read by a mark from 34 minutes before (one refresh too many, then it leaves).
+DUE_MARKS = 2048
+READ_EPOCH_MS = 1000
+
+# Set entries' due times: ARGV[1] the mark of now, then (member, due_ms, read) triples; an entry
+# keeps its mark unless read is 1 (a caller's read) or it has none yet (a stale read's refresh).
+_SET_DUE = """
+local marks = 2048
+for i = 2, #ARGV, 3 do
+  local mark = tonumber(ARGV[1])
+  if ARGV[i + 2] == '0' then
+    local score = redis.call('zscore', KEYS[1], ARGV[i])
+    if score then mark = tonumber(score) % marks end
+  end
+  redis.call('zadd', KEYS[1], tonumber(ARGV[i + 1]) * marks + mark, ARGV[i])
+end
+return 1
+"""
+
+# Note reads: ARGV[1] the mark, then members; only entries in the set (pollable ones) change.
+_MARK_READ = """
+local marks, mark = 2048, tonumber(ARGV[1])
+for i = 2, #ARGV do
+  local score = redis.call('zscore', KEYS[1], ARGV[i])
+  if score then
+    score = tonumber(score)
+    redis.call('zadd', KEYS[1], score - score % marks + mark, ARGV[i])
+  end
+end
+return 1
+"""
+
+
+def read_mark(at_ms: int) -> int:
+    """The due-set mark of a read at ``at_ms``."""
+    return (at_ms // READ_EPOCH_MS) % (DUE_MARKS - 1) + 1
+
+
+def read_by_ms(mark: int, now: int) -> int | None:
+    """The latest time (unix ms) the read behind ``mark`` may have happened (the end of its
+    epoch, the most recent one with that mark up to now); None for no read."""
+    if not mark:
+        return None
+    epoch = now // READ_EPOCH_MS
+    return (epoch - (epoch - (mark - 1)) % (DUE_MARKS - 1) + 1) * READ_EPOCH_MS
+
+
 #: What a Redis failure may raise (cluster client errors are not RedisErrors).
 REDIS_ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
 
@@ -306,11 +360,11 @@ class CacheStore:
                     pipe.set(keys.grant(provider, cid, fingerprint), expiry, px=grant_ms)
                 if due_ms is None:
                     pipe.zrem(keys.due, name)
-                else:
-                    pipe.zadd(keys.due, {name: due_ms})
-                if read:  # a caller's read, not a worker's refresh: refresh-ahead keeps it fresh
-                    pipe.zadd(keys.hot, {name: now_ms()})
+                elif not self._cluster:  # else after the pipeline (scripts run on one node)
+                    await self._set_due(pipe, {name: due_ms}, read=read)
                 await self._publish(pipe, announce_record(data))
+            if due_ms is not None and self._cluster:
+                await self._set_due(self.redis, {name: due_ms}, read=read)
 
         await self.call(op)
 
@@ -328,7 +382,6 @@ class CacheStore:
                 pipe.delete(keys.record(provider, container_id))
                 pipe.delete(keys.failing(provider, container_id))
                 pipe.zrem(keys.due, name)
-                pipe.zrem(keys.hot, name)
                 await self._publish(pipe, announce_delete(name))
 
         await self.call(op)
@@ -391,42 +444,53 @@ class CacheStore:
         """How long refreshes from ``provider`` must still wait (0: go ahead)."""
         return _ms_left(await self.call(lambda: self.redis.get(self.keys.backoff(provider))))
 
+    async def remove_retired(self) -> None:
+        """Delete the keys earlier versions kept and this one does not (``KeySpace.retired``)."""
+        await self.call(lambda: self.redis.delete(*self.keys.retired))
+
     async def mark_read(self, names: list[str], at_ms: int) -> None:
         """Note that these containers were read (refresh-ahead keeps them fresh)."""
-        await self.call(lambda: self.redis.zadd(self.keys.hot, dict.fromkeys(names, at_ms)))
+        mark_read = self._script("mark_read", _MARK_READ)
+        args = [read_mark(at_ms), *names]
+        await self.call(lambda: mark_read(keys=[self.keys.due], args=args))
+
+    async def _set_due(self, client: Any, due: dict[str, int], *, read: bool) -> None:
+        """Set due times (``member: due_ms``), each entry's read mark kept (``read``: now's)."""
+        set_due = self._script("set_due", _SET_DUE)
+        args: list[str | int] = [read_mark(now_ms())]
+        flag = int(read)
+        for name, due_ms in due.items():
+            args += (name, due_ms, flag)
+        await set_due(keys=[self.keys.due], args=args, client=client)
 
     async def due_for_refresh(
         self, horizon_ms: int, read_since_ms: int, limit: int = 10_000
     ) -> list[tuple[str, str, int]]:
-        """Entries whose freshness ends by ``horizon_ms`` and that were read since then.
+        """Entries whose freshness ends by ``horizon_ms`` and that were read since
+        ``read_since_ms``: ``(provider, container_id, due_ms)``.
 
-        Entries nobody read since ``read_since_ms`` leave the index: they lapse unpolled.
+        Entries nobody read since then that are already stale leave the index: they lapse
+        unpolled (a read's refresh puts them back).
         """
         keys = self.keys
 
         async def op() -> list[tuple[str, str, int]]:
-            await self.redis.zremrangebyscore(keys.hot, "-inf", read_since_ms - 1)
+            top = horizon_ms * DUE_MARKS + DUE_MARKS - 1
             due = await self.redis.zrangebyscore(
-                keys.due, "-inf", horizon_ms, start=0, num=limit, withscores=True
+                keys.due, "-inf", top, start=0, num=limit, withscores=True
             )
-            if not due:
-                return []
-            names = [name for name, _ in due]
-            read_at = await self.redis.zmscore(keys.hot, names)
-            # Unread entries that are already stale leave the index (a read puts them back).
             now = now_ms()
-            cold = [
-                name
-                for (name, score), at in zip(due, read_at, strict=True)
-                if at is None and score < now
-            ]
+            read, cold = [], []
+            for name, score in due:
+                due_ms, mark = divmod(int(score), DUE_MARKS)
+                read_by = read_by_ms(mark, now)
+                if read_by is not None and read_by > read_since_ms:
+                    read.append((*parse_member(name), due_ms))
+                elif due_ms < now:
+                    cold.append(name)
             if cold:
                 await self.redis.zrem(keys.due, *cold)
-            return [
-                (*parse_member(name), int(score))
-                for (name, score), at in zip(due, read_at, strict=True)
-                if at is not None
-            ]
+            return read
 
         return await self.call(op)
 
@@ -518,11 +582,13 @@ class CacheStore:
                         pipe.delete(keys.failing(provider, cid))
                     if not self._cluster:
                         pipe.publish(keys.changes, announce_record(data))
-                if scores:
-                    pipe.zadd(keys.due, scores)
+                if scores and not self._cluster:
+                    await self._set_due(pipe, scores, read=False)
                 if dropped:
                     pipe.zrem(keys.due, *dropped)
                 await pipe.execute()
+            if scores and self._cluster:
+                await self._set_due(self.redis, scores, read=False)
             if self._cluster:
                 await asyncio.gather(
                     *(
@@ -535,17 +601,22 @@ class CacheStore:
             await self.call(op)
 
     async def claim_due(self, entries: list[tuple[str, int]], until_ms: int) -> list[str]:
-        """Claim due-set members still at the scores read (``(member, score)``): their score
-        becomes ``until_ms``. The members claimed (the others changed meanwhile)."""
+        """Claim due-set members still due when they were read (``(member, due_ms)``): they
+        become due at ``until_ms`` (read marks kept). The members claimed (the others changed
+        meanwhile)."""
         claim = self._script(
             "claim_due",
             """
             local claimed = {}
             for i = 2, #ARGV, 2 do
               local score = redis.call('zscore', KEYS[1], ARGV[i])
-              if score and tonumber(score) == tonumber(ARGV[i + 1]) then
-                redis.call('zadd', KEYS[1], ARGV[1], ARGV[i])
-                claimed[#claimed + 1] = ARGV[i]
+              if score then
+                score = tonumber(score)
+                local mark = score % 2048
+                if (score - mark) / 2048 == tonumber(ARGV[i + 1]) then
+                  redis.call('zadd', KEYS[1], tonumber(ARGV[1]) * 2048 + mark, ARGV[i])
+                  claimed[#claimed + 1] = ARGV[i]
+                end
               end
             end
             return claimed
@@ -568,8 +639,10 @@ class CacheStore:
             """
             local score = redis.call('zscore', KEYS[1], ARGV[1])
             if not score then return 1 end
-            if tonumber(score) > tonumber(ARGV[2]) then return 0 end
-            redis.call('zadd', KEYS[1], ARGV[3], ARGV[1])
+            score = tonumber(score)
+            local mark = score % 2048
+            if (score - mark) / 2048 > tonumber(ARGV[2]) then return 0 end
+            redis.call('zadd', KEYS[1], tonumber(ARGV[3]) * 2048 + mark, ARGV[1])
             return 1
             """,
         )
@@ -578,7 +651,7 @@ class CacheStore:
 
     async def hand_over(self, read: bytes, record: Record) -> bool:
         """Replace a record still stored as ``read`` by ``record`` (same expiry) and drop it from
-        the refresh-ahead sets: for records the workers cannot refresh. False if it changed."""
+        the refresh-ahead index: for records the workers cannot refresh. False if it changed."""
         keys, provider, cid = self.keys, record.provider, record.container_id
         name, data = member(provider, cid), encode_record(record)
         swap = self._script(
@@ -595,7 +668,6 @@ class CacheStore:
                 return False
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.zrem(keys.due, name)
-                pipe.zrem(keys.hot, name)
                 await self._publish(pipe, announce_record(data))
             return True
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import shutil
 import socket
 import subprocess
@@ -120,6 +122,18 @@ async def start_app(app: web.Application) -> Running:
     return Running(f"http://{host}:{port}", app, runner)
 
 
+async def stop_app(running: Running, within_s: float = 30.0) -> None:
+    """Stop an app started by ``start_app``; past ``within_s`` fail, naming what still runs
+    (a teardown that hangs must say where, not stall the suite)."""
+    try:
+        await asyncio.wait_for(running.runner.cleanup(), within_s)
+    except TimeoutError:
+        stacks = io.StringIO()
+        for task in asyncio.all_tasks():
+            task.print_stack(file=stacks)
+        pytest.fail(f"{running.url} did not stop within {within_s:.0f} s:\n{stacks.getvalue()}")
+
+
 @dataclass
 class Emulator(Running):
     """The emulator, with its state at hand."""
@@ -157,7 +171,7 @@ def emulator_config() -> EmulatorConfig:
 async def emulator(emulator_config: EmulatorConfig) -> AsyncIterator[Emulator]:
     running = await start_app(create_emulator_app(emulator_config))
     yield Emulator(running.url, running.app, running.runner)
-    await running.runner.cleanup()
+    await stop_app(running)
 
 
 @pytest.fixture
@@ -190,7 +204,7 @@ async def start_sidecar() -> AsyncIterator[Callable[..., Any]]:
 
     yield start
     for server in reversed(running):
-        await server.runner.cleanup()
+        await stop_app(server)
 
 
 @pytest.fixture

@@ -168,7 +168,10 @@ async def _startup(ctx: dict[str, Any]) -> None:
     deps = build_deps(settings, redis, session, _metrics(settings))
     ctx["deps"] = deps
     queue = ctx["redis"]
-    tasks = [asyncio.ensure_future(flush_every(1.0, deps.stats.flush))]
+    tasks = [
+        asyncio.ensure_future(flush_every(1.0, deps.stats.flush)),
+        asyncio.ensure_future(_remove_retired(deps.store)),
+    ]
     if ctx.get("refresh_ahead", True):
 
         async def enqueue(batch: Batch) -> None:
@@ -193,6 +196,12 @@ async def _startup(ctx: dict[str, Any]) -> None:
         settings.refresh_tick_s,
         settings.hot_window_s,
     )
+
+
+async def _remove_retired(store: CacheStore) -> None:
+    """Earlier versions' keys go (in the background: Redis may be away at start-up)."""
+    with contextlib.suppress(StoreUnavailable):
+        await store.remove_retired()
 
 
 def _metrics(settings: Settings) -> Metrics:

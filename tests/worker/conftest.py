@@ -22,7 +22,7 @@ from sidecar.policy import Policy
 from sidecar.queue import enqueue_refresh_job, queue_redis_settings
 from sidecar.records import Record, decode_record
 from sidecar.settings import Settings
-from sidecar.store import Breaker, CacheStore
+from sidecar.store import DUE_MARKS, Breaker, CacheStore, now_ms, read_by_ms
 from tests.conftest import Emulator, free_port
 from worker.main import create_worker
 from worker.queue_worker import QueueWorker
@@ -187,13 +187,15 @@ async def cached(settings: Settings, container_id: str) -> Record | None:
         return decode_record(raw) if raw is not None else None
 
 
-async def indexed(settings: Settings, container_id: str) -> tuple[float | None, float | None]:
-    """The container's scores in the due set and the hot set."""
+async def indexed(settings: Settings, container_id: str) -> tuple[int | None, int | None]:
+    """The container's entry in the due set: when it is due (unix ms) and the latest time its
+    last read may have been (unix ms; None: no read noted); (None, None) when not indexed."""
     async with cache_store(settings) as store:
-        name = member("openai", container_id)
-        due = await store.redis.zscore(store.keys.due, name)
-        hot = await store.redis.zscore(store.keys.hot, name)
-        return due, hot
+        score = await store.redis.zscore(store.keys.due, member("openai", container_id))
+        if score is None:
+            return None, None
+        due_ms, mark = divmod(int(score), DUE_MARKS)
+        return due_ms, read_by_ms(mark, now_ms())
 
 
 async def enqueue_refresh(settings: Settings, container_id: str, due_ms: int) -> None:
