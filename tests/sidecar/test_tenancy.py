@@ -106,3 +106,27 @@ async def test_a_grant_about_to_lapse_is_renewed_with_the_refresh_not_on_its_own
         await asyncio.sleep(0.1)
     assert all(answers)  # every poll answered from cache: no caller waited on a proof of access
     assert emulator.retrieves(cid) <= 6  # about one call per fresh window, not one more per grant
+
+
+async def test_a_grant_read_early_in_its_last_window_is_renewed_when_the_record_nears_its_end(
+    start_sidecar: Any, make_settings: Any, emulator: Emulator, http: aiohttp.ClientSession
+) -> None:
+    # Fresh 2 s, grant 3 s: a read at 0.5 s, long before the renewal window (the last 0.4 s of
+    # freshness), plans the renewal for 1.6 s; nobody reads then. At 3.2 s the first grant has
+    # lapsed, yet the read is a hit: the planned renewal proved access and refreshed the record.
+    import asyncio
+
+    sidecar = await start_sidecar(
+        make_settings(fresh_ttl_s=2.0, grant_ttl_s=3.0, refresh_lead_s=0.2)
+    )
+    cid = (await emulator.create(KEY_A))["id"]
+    url = f"{sidecar.url}/openai/v1/containers/{cid}"
+    started = asyncio.get_running_loop().time()
+    await get(http, url)
+    await asyncio.sleep(0.5)
+    assert (await get(http, url))[1]["extra_fields"]["cache_debug"]["cache_hit"]
+    assert emulator.retrieves(cid) == 1
+    await asyncio.sleep(started + 3.2 - asyncio.get_running_loop().time())
+    _, body, headers = await get(http, url)
+    assert body["extra_fields"]["cache_debug"]["cache_hit"], headers["Cache-Status"]
+    assert emulator.retrieves(cid) == 2  # the first read and the planned renewal

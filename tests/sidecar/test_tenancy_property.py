@@ -40,6 +40,7 @@ from hypothesis.stateful import (
 
 from sidecar.app import create_app
 from sidecar.emulator import EMULATOR_STATE, EmulatorConfig, create_emulator_app
+from sidecar.runner import SidecarRunner
 from sidecar.settings import Settings, load_settings
 from tests.conftest import RedisServer
 from tests.worker.conftest import run_worker_burst
@@ -232,7 +233,7 @@ class World:
             self.loop.close()
 
     async def _serve(self, app: web.Application) -> str:
-        runner = web.AppRunner(app, access_log=None)
+        runner = SidecarRunner(app, access_log=None)  # production's: hits take the hit lane
         await runner.setup()
         self.runners.append(runner)
         site = web.TCPSite(runner, "127.0.0.1", 0)
