@@ -16,7 +16,6 @@ Off while tracing is on (a span per request is the point there).
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
@@ -34,13 +33,18 @@ from sidecar.middleware import OUTCOME, count_answer
 from sidecar.outcomes import Query
 from sidecar.settings import PROVIDER_NAME
 from sidecar.state import SERVICES, Services
-from sidecar.views import RETRIEVE_ROUTES, hit_body, parse_provider
+from sidecar.views import (
+    CONTAINER_ID,
+    RETRIEVE_ROUTES,
+    hit_body,
+    parse_provider,
+    requires_provider,
+)
 
 __all__ = ["HitAnswer", "hit_lane"]
 
 Handler = Callable[[BaseRequest], Awaitable[web.StreamResponse]]
 
-_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 _PROVIDER_QUERY = "provider="
 _STATUS_LINES: dict[int, str] = {}
 _SERVER = f"\r\nServer: {SERVER_SOFTWARE}\r\n\r\n"
@@ -53,7 +57,6 @@ class HitAnswer:
     __slots__ = ("_data", "_outcome", "body_length", "route", "status")
 
     keep_alive = True  # the lane serves keep-alive requests only
-    __http_exception__ = False
 
     def __init__(self, data: bytes, status: int, body_length: int, route: str, seen: Any) -> None:
         self._data = data
@@ -74,9 +77,6 @@ class HitAnswer:
         """What a handler would have left on its response (the access log reads ``OUTCOME``)."""
         return self._outcome if key is OUTCOME else default
 
-    def __contains__(self, key: object) -> bool:
-        return key is OUTCOME
-
 
 def _status_line(status: int) -> str:
     line = _STATUS_LINES.get(status)
@@ -90,9 +90,8 @@ def hit_lane(app: web.Application, handler: Handler) -> Handler:
     services: Services = app[SERVICES]
     settings = services.settings
     plain = parse_rules({}, settings.freshness_threshold)
-    bifrost = settings.upstream_kind == "bifrost"
     routes = {
-        template.rsplit("{", 1)[0]: (template, bifrost and template.startswith("/v1/"))
+        template.rsplit("{", 1)[0]: (template, requires_provider(template, settings))
         for template in RETRIEVE_ROUTES
     }
     scan = services.credentials.scan
@@ -110,7 +109,7 @@ def hit_lane(app: web.Application, handler: Handler) -> Handler:
         if route is None:
             return None
         container_id, _, query = target[slash + 1 :].partition("?")
-        if not _ID.fullmatch(container_id):
+        if not CONTAINER_ID.fullmatch(container_id):
             return None
         if query:
             if not query.startswith(_PROVIDER_QUERY):

@@ -61,8 +61,11 @@ READ_EPOCH_MS = 1000
 
 # Set entries' due times: ARGV[1] the mark of now, then (member, due_ms, read) triples; an entry
 # keeps its mark unless read is 1 (a caller's read) or it has none yet (a stale read's refresh).
-_SET_DUE = """
-local marks = 2048
+# Every script on the due set starts with its packing constant.
+_DUE_LUA = f"local marks = {DUE_MARKS}\n"
+_SET_DUE = (
+    _DUE_LUA
+    + """
 for i = 2, #ARGV, 3 do
   local mark = tonumber(ARGV[1])
   if ARGV[i + 2] == '0' then
@@ -73,10 +76,13 @@ for i = 2, #ARGV, 3 do
 end
 return 1
 """
+)
 
 # Note reads: ARGV[1] the mark, then members; only entries in the set (pollable ones) change.
-_MARK_READ = """
-local marks, mark = 2048, tonumber(ARGV[1])
+_MARK_READ = (
+    _DUE_LUA
+    + """
+local mark = tonumber(ARGV[1])
 for i = 2, #ARGV do
   local score = redis.call('zscore', KEYS[1], ARGV[i])
   if score then
@@ -86,6 +92,7 @@ for i = 2, #ARGV do
 end
 return 1
 """
+)
 
 
 def read_mark(at_ms: int) -> int:
@@ -606,15 +613,16 @@ class CacheStore:
         meanwhile)."""
         claim = self._script(
             "claim_due",
-            """
+            _DUE_LUA
+            + """
             local claimed = {}
             for i = 2, #ARGV, 2 do
               local score = redis.call('zscore', KEYS[1], ARGV[i])
               if score then
                 score = tonumber(score)
-                local mark = score % 2048
-                if (score - mark) / 2048 == tonumber(ARGV[i + 1]) then
-                  redis.call('zadd', KEYS[1], tonumber(ARGV[1]) * 2048 + mark, ARGV[i])
+                local mark = score % marks
+                if (score - mark) / marks == tonumber(ARGV[i + 1]) then
+                  redis.call('zadd', KEYS[1], tonumber(ARGV[1]) * marks + mark, ARGV[i])
                   claimed[#claimed + 1] = ARGV[i]
                 end
               end
@@ -636,13 +644,14 @@ class CacheStore:
         go ahead."""
         claim = self._script(
             "claim_refresh",
-            """
+            _DUE_LUA
+            + """
             local score = redis.call('zscore', KEYS[1], ARGV[1])
             if not score then return 1 end
             score = tonumber(score)
-            local mark = score % 2048
-            if (score - mark) / 2048 > tonumber(ARGV[2]) then return 0 end
-            redis.call('zadd', KEYS[1], tonumber(ARGV[3]) * 2048 + mark, ARGV[1])
+            local mark = score % marks
+            if (score - mark) / marks > tonumber(ARGV[2]) then return 0 end
+            redis.call('zadd', KEYS[1], tonumber(ARGV[3]) * marks + mark, ARGV[1])
             return 1
             """,
         )

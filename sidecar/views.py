@@ -29,15 +29,18 @@ from sidecar.wire import (
 )
 
 __all__ = [
+    "CONTAINER_ID",
     "RETRIEVE_ROUTES",
     "hit_body",
     "parse_container_id",
     "parse_provider",
+    "requires_provider",
     "retrieve_native",
     "retrieve_openai",
 ]
 
-_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+#: A plausible container (or file) id: 1-128 letters, digits, '_' or '-', not starting with either.
+CONTAINER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 _HIT_TYPES = {"hit": "direct", "stale": "direct", "negative": "direct",
               "stale-if-error": "stale_if_error"}  # fmt: skip
 _OPENAI_V1 = "/openai/v1/containers/{container_id}"
@@ -58,8 +61,8 @@ async def retrieve_openai(request: web.Request) -> web.Response:
 async def retrieve_native(request: web.Request) -> web.Response:
     """``GET /v1/containers/{container_id}``: the gateway's native route, ``provider``
     required; straight against OpenAI it is OpenAI's own route (an app's ``/v1`` base URL)."""
-    kind = request.app[SERVICES].settings.upstream_kind
-    return await _retrieve(request, _NATIVE, provider_required=kind == "bifrost")
+    settings = request.app[SERVICES].settings
+    return await _retrieve(request, _NATIVE, provider_required=requires_provider(_NATIVE, settings))
 
 
 #: The retrieval routes and their handlers (each counts its answers under its own route).
@@ -68,6 +71,12 @@ RETRIEVE_ROUTES = {
     _OPENAI: retrieve_openai,
     _NATIVE: retrieve_native,
 }
+
+
+def requires_provider(route: str, settings: Settings) -> bool:
+    """Whether a retrieval route needs the ``provider`` query parameter: the native ``/v1``
+    route in front of the gateway does."""
+    return route == _NATIVE and settings.upstream_kind == "bifrost"
 
 
 async def _retrieve(request: web.Request, route: str, *, provider_required: bool) -> web.Response:
@@ -127,7 +136,7 @@ def parse_provider(provider: str, required: bool, settings: Settings) -> str:
 def parse_container_id(value: str, param: str = "container_id") -> str:
     """A plausible container (or file) id: 1-128 letters, digits, '_' or '-', not starting
     with either; anything else, path tricks included, never reaches the upstream."""
-    if not _ID.fullmatch(value):
+    if not CONTAINER_ID.fullmatch(value):
         shown = value if len(value) <= 64 else value[:64] + "..."
         raise InvalidParameter(
             f"invalid {param} {shown!r}: expected 1-128 letters, digits, '_' or '-'",
