@@ -47,9 +47,14 @@ class KeySpace:
         """The channel on which record changes are announced (``sidecar.announce``)."""
         return f"{self.prefix}:changes"
 
-    def tag(self, cache_id: str) -> str:
-        """The common start of the keys of the container behind a public cache id."""
-        return f"{self.prefix}:{{{compact_id(cache_id)}}}"
+    def record_of(self, cache_id: str) -> str:
+        """The record of the container behind a public cache id."""
+        return f"{self.prefix}:{{{compact_id(cache_id)}}}:r"
+
+    @property
+    def records(self) -> str:
+        """The ``SCAN`` pattern matching every record."""
+        return f"{self.prefix}:{{*}}:r"
 
     def _tag(self, provider: str, container_id: str) -> str:
         return f"{self.prefix}:{{{_tag_of(provider, container_id)}}}"

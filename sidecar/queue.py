@@ -26,6 +26,8 @@ from sidecar.metrics import Metrics
 from sidecar.settings import Settings, SettingsError
 
 __all__ = [
+    "BATCH_JOB_PREFIX",
+    "POLL_S",
     "REFRESH_BATCH_JOB",
     "REFRESH_JOB",
     "ArqRefresher",
@@ -43,7 +45,10 @@ log = logging.getLogger(__name__)
 REFRESH_JOB = "refresh_container"
 REFRESH_BATCH_JOB = "refresh_batch"
 _ENQUEUE_DEDUP_S = 1.0
-_POLL_S = 0.05
+#: How often a worker polls the queue (arq's ``poll_delay``); a batch is enqueued this much early.
+POLL_S = 0.05
+#: The job id prefix of batch jobs (workers recognise them by it).
+BATCH_JOB_PREFIX = "refresh-batch:"
 
 #: One renewal of a batch: ``(provider, container_id, due_ms)``, plain data for arq's pickle.
 Renewal = tuple[str, str, int]
@@ -127,12 +132,12 @@ async def enqueue_refresh_batch(
     ``start_ms``, unix ms), dropped if not started within ``expires_s`` (refresh-ahead plans
     the renewals again by then)."""
     # Workers poll the queue every 50 ms: the job starts that much early, its renewals on time.
-    delay_s = max(0.0, start_ms / 1000 - time.time() - _POLL_S)
+    delay_s = max(0.0, start_ms / 1000 - time.time() - POLL_S)
     await pool.enqueue_job(
         REFRESH_BATCH_JOB,
         list(renewals),
         lead_ms,
-        _job_id=f"refresh-batch:{secrets.token_hex(8)}",
+        _job_id=f"{BATCH_JOB_PREFIX}{secrets.token_hex(8)}",
         _queue_name=settings.queue_name,
         _defer_by=delay_s or None,
         _expires=delay_s + expires_s,

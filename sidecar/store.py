@@ -59,20 +59,22 @@ return backoff
 DUE_MARKS = 2048
 READ_EPOCH_MS = 1000
 
-# Set entries' due times: ARGV[1] the mark of now, then (member, due_ms, read) triples; an entry
-# keeps its mark unless read is 1 (a caller's read) or it has none yet (a stale read's refresh).
+# Set entries' due times: ARGV[1] the mark of now, then (member, due_ms, how) triples. How: 'r', a
+# caller's read (now's mark); 'k', a refresh (the entry keeps its mark, or takes now's if it has
+# none: a stale read's refresh); 'g', a claim given back (only to an entry still there: one
+# deleted meanwhile stays out).
 # Every script on the due set starts with its packing constant.
 _DUE_LUA = f"local marks = {DUE_MARKS}\n"
 _SET_DUE = (
     _DUE_LUA
     + """
 for i = 2, #ARGV, 3 do
-  local mark = tonumber(ARGV[1])
-  if ARGV[i + 2] == '0' then
-    local score = redis.call('zscore', KEYS[1], ARGV[i])
-    if score then mark = tonumber(score) % marks end
+  local mark, how = tonumber(ARGV[1]), ARGV[i + 2]
+  local score = how ~= 'r' and redis.call('zscore', KEYS[1], ARGV[i])
+  if score then mark = tonumber(score) % marks end
+  if score or how ~= 'g' then
+    redis.call('zadd', KEYS[1], tonumber(ARGV[i + 1]) * marks + mark, ARGV[i])
   end
-  redis.call('zadd', KEYS[1], tonumber(ARGV[i + 1]) * marks + mark, ARGV[i])
 end
 return 1
 """
@@ -357,6 +359,7 @@ class CacheStore:
         retention_ms, due_ms = policy.retention_ms(record), policy.due_ms(record)
         if record.inline_refresh:
             due_ms = None
+        due = [] if due_ms is None else [(name, due_ms, "r" if read else "k")]
 
         async def op() -> None:
             async with self.redis.pipeline(transaction=False) as pipe:
@@ -365,13 +368,13 @@ class CacheStore:
                 if fingerprint is not None:
                     expiry = now_ms() + grant_ms
                     pipe.set(keys.grant(provider, cid, fingerprint), expiry, px=grant_ms)
-                if due_ms is None:
+                if not due:
                     pipe.zrem(keys.due, name)
                 elif not self._cluster:  # else after the pipeline (scripts run on one node)
-                    await self._set_due(pipe, {name: due_ms}, read=read)
+                    await self._set_due(pipe, due)
                 await self._publish(pipe, announce_record(data))
-            if due_ms is not None and self._cluster:
-                await self._set_due(self.redis, {name: due_ms}, read=read)
+            if due and self._cluster:
+                await self._set_due(self.redis, due)
 
         await self.call(op)
 
@@ -395,7 +398,7 @@ class CacheStore:
 
     async def purge_cache_id(self, cache_id: str) -> tuple[str, str] | None:
         """Drop the entry behind a public cache id; its ``(provider, container_id)``, if any."""
-        raw = await self.call(lambda: self.redis.get(self.keys.tag(cache_id) + ":r"))
+        raw = await self.call(lambda: self.redis.get(self.keys.record_of(cache_id)))
         record = decode_record(raw) if raw is not None else None
         if record is None:
             return None
@@ -407,7 +410,7 @@ class CacheStore:
 
         async def op() -> tuple[int, bool]:
             count = 0
-            async for _ in self.redis.scan_iter(match=f"{self.keys.prefix}:{{*}}:r", count=1000):
+            async for _ in self.redis.scan_iter(match=self.keys.records, count=1000):
                 count += 1
                 if count >= limit:
                     return count, False
@@ -461,13 +464,12 @@ class CacheStore:
         args = [read_mark(at_ms), *names]
         await self.call(lambda: mark_read(keys=[self.keys.due], args=args))
 
-    async def _set_due(self, client: Any, due: dict[str, int], *, read: bool) -> None:
-        """Set due times (``member: due_ms``), each entry's read mark kept (``read``: now's)."""
+    async def _set_due(self, client: Any, entries: list[tuple[str, int, str]]) -> None:
+        """Set due times: ``(member, due_ms, how)``, how as ``_SET_DUE`` reads it."""
         set_due = self._script("set_due", _SET_DUE)
         args: list[str | int] = [read_mark(now_ms())]
-        flag = int(read)
-        for name, due_ms in due.items():
-            args += (name, due_ms, flag)
+        for entry in entries:
+            args += entry
         await set_due(keys=[self.keys.due], args=args, client=client)
 
     async def due_for_refresh(
@@ -570,7 +572,7 @@ class CacheStore:
         ``failing`` containers (``provider/container_id``; None: all) are cleared."""
         keys = self.keys
         stored = [(record, encode_record(record)) for record in records]
-        scores = dict(due or {})
+        scores = {name: (name, due_ms, "g") for name, due_ms in (due or {}).items()}
         dropped = []
         for record, _ in stored:
             name = member(record.provider, record.container_id)
@@ -578,7 +580,7 @@ class CacheStore:
             if due_ms is None:
                 dropped.append(name)
             else:
-                scores[name] = due_ms
+                scores[name] = (name, due_ms, "k")
 
         async def op() -> None:
             async with self.redis.pipeline(transaction=False) as pipe:
@@ -590,12 +592,12 @@ class CacheStore:
                     if not self._cluster:
                         pipe.publish(keys.changes, announce_record(data))
                 if scores and not self._cluster:
-                    await self._set_due(pipe, scores, read=False)
+                    await self._set_due(pipe, list(scores.values()))
                 if dropped:
                     pipe.zrem(keys.due, *dropped)
                 await pipe.execute()
             if scores and self._cluster:
-                await self._set_due(self.redis, scores, read=False)
+                await self._set_due(self.redis, list(scores.values()))
             if self._cluster:
                 await asyncio.gather(
                     *(

@@ -26,9 +26,9 @@ from sidecar.keys import member
 from sidecar.metrics import Metrics
 from sidecar.queue import Renewal
 from sidecar.settings import Settings
-from sidecar.store import REDIS_ERRORS, CacheStore
+from sidecar.store import REDIS_ERRORS, CacheStore, now_ms
 from sidecar.throttle import Throttle
-from worker.refresh import claim_ms, now_ms
+from worker.refresh import claim_ms
 
 __all__ = ["BATCH_SIZE", "Batch", "RefreshPlanner", "run_refresh_ahead"]
 

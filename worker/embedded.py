@@ -18,9 +18,10 @@ from sidecar.flight import BackgroundTasks
 from sidecar.metrics import Metrics
 from sidecar.queue import REFRESH_JOB
 from sidecar.settings import Settings
+from sidecar.store import now_ms
 from worker.ahead import Batch, run_refresh_ahead
 from worker.main import WorkerDeps, build_deps
-from worker.refresh import RetryLater, now_ms
+from worker.refresh import RetryLater
 
 __all__ = ["EmbeddedWorker", "start_embedded_worker"]
 

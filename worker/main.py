@@ -18,6 +18,7 @@ from sidecar.errors import StoreUnavailable
 from sidecar.keys import KeySpace
 from sidecar.metrics import Metrics
 from sidecar.queue import (
+    POLL_S,
     REFRESH_BATCH_JOB,
     REFRESH_JOB,
     Renewal,
@@ -252,7 +253,7 @@ def worker_options(settings: Settings, *, refresh_ahead: bool = True) -> dict[st
         "max_jobs": settings.worker_max_jobs,
         "job_timeout": job_timeout_s,
         "keep_result": 0,
-        "poll_delay": 0.05,
+        "poll_delay": POLL_S,
         "job_completion_wait": int(settings.shutdown_timeout_s),
         "health_check_interval": 10,
         "on_startup": _startup,

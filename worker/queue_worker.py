@@ -28,6 +28,7 @@ from arq.utils import poll, timestamp_ms
 from arq.worker import Worker
 from redis.exceptions import ResponseError, WatchError
 
+from sidecar.queue import BATCH_JOB_PREFIX
 from sidecar.store import REDIS_ERRORS
 
 __all__ = ["LEASE_S", "Outage", "QueueWorker", "QuietJobStarts"]
@@ -35,7 +36,6 @@ __all__ = ["LEASE_S", "Outage", "QueueWorker", "QuietJobStarts"]
 log = logging.getLogger(__name__)
 
 LEASE_S = 3.0
-BATCH_JOB_PREFIX = "refresh-batch:"
 
 
 class Outage:

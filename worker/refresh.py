@@ -31,7 +31,7 @@ from sidecar.policy import Policy
 from sidecar.queue import Renewal
 from sidecar.records import Record, decode_record
 from sidecar.settings import Settings
-from sidecar.store import CacheStore, Failure
+from sidecar.store import CacheStore, Failure, now_ms
 from sidecar.throttle import Throttle
 from sidecar.upstream import Upstream, UpstreamReply
 from sidecar.wire import error_body
@@ -39,18 +39,15 @@ from worker.limits import ProviderLimiter
 from worker.writes import WriteBehind
 
 __all__ = [
-    "EVENTS",
     "BatchOutcome",
     "RefreshRunner",
     "RetryLater",
     "event_of",
-    "now_ms",
 ]
 
 log = logging.getLogger(__name__)
 
 #: The ``sidecar_refresh_jobs_total`` events the workers count, and no others.
-EVENTS = ("enqueued", "deduplicated", "succeeded", "failed", "retried", "skipped")
 _EVENTS = {"refreshed": "succeeded", "failed": "failed", "refused": "failed",
            "store-unavailable": "failed", "deduplicated": "deduplicated"}  # fmt: skip
 # Whatever else a refresh ends with (lapsed, terminal, inline, handed-over, already-fresh,
@@ -70,11 +67,6 @@ _WAVE_MS = 20
 def event_of(result: str) -> str:
     """The ``sidecar_refresh_jobs_total`` event of a refresh's result word."""
     return _EVENTS.get(result, "skipped")
-
-
-def now_ms() -> int:
-    """Wall-clock unix milliseconds."""
-    return time.time_ns() // 1_000_000
 
 
 class RetryLater(Exception):

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from sidecar.keys import KeySpace
 from sidecar.policy import Policy
+from sidecar.records import Record
 from sidecar.settings import load_settings
 from sidecar.store import (
     DUE_MARKS,
@@ -63,7 +64,7 @@ async def test_every_writer_of_a_due_time_keeps_the_read_and_reads_keep_the_due_
 ) -> None:
     now = now_ms()
     # A worker's refresh of an entry never read (a stale read's job): read now, as far as known.
-    await store.save_many([], store_policy(), {"openai/c1": now + 10_000})
+    await store.save_many([running("c1", now)], store_policy())
     due, read_by = await _entry(store, "openai/c1") or (0, None)
     assert due == now + 10_000
     assert read_by is not None
@@ -103,5 +104,23 @@ async def test_due_for_refresh_takes_read_entries_and_drops_stale_unread_ones(
     assert left == {"openai/read-due", "openai/read-later", "openai/unread-fresh"}
 
 
+def running(container_id: str, fetched_at_ms: int) -> Record:
+    """A running container's record as fetched at ``fetched_at_ms`` (due 10 s later)."""
+    body = b'{"id":"%s","object":"container","status":"running"}' % container_id.encode()
+    return Record(provider="openai", container_id=container_id, status_code=200, body=body,
+                  fetched_at_ms=fetched_at_ms, status="running")  # fmt: skip
+
+
 def store_policy() -> Policy:
     return Policy(load_settings({}, upstream_url="http://gateway"))
+
+
+async def test_a_claim_given_back_after_a_delete_does_not_put_the_entry_back(
+    store: CacheStore,
+) -> None:
+    now = now_ms()
+    await store.save_many([running("gone", now)], store_policy())
+    assert await store.claim_due([("openai/gone", now + 10_000)], now + 60_000) == ["openai/gone"]
+    await store.delete("openai", "gone")
+    await store.save_many([], store_policy(), {"openai/gone": now + 10_000})  # given back
+    assert await _entry(store, "openai/gone") is None

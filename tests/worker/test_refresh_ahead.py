@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from sidecar.app import create_app
-from sidecar.metrics import Metrics
+from sidecar.metrics import REFRESH_EVENTS, Metrics
 from sidecar.queue import ArqRefresher
 from tests.cluster.conftest import Cluster
 from tests.conftest import Emulator, start_app
@@ -30,7 +30,6 @@ from tests.worker.conftest import (
     wait_for,
 )
 from worker.embedded import start_embedded_worker
-from worker.refresh import EVENTS
 
 
 async def test_refresh_ahead_renews_many_containers_with_a_few_jobs_once_per_interval(
@@ -97,7 +96,7 @@ async def test_the_workers_refresh_job_events_are_the_documented_ones(
     emulator.state.add_fault(kind="status", status=503, container_id=failing, count=1)
     worker = await run_worker_burst(settings)
     events = worker.ctx["deps"].metrics.refresh_jobs.snapshot()
-    assert {key[0] for key in events} == set(EVENTS)  # each there from the start, no others
+    assert {key[0] for key in events} == set(REFRESH_EVENTS)  # each there from the start, no others
     assert events[("succeeded",)] == 2  # ok, then failing on its retry
     assert events[("retried",)] == 1
     assert events[("skipped",)] == 2  # lapsed, and theirs handed over
