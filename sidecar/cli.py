@@ -100,7 +100,7 @@ def _configuration_error(message: str) -> int:
 
 def serve(args: argparse.Namespace) -> int:
     """``sidecar serve``: the production server; SIGTERM drains in-flight requests."""
-    flags = {"host": args.host, "port": args.port}
+    flags = {"host": args.host, "port": args.port, "serve_processes": args.workers}
     try:
         settings = load_settings(
             **{name: value for name, value in flags.items() if value is not None}
@@ -111,7 +111,7 @@ def serve(args: argparse.Namespace) -> int:
     configure_logging(settings)
     from sidecar.serve import run_server
 
-    return run_server(settings, settings.serve_processes if args.workers is None else args.workers)
+    return run_server(settings)
 
 
 def _logging_settings() -> Settings:

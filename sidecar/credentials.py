@@ -62,11 +62,6 @@ class Credential:
         """``(lower-case name, value)`` pairs, forwarded to the upstream exactly as they are."""
         self.fingerprint = fingerprint
 
-    @property
-    def anonymous(self) -> bool:
-        """No credential at all (a gateway whose virtual keys are optional serves it)."""
-        return not self.headers
-
     def __repr__(self) -> str:
         return f"Credential(fingerprint={self.fingerprint!r})"
 

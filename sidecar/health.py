@@ -10,9 +10,8 @@ from sidecar.metrics import CONTENT_TYPE
 from sidecar.serve import PEERS
 from sidecar.state import LIFECYCLE, SERVICES
 
-__all__ = ["OPS_PATHS", "add_routes"]
+__all__ = ["add_routes"]
 
-OPS_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 _UPSTREAM_FAILING_FOR_S = 30.0
 
 

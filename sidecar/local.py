@@ -75,7 +75,7 @@ class LocalCache:
             return
         key = (record.provider, record.container_id)
         current = self._records.get(key)
-        if current is None or current.record.fetched_at_ms <= record.fetched_at_ms:
+        if current is None or _newer(record, current):
             self._records.pop(key, None)
             self._records[key] = self._copy(record)
         if fingerprint is not None and grant_expiry_ms > 0:
@@ -88,7 +88,7 @@ class LocalCache:
         """Replace the copy of a record another process rewrote (if this one keeps a copy)."""
         key = (record.provider, record.container_id)
         current = self._records.get(key)
-        if current is not None and current.record.fetched_at_ms <= record.fetched_at_ms:
+        if current is not None and _newer(record, current):
             self._records[key] = self._copy(record)
 
     def _copy(self, record: Record) -> Copy:
@@ -114,3 +114,11 @@ class LocalCache:
             del self._records[next(iter(self._records))]
         while len(self._grants) > self._max:
             del self._grants[next(iter(self._grants))]
+
+
+def _newer(record: Record, current: Copy) -> bool:
+    """Whether ``record`` replaces ``current``'s: fetched no earlier, and not the same record
+    (a process hears its own saves announced, and every new credential's first read finds the
+    record it holds: keeping the copy keeps its rendered body)."""
+    held = current.record
+    return held.fetched_at_ms <= record.fetched_at_ms and held != record

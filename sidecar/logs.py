@@ -20,7 +20,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from pythonjsonlogger.msgspec import MsgspecFormatter
 
-from sidecar import tracing
+from sidecar import OPS_PATHS, tracing
 
 if TYPE_CHECKING:
     from aiohttp.web_request import BaseRequest
@@ -269,7 +269,6 @@ def request_id(request: BaseRequest) -> str:
 
 # -- the access log
 
-_UNLOGGED = frozenset({"/healthz", "/readyz", "/metrics"})
 _from_middleware: Any = None
 
 
@@ -305,7 +304,7 @@ class AccessLogger(AbstractAccessLogger):
     def log(self, request: BaseRequest, response: web.StreamResponse, time: float) -> None:
         """Write the request's line."""
         try:
-            if request.path in _UNLOGGED:
+            if request.path in OPS_PATHS:
                 return
             route = getattr(response, "route", None)  # a hit lane answer names its route
             if route is None:

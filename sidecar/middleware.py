@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from sidecar import OPS_PATHS
 from sidecar.errors import (
     MethodNotAllowed,
     NotCached,
@@ -45,7 +46,6 @@ COUNTED: web.ResponseKey[bool] = web.ResponseKey("counted", bool)
 _KINDS = {"hit": "hit", "stale": "stale", "stale-if-error": "stale_if_error",
           "negative": "negative", "miss": "miss"}  # fmt: skip
 _STAT_NAMES = {label: f"answers.{label}" for label in (*_KINDS.values(), "bypass", "error")}
-_UNOBSERVED = frozenset({"/healthz", "/readyz", "/metrics"})
 #: A handler's ``route`` label when its routes are counted together (``passthrough``, ``admin``).
 ROUTE_GROUP: web.RequestKey[str] = web.RequestKey("route_group", str)
 
@@ -146,7 +146,7 @@ def count_answer(
 def _observe(request: web.Request, response: web.StreamResponse, started: float) -> None:
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
-    if route in _UNOBSERVED:
+    if route in OPS_PATHS:
         return
     route = request.get(ROUTE_GROUP, route)
     services = request.app[SERVICES]

@@ -107,9 +107,9 @@ class Peers:
 PEERS: web.AppKey[Peers] = web.AppKey("peers", Peers)
 
 
-def run_server(settings: Settings, processes: int = 0) -> int:
-    """Serve until SIGTERM: ``processes`` (0: ``SIDECAR_SERVE_PROCESSES``, else one per CPU)."""
-    count = processes or settings.serve_processes or cpu_limit()
+def run_server(settings: Settings) -> int:
+    """Serve until SIGTERM: ``SIDECAR_SERVE_PROCESSES`` processes (0: one per CPU)."""
+    count = settings.serve_processes or cpu_limit()
     if count > 1 and not settings.redis_url:
         log.warning("the embedded store lives in one process: serving with 1, not %d", count)
         count = 1

@@ -333,11 +333,6 @@ class CacheStore:
             _parse_failure(failing),
         )
 
-    async def read(self, provider: str, container_id: str) -> Record | None:
-        """The cached record, whoever asks (workers and admin only)."""
-        raw = await self.call(lambda: self.redis.get(self.keys.record(provider, container_id)))
-        return decode_record(raw) if raw is not None else None
-
     async def save(
         self,
         record: Record,
@@ -438,11 +433,6 @@ class CacheStore:
         key = self.keys.failing(provider, container_id)
         args = [now_ms(), base_ms, cap_ms, status, body, keep_ms]
         return int(await self.call(lambda: self._failed(keys=[key], args=args)))
-
-    async def failure(self, provider: str, container_id: str) -> Failure | None:
-        """The container's failure marker, if the upstream is failing for it."""
-        raw = await self.call(lambda: self.redis.get(self.keys.failing(provider, container_id)))
-        return _parse_failure(raw)
 
     async def set_backoff(self, provider: str, backoff_ms: int) -> None:
         """Hold off refreshes from ``provider`` (a 429) for ``backoff_ms``."""

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
-from sidecar import __version__
+from sidecar import OPS_PATHS, __version__
 
 if TYPE_CHECKING:
     from aiohttp.typedefs import Handler, Middleware
@@ -61,7 +61,6 @@ SIDECAR_SERVICE = "bifrost-container-sidecar"
 WORKER_SERVICE = "bifrost-container-sidecar-worker"
 #: The request's trace id (32 hex digits), for its access line.
 TRACE_ID: web.RequestKey[str] = web.RequestKey("trace_id", str)
-_UNTRACED = frozenset({"/healthz", "/readyz", "/metrics"})
 _EXPORTER_GROUP = "opentelemetry_traces_exporter"
 _OTLP_BY_PROTOCOL = {"http/protobuf": "otlp_proto_http", "grpc": "otlp_proto_grpc"}
 
@@ -238,7 +237,7 @@ def server_middlewares() -> list[Middleware]:
 
     @web.middleware
     async def trace_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in _UNTRACED:
+        if request.path in OPS_PATHS:
             return await handler(request)
         response: web.StreamResponse = await traced(
             request, functools.partial(remember_trace_id, handler=handler)

@@ -133,12 +133,8 @@ _LATENCY = b"\x00"
 """Where ``latency`` stands among stored ``extra_fields`` members (NUL is never in JSON text)."""
 
 
-def _join(members: dict[str, msgspec.Raw], skip: tuple[str, ...] = ()) -> bytes:
-    return b",".join(
-        _encoder.encode(name) + b":" + bytes(value)
-        for name, value in members.items()
-        if name not in skip
-    )
+def _join(members: dict[str, msgspec.Raw]) -> bytes:
+    return b",".join(_encoder.encode(name) + b":" + bytes(value) for name, value in members.items())
 
 
 def split_gateway_answer(raw: bytes) -> tuple[bytes, bytes, Container]:
