@@ -4,6 +4,7 @@ fake upstream), ``demo``."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import sys
@@ -68,9 +69,12 @@ def _parser() -> argparse.ArgumentParser:
         help="run an emulator of the OpenAI Containers API (and the gateway's routes)",
         description="An OpenAI Containers API emulator for development, tests and benchmarks.",
     )
-    from sidecar.emulator.cli import add_arguments
-
-    add_arguments(emulate)
+    try:
+        from emulator.cli import add_arguments
+    except ImportError:  # the production image ships without the emulator package
+        pass
+    else:
+        add_arguments(emulate)
     demo = commands.add_parser(
         "demo",
         help="emulator + sidecar + embedded store on localhost, with requests to try",
@@ -88,6 +92,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return serve(args)
+    if importlib.util.find_spec("emulator") is None:
+        print(
+            f"sidecar: {args.command} needs the emulator, a development tool this installation "
+            "lacks: install the project from its source tree (pip install -e .)",
+            file=sys.stderr,
+        )
+        return 2
     if args.command == "emulate":
         return emulate(args)
     return demo(args)
@@ -124,8 +135,8 @@ def emulate(args: argparse.Namespace) -> int:
     """``sidecar emulate``: the OpenAI Containers API emulator."""
     from aiohttp import web
 
-    from sidecar.emulator import create_emulator_app
-    from sidecar.emulator.cli import config_from_args
+    from emulator import create_emulator_app
+    from emulator.cli import config_from_args
 
     try:
         log_settings = _logging_settings()
@@ -140,9 +151,7 @@ def emulate(args: argparse.Namespace) -> int:
         port=args.port,
         print=None,
         access_log_class=AccessLogger,
-        access_log=logging.getLogger("sidecar.emulator.access")
-        if log_settings.access_log
-        else None,
+        access_log=logging.getLogger("emulator.access") if log_settings.access_log else None,
     )
     return 0
 

@@ -11,8 +11,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from emulator import EmulatorConfig, create_emulator_app
 from sidecar.app import create_app
-from sidecar.emulator import EmulatorConfig, create_emulator_app
 from sidecar.logs import access_log_options
 from sidecar.settings import Settings, load_settings
 from worker.embedded import start_embedded_worker

@@ -19,8 +19,8 @@ import pytest
 import redis
 from aiohttp import web
 
+from emulator import EMULATOR_STATE, EmulatorConfig, create_emulator_app
 from sidecar.app import create_app
-from sidecar.emulator import EMULATOR_STATE, EmulatorConfig, create_emulator_app
 from sidecar.runner import SidecarRunner
 from sidecar.settings import Settings, load_settings
 

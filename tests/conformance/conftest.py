@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from sidecar.emulator import EmulatorConfig
+from emulator import EmulatorConfig
 from sidecar.settings import Settings
 from tests.conformance.support import CUSTOM, KEY_A, KEY_A2, REVOKED, Kind, Stack
 from tests.conftest import Emulator

@@ -6,7 +6,7 @@ import openai
 import pytest
 from openai.types import ContainerCreateResponse, ContainerListResponse, ContainerRetrieveResponse
 
-from sidecar.emulator.schema import ListQuery
+from emulator.schema import ListQuery
 from tests.conformance.conftest import MakeStack
 from tests.conformance.support import (
     KEY_A,

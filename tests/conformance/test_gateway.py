@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import openai
 import pytest
 
-from sidecar.emulator import EmulatorConfig, create_emulator_app
+from emulator import EmulatorConfig, create_emulator_app
 from tests.conformance.conftest import MakeStack
 from tests.conformance.support import (
     ANONYMOUS,

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from sidecar.emulator import EmulatorConfig, create_emulator_app
+from emulator import EmulatorConfig, create_emulator_app
 from tests.emulator.support import KEY, REVOKED, TEAMMATE, Client, MakeClient
 
 

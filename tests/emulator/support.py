@@ -9,7 +9,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from sidecar.emulator import EMULATOR_STATE, EmulatorState
+from emulator import EMULATOR_STATE, EmulatorState
 
 Client = TestClient[web.Request, web.Application]
 MakeClient = Callable[..., Awaitable[Client]]

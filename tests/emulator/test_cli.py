@@ -6,8 +6,8 @@ import argparse
 
 import pytest
 
-from sidecar.emulator import EmulatorConfig
-from sidecar.emulator.cli import add_arguments, config_from_args
+from emulator import EmulatorConfig
+from emulator.cli import add_arguments, config_from_args
 from tests.emulator.support import MakeClient, bearer, create, get
 
 

@@ -10,7 +10,7 @@ import msgspec
 import pytest
 from aiohttp import web
 
-from sidecar.emulator import EMULATOR_STATE, EmulatorConfig, create_emulator_app
+from emulator import EMULATOR_STATE, EmulatorConfig, create_emulator_app
 from tests.emulator.support import KEY, STRANGER, Client, bearer, create, get, state_of
 
 

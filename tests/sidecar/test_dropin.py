@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from sidecar.emulator import EmulatorConfig, create_emulator_app
+from emulator import EmulatorConfig, create_emulator_app
 from tests.conftest import Emulator, Running, start_app
 from tests.sidecar.test_retrieve import AUTH_A, KEY_A, get
 

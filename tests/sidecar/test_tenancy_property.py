@@ -38,8 +38,8 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from emulator import EMULATOR_STATE, EmulatorConfig, create_emulator_app
 from sidecar.app import create_app
-from sidecar.emulator import EMULATOR_STATE, EmulatorConfig, create_emulator_app
 from sidecar.runner import SidecarRunner
 from sidecar.settings import Settings, load_settings
 from tests.conftest import RedisServer

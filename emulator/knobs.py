@@ -1,6 +1,6 @@
 """The emulator's knobs: its clock, latency, injected faults, request counters and log.
 
-The base of :class:`~sidecar.emulator.state.EmulatorState`; the control API turns them.
+The base of :class:`~emulator.state.EmulatorState`; the control API turns them.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from sidecar.emulator.schema import mask_key
+from emulator.schema import mask_key
 
 __all__ = ["ROUTE_NAMES", "Fault", "FaultKind", "Knobs"]
 

@@ -25,9 +25,9 @@ import msgspec
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from sidecar.emulator.knobs import FaultKind
-from sidecar.emulator.schema import ApiError
-from sidecar.emulator.state import EmulatorState
+from emulator.knobs import FaultKind
+from emulator.schema import ApiError
+from emulator.state import EmulatorState
 
 __all__ = ["routes"]
 

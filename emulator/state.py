@@ -15,11 +15,11 @@ from typing import Any
 
 import msgspec
 
-from sidecar.emulator import schema
-from sidecar.emulator.config import EmulatorConfig
-from sidecar.emulator.knobs import ROUTE_NAMES, Fault, FaultKind, Knobs
-from sidecar.emulator.objects import Container, ContainerFile, StoredFile, new_id
-from sidecar.emulator.schema import ApiError
+from emulator import schema
+from emulator.config import EmulatorConfig
+from emulator.knobs import ROUTE_NAMES, Fault, FaultKind, Knobs
+from emulator.objects import Container, ContainerFile, StoredFile, new_id
+from emulator.schema import ApiError
 
 __all__ = ["ROUTE_NAMES", "EmulatorConfig", "EmulatorState", "Fault", "FaultKind"]
 

@@ -18,8 +18,8 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from sidecar.emulator.config import EmulatorConfig
-from sidecar.emulator.schema import ApiError
+from emulator.config import EmulatorConfig
+from emulator.schema import ApiError
 
 __all__ = ["Answer", "GatewayRefusal", "bearer"]
 

@@ -7,9 +7,9 @@ import math
 
 from aiohttp import web
 
-from sidecar.emulator.gateway import Answer
-from sidecar.emulator.knobs import Fault
-from sidecar.emulator.schema import ApiError
+from emulator.gateway import Answer
+from emulator.knobs import Fault
+from emulator.schema import ApiError
 
 __all__ = ["STOPPING", "hang_up", "inject", "pause"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from sidecar.emulator.config import STANDARD_PROVIDERS, EmulatorConfig
+from emulator.config import STANDARD_PROVIDERS, EmulatorConfig
 
 __all__ = ["add_arguments", "config_from_args"]
 

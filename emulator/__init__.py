@@ -8,11 +8,11 @@ included) and optional or mandatory virtual keys.
 
 from __future__ import annotations
 
-from sidecar.emulator.app import EMULATOR_STATE, create_emulator_app
-from sidecar.emulator.config import EmulatorConfig
-from sidecar.emulator.knobs import Fault, FaultKind
-from sidecar.emulator.schema import ApiError
-from sidecar.emulator.state import EmulatorState
+from emulator.app import EMULATOR_STATE, create_emulator_app
+from emulator.config import EmulatorConfig
+from emulator.knobs import Fault, FaultKind
+from emulator.schema import ApiError
+from emulator.state import EmulatorState
 
 __all__ = [
     "EMULATOR_STATE",

@@ -3,7 +3,7 @@
 Every API request is counted and recorded, delayed by the configured latency, possibly hit by
 an injected fault, authenticated, then answered in the shape of the prefix it came in on:
 OpenAI's objects and error envelope under ``/v1``, the Bifrost gateway's (``extra_fields``,
-``BifrostError``) under ``/openai/v1`` and ``/openai`` (see :mod:`sidecar.emulator.gateway`).
+``BifrostError``) under ``/openai/v1`` and ``/openai`` (see :mod:`emulator.gateway`).
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ import msgspec
 from aiohttp import BodyPartReader, web
 from aiohttp.typedefs import Handler
 
-from sidecar.emulator import control, schema
-from sidecar.emulator.config import EmulatorConfig
-from sidecar.emulator.faults import STOPPING, hang_up, inject, pause
-from sidecar.emulator.gateway import Answer, GatewayRefusal, Result
-from sidecar.emulator.schema import ApiError
-from sidecar.emulator.state import EmulatorState
+from emulator import control, schema
+from emulator.config import EmulatorConfig
+from emulator.faults import STOPPING, hang_up, inject, pause
+from emulator.gateway import Answer, GatewayRefusal, Result
+from emulator.schema import ApiError
+from emulator.state import EmulatorState
 
 __all__ = ["EMULATOR_STATE", "create_emulator_app"]
 
