@@ -335,13 +335,43 @@ def _go_atoi(value: str) -> int | None:
     return number if -_INT64_MAX - 1 <= number <= _INT64_MAX else None
 
 
-# Go's floating-point literal syntax, as strconv.ParseFloat reads it (atof.go, ``readFloat``):
-# decimal with an optional exponent, or hexadecimal with a mandatory 'p' exponent; '_' between
-# digits. Whether the mantissa has a digit and where the '_' are is checked after the match.
-_GO_FLOAT = re.compile(
-    r"[+-]?(?:(?P<dec>[0-9_]*\.?[0-9_]*)(?:[eE][+-]?[0-9][0-9_]*)?"
-    r"|0[xX](?P<hex>[0-9a-fA-F_]*\.?[0-9a-fA-F_]*)[pP][+-]?[0-9][0-9_]*)"
-)
+_DIGITS = frozenset("0123456789_")
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF_")
+
+
+def _go_float_mantissa(value: str) -> tuple[str, bool] | None:
+    """The mantissa of a Go floating-point literal, as strconv.ParseFloat reads it (atof.go,
+    ``readFloat``), and whether it is hexadecimal; None if ``value`` is not one.
+
+    Decimal with an optional exponent, or hexadecimal with a mandatory 'p' exponent; '_' between
+    digits (checked by the caller). A scanner, not a regex: one pass over caller-controlled text,
+    whatever it holds (a backtracking pattern took seconds on 8 KB of digits).
+    """
+    end = len(value)
+    i = 1 if value[:1] in ("+", "-") else 0
+    hexadecimal = value[i : i + 2] in ("0x", "0X")
+    if hexadecimal:
+        i += 2
+    digits = _HEX_DIGITS if hexadecimal else _DIGITS
+    start = i
+    while i < end and value[i] in digits:
+        i += 1
+    if i < end and value[i] == ".":
+        i += 1
+        while i < end and value[i] in digits:
+            i += 1
+    mantissa = value[start:i]
+    if i < end and value[i] in ("pP" if hexadecimal else "eE"):
+        i += 1
+        if i < end and value[i] in "+-":
+            i += 1
+        if not (i < end and "0" <= value[i] <= "9"):
+            return None
+        while i < end and value[i] in _DIGITS:
+            i += 1
+    elif hexadecimal:
+        return None
+    return (mantissa, hexadecimal) if i == end else None
 
 
 def _go_parse_float(value: str) -> float | None:
@@ -352,15 +382,15 @@ def _go_parse_float(value: str) -> float | None:
     # Go also reads "NaN" (unsigned, any case), and the clamp keeps it; compared with a
     # freshness it is never lower, so it would admit everything: no one means that, so it
     # fails here with the other unreadable values and is ignored.
-    match = _GO_FLOAT.fullmatch(value)
-    if match is None:
+    parts = _go_float_mantissa(value)
+    if parts is None:
         return None
-    mantissa = match["dec"] if match["dec"] is not None else match["hex"]
+    mantissa, hexadecimal = parts
     if not mantissa.strip("._") or ("_" in value and not _go_underscores_ok(value)):
         return None
     plain = value.replace("_", "")
     try:
-        number = float(plain) if match["dec"] is not None else float.fromhex(plain)
+        number = float.fromhex(plain) if hexadecimal else float(plain)
     except OverflowError:
         return None
     # Go answers ±Inf with ErrRange for a finite literal beyond float64, which ctx.go ignores.

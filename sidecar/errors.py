@@ -13,11 +13,13 @@ SidecarError                      an answer that is not a container
 │   ├── MalformedRequest          400: the HTTP parser refused the request
 │   ├── UnsupportedVersion        505: not HTTP/1.x
 │   └── NotCached                 504: ``only-if-cached`` and nothing usable cached
-├── UpstreamReplyError            the upstream answered an error: relayed as it came
+├── UpstreamReplyError            the upstream answered this caller an error: relayed as it came
+├── UpstreamBackingOff            503: the upstream failed lately; not asked again yet
+├── SidecarBusy                   503: the sidecar's own upstream connections are all in use
 └── UpstreamFailure               the upstream could not be reached or made no sense
     ├── UpstreamTimeout           504
     ├── UpstreamUnavailable       502: connection refused, reset, DNS...
-    └── UpstreamMalformed         502: a 200 whose body is not a container
+    └── UpstreamMalformed         502: a 200 that is not a container, or a redirect
 
 StoreUnavailable                  Redis failed; never reaches a caller (fail-open)
 """
@@ -35,10 +37,12 @@ __all__ = [
     "NotFound",
     "RequestError",
     "RouteNotFound",
+    "SidecarBusy",
     "SidecarError",
     "StoreUnavailable",
     "UnsupportedOperation",
     "UnsupportedVersion",
+    "UpstreamBackingOff",
     "UpstreamFailure",
     "UpstreamMalformed",
     "UpstreamReplyError",
@@ -55,6 +59,8 @@ class SidecarError(Exception):
     code = ""
     param = ""
     is_bifrost_error = True
+    retry_after: str | None = None
+    """A ``Retry-After`` to answer with."""
 
     def __init__(self, message: str, *, param: str = "", code: str = "") -> None:
         super().__init__(message)
@@ -144,6 +150,29 @@ class UpstreamReplyError(SidecarError):
         self.body = body
         """The error in the gateway's shape, ready JSON."""
         self.retry_after = retry_after
+
+
+class UpstreamBackingOff(SidecarError):
+    """The upstream failed for this container lately (for whoever asked): 503 with the time
+    left of its back-off, never another caller's answer."""
+
+    status = 503
+    type = "upstream_error"
+    code = "upstream_backing_off"
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after = str(retry_after_s)
+
+
+class SidecarBusy(SidecarError):
+    """Every upstream connection this sidecar may open is in use: 503 (its own limit, not
+    the upstream's fault)."""
+
+    status = 503
+    type = "sidecar_busy"
+    code = "upstream_connections_exhausted"
+    retry_after = "1"
 
 
 class UpstreamFailure(SidecarError):

@@ -59,9 +59,12 @@ def error_response(exc: SidecarError, provider: str) -> web.Response:
         if exc.retry_after:
             response.headers["Retry-After"] = exc.retry_after
         return response
-    return web.Response(
+    response = web.Response(
         body=error_body(exc, provider), status=exc.status, content_type="application/json"
     )
+    if exc.retry_after:
+        response.headers["Retry-After"] = exc.retry_after
+    return response
 
 
 def _provider(request: web.Request) -> str:

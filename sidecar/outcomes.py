@@ -39,7 +39,7 @@ class Outcome(msgspec.Struct, frozen=True, gc=False):
     cache_id: str
     freshness: Freshness | None = None
     forward: str = ""
-    """Why the upstream was asked (RFC 9211 ``fwd``): uri-miss, vary-miss, stale or request."""
+    """Why the upstream was asked (RFC 9211 ``fwd``): uri-miss, stale or request."""
     upstream_status: int | None = None
     """What the upstream answered when it was asked (``fwd-status``)."""
     collapsed: str = ""

@@ -5,9 +5,12 @@ proof, kept for ``grant_ttl_s``, that the upstream answered that credential for 
 A caller without one goes upstream (coalesced per credential in-process, and across replicas by
 a Redis lock that lapses after ``lock_age_s``), which proves access and refreshes the record.
 
-While the upstream fails for a container, nobody calls it again for that container until its
-back-off ends (a marker in Redis shared by every replica and worker, and a memo in this process
-for when Redis is away): callers get the stale-if-error copy, or the same error.
+A failure is scoped by its cause. What concerns one credential (401, 403, 404, 429) stays
+with it: its grant is revoked, and only it gets the upstream's answer. What concerns the upstream
+(5xx, timeouts, unreachable) shields it for everyone: nobody calls it again for that container
+until its back-off ends (a marker in Redis shared by every replica and worker, and a memo in this
+process for when Redis is away), and callers meanwhile get their stale-if-error copy or the
+sidecar's own 503, never the answer another caller got.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from sidecar.errors import (
     NotCached,
     SidecarError,
     StoreUnavailable,
+    UpstreamBackingOff,
     UpstreamFailure,
     UpstreamMalformed,
     UpstreamReplyError,
@@ -40,7 +44,7 @@ from sidecar.settings import Settings
 from sidecar.store import CacheStore, Failure, Lookup, now_ms
 from sidecar.throttle import Throttle, retry_after_ms
 from sidecar.upstream import Upstream, UpstreamReply
-from sidecar.wire import default_extra, error_body, normalize_container
+from sidecar.wire import default_extra, normalize_container
 
 __all__ = ["ContainerService", "now_ms"]
 
@@ -76,7 +80,7 @@ class ContainerService:
             self.policy, settings.local_ttl_s, settings.local_max_entries
         )
         self.reads = reads
-        self.throttle = Throttle(store, settings.retry_after_default_s)
+        self.throttle = Throttle(store, settings.retry_after_default_s, settings.retry_after_max_s)
         self._settings = settings
         self._grant_ms = int(settings.grant_ttl_s * 1000)
         self._negative_ms = int(settings.negative_ttl_s * 1000)
@@ -120,12 +124,9 @@ class ContainerService:
         stale = found.record if found.granted else None
         if served := self._shield(query, stale, found.failure):
             return served
-        if rules.no_cache:
-            forward = "request"
-        elif found.record is None:
-            forward = "uri-miss"
-        else:
-            forward = "stale" if found.granted else "vary-miss"
+        # Whether another credential has it cached is none of this caller's business: a record
+        # it may not see is a miss like any other.
+        forward = "request" if rules.no_cache else "stale" if stale is not None else "uri-miss"
         key = (provider, cid, fingerprint, rules.no_store)
         outcome, joined = await self._flights.run(
             key, lambda: self._fetch(query, stale, forward, found.record)
@@ -164,8 +165,11 @@ class ContainerService:
             return None
         if served := self._stale_if_error(query, stale, failure.status):
             return served
-        retry_after = str(max(1, -(-failure.left_ms // 1000)))
-        raise UpstreamReplyError(failure.status, failure.body, retry_after=retry_after)
+        raise UpstreamBackingOff(
+            f"the upstream failed lately for this container (HTTP {failure.status}); it is "
+            "not asked again until its back-off ends",
+            retry_after_s=max(1, -(-failure.left_ms // 1000)),
+        )
 
     async def _from_cache(self, query: Query, found: Lookup) -> Outcome | None:
         """What the cache can answer without the upstream, if anything."""
@@ -185,10 +189,10 @@ class ContainerService:
             self._renew_early(query, record, now + found.grant_left_ms, now)
             return Outcome("hit", record, cache_id, freshness)
         stale = Outcome("stale", record, cache_id, freshness)
-        if await self.throttle.active(query.provider):
-            return stale  # rate limited: nobody refreshes from this provider until Retry-After
-        in_window = freshness.state is State.STALE
         can_refresh = self._can_refresh(query.provider) and not record.inline_refresh
+        if can_refresh and await self.throttle.active(query.provider):
+            return stale  # the workers' key is rate limited: they refresh after Retry-After
+        in_window = freshness.state is State.STALE
         if can_refresh and (in_window or rules.max_stale_s is not None):
             due_ms = self.policy.fresh_until_ms(record)
             self._enqueue(query.provider, query.container_id, due_ms)
@@ -286,7 +290,7 @@ class ContainerService:
                     query.provider, query.container_id, query.headers
                 )
             except UpstreamFailure as exc:
-                await self._failed(query, exc.status, error_body(exc, query.provider))
+                await self._failed(query, exc.status)
                 if served := self._stale_if_error(query, stale, None):
                     return served
                 raise
@@ -301,15 +305,14 @@ class ContainerService:
                     )
                 )
 
-    async def _failed(
-        self, query: Query, status: int, body: bytes, retry_after: str | None = None
-    ) -> None:
-        """Start (or lengthen) the container's back-off after an upstream failure."""
+    async def _failed(self, query: Query, status: int, retry_after: str | None = None) -> None:
+        """Start (or lengthen) the container's back-off after the upstream failed (its own
+        trouble, whoever asked): nobody calls it for the container meanwhile."""
         provider, cid = query.provider, query.container_id
-        floor_ms = retry_after_ms(retry_after, 0) if retry_after else 0
+        floor_ms = retry_after_ms(retry_after, 0, self._settings.retry_after_max_s)
         try:
             backoff_ms = await self.store.upstream_failed(
-                provider, cid, status, body, base_ms=max(self._backoff_ms, floor_ms),
+                provider, cid, status, base_ms=max(self._backoff_ms, floor_ms),
                 cap_ms=max(self._backoff_max_ms, floor_ms),
                 keep_ms=int(self._settings.stale_if_error_s * 1000),
             )  # fmt: skip
@@ -325,7 +328,7 @@ class ContainerService:
             self._failures = {k: f for k, f in self._failures.items() if f.until_ms > now}
             while len(self._failures) >= _MAX_FAILURES:
                 del self._failures[next(iter(self._failures))]
-        self._failures[(provider, cid)] = Failure(status, body, now_ms() + backoff_ms, count)
+        self._failures[(provider, cid)] = Failure(status, now_ms() + backoff_ms, count)
 
     async def _lock(
         self, query: Query, token: str, started: int, stale: Record | None
@@ -389,12 +392,14 @@ class ContainerService:
             )
             return Outcome("miss", negative, cache_id, forward=forward, upstream_status=404,
                            stored=stored)  # fmt: skip
-        if reply.status == 429:
-            await self.throttle.obey(provider, reply.retry_after)
-        if reply.status >= 500 or reply.status == 429:
-            await self._failed(query, reply.status, reply.body, reply.retry_after)
-            if served := self._stale_if_error(query, stale, reply.status):
-                return served
+        if reply.status >= 500:
+            await self._failed(query, reply.status, reply.retry_after)
+        # A 429 is this credential's own limit: its stale copy, or its own answer, and nobody
+        # else's calls held back (the workers' key has limits of its own).
+        if (reply.status >= 500 or reply.status == 429) and (
+            served := self._stale_if_error(query, stale, reply.status)
+        ):
+            return served
         raise UpstreamReplyError(reply.status, reply.body, retry_after=reply.retry_after)
 
     def _stale_if_error(

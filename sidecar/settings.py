@@ -129,12 +129,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """How long past freshness a container is still served at once while it is refreshed."""
     stale_if_error_s: NonNegSeconds = 300.0
     """How long past ``max_stale_s`` a container is served while the upstream fails."""
-    error_backoff_s: Seconds = 10.0
-    """After the upstream fails for a container (5xx, 429, timeout, unreachable), how long
-    nobody calls it again for that container: callers get the stale-if-error copy or the same
-    error meanwhile. At the fresh TTL (the default), a failing upstream sees no more calls than
-    a healthy one. Doubles with each failure in a row, up to ``error_backoff_max_s``."""
-    error_backoff_max_s: Seconds = 20.0
+    error_backoff_s: Seconds = 5.0
+    """After the upstream fails for a container (5xx, timeout, unreachable: its own trouble,
+    not one caller's), how long nobody calls it again for that container: callers get the
+    stale-if-error copy or the sidecar's own 503 meanwhile. Doubles with each failure in a row,
+    up to ``error_backoff_max_s``."""
+    error_backoff_max_s: Seconds = 5.0
     """The longest back-off after failures in a row: the longest a container may wait for a
     recovered upstream."""
     negative_ttl_s: NonNegSeconds = 5.0
@@ -175,6 +175,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Concurrent upstream calls per provider, shared by all workers."""
     retry_after_default_s: Seconds = 5.0
     """Back-off after a 429 without Retry-After."""
+    retry_after_max_s: Seconds = 120.0
+    """The longest wait an upstream's ``Retry-After`` may impose (longer ones are cut to it)."""
     refresh_max_tries: Positive = 4
     """Attempts of one refresh job on 5xx or timeouts (exponential back-off with jitter)."""
     worker_max_jobs: Positive = 500

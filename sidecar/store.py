@@ -36,7 +36,7 @@ return 0
 """
 
 # The upstream failed for a container: count the failure, double the back-off (from ARGV[2] up
-# to ARGV[3] ms) and keep the error to answer with meanwhile. "count|until_ms|status|body".
+# to ARGV[3] ms). "count|until_ms|status|" (the answer itself is its caller's alone: not kept).
 _FAILED = """
 local raw = redis.call('get', KEYS[1])
 local count = 1
@@ -44,7 +44,7 @@ if raw then count = (tonumber(string.match(raw, '^(%d+)|')) or 0) + 1 end
 local backoff = math.floor(math.min(tonumber(ARGV[3]), tonumber(ARGV[2]) * 2 ^ (count - 1)))
 local until_ms = tonumber(ARGV[1]) + backoff
 redis.call('set', KEYS[1], count .. '|' .. string.format('%d', until_ms) .. '|' .. ARGV[4] ..
-  '|' .. ARGV[5], 'PX', backoff + tonumber(ARGV[6]))
+  '|', 'PX', backoff + tonumber(ARGV[5]))
 return backoff
 """
 
@@ -229,8 +229,7 @@ class Failure(NamedTuple):
     """The upstream failed for a container: until ``until_ms`` nobody calls it again for it."""
 
     status: int
-    body: bytes
-    """The error answered meanwhile (gateway JSON)."""
+    """What the upstream last answered (for ``Cache-Status``)."""
     until_ms: int
     failures: int
     """Failures in a row."""
@@ -245,8 +244,8 @@ def _parse_failure(raw: bytes | None) -> Failure | None:
     if raw is None:
         return None
     try:
-        count, until, status, body = raw.split(b"|", 3)
-        return Failure(int(status), body, int(until), int(count))
+        count, until, status = raw.split(b"|", 3)[:3]
+        return Failure(int(status), int(until), int(count))
     except ValueError:
         return None
 
@@ -418,7 +417,6 @@ class CacheStore:
         provider: str,
         container_id: str,
         status: int,
-        body: bytes,
         *,
         base_ms: int,
         cap_ms: int,
@@ -427,11 +425,11 @@ class CacheStore:
         """Note that the upstream failed for a container; the back-off it starts (ms).
 
         Until it ends, nobody (sidecar or worker, any replica) calls the upstream for this
-        container: callers get the stale-if-error copy, or this error. Each failure in a row
-        doubles it, from ``base_ms`` to ``cap_ms``; the error is kept ``keep_ms`` longer.
+        container: callers get their stale-if-error copy, or a 503. Each failure in a row
+        doubles it, from ``base_ms`` to ``cap_ms``; the count is kept ``keep_ms`` longer.
         """
         key = self.keys.failing(provider, container_id)
-        args = [now_ms(), base_ms, cap_ms, status, body, keep_ms]
+        args = [now_ms(), base_ms, cap_ms, status, keep_ms]
         return int(await self.call(lambda: self._failed(keys=[key], args=args)))
 
     async def set_backoff(self, provider: str, backoff_ms: int) -> None:

@@ -12,19 +12,25 @@ from sidecar.store import CacheStore
 __all__ = ["Throttle", "retry_after_ms"]
 
 
-def retry_after_ms(value: str | None, default_s: float) -> int:
-    """Milliseconds to wait for a ``Retry-After`` value (seconds or an HTTP date)."""
-    if value:
+def retry_after_ms(value: str | None, default_s: float, max_s: float) -> int:
+    """Milliseconds to wait for a ``Retry-After`` value, at most ``max_s``; ``default_s`` when
+    there is none or it cannot be read.
+
+    RFC 9110 section 10.2.3: ``delay-seconds`` (``1*DIGIT``) or an HTTP-date. Nothing else is
+    read as a number: ``inf``, ``1e300`` or ``nan`` from an upstream are not a wait.
+    """
+    wait_s = default_s
+    text = value.strip() if value else ""
+    if text.isascii() and text.isdigit():
+        digits = text.lstrip("0") or "0"
+        wait_s = max_s if len(digits) > 9 else float(digits)
+    elif 0 < len(text) <= 64:  # an HTTP-date is 29 characters
         try:
-            return max(0, int(float(value) * 1000))
-        except ValueError:
-            try:
-                when = email.utils.parsedate_to_datetime(value)
-            except (TypeError, ValueError):
-                pass
-            else:
-                return max(0, int((when.timestamp() - time.time()) * 1000))
-    return int(default_s * 1000)
+            when = email.utils.parsedate_to_datetime(text)
+            wait_s = when.timestamp() - time.time()
+        except (TypeError, ValueError, IndexError, OverflowError):
+            pass
+    return int(min(max(wait_s, 0.0), max_s) * 1000)
 
 
 _MAX_PROVIDERS = 256
@@ -37,9 +43,12 @@ class Throttle:
     past that, the ones not backing off are forgotten first.
     """
 
-    def __init__(self, store: CacheStore, default_s: float, recheck_s: float = 0.25) -> None:
+    def __init__(
+        self, store: CacheStore, default_s: float, max_s: float, recheck_s: float = 0.25
+    ) -> None:
         self._store = store
         self._default_s = default_s
+        self._max_s = max_s
         self._recheck_s = recheck_s
         self._known: dict[str, tuple[float, float]] = {}  # provider -> (until, checked_at)
 
@@ -74,7 +83,7 @@ class Throttle:
 
     async def obey(self, provider: str, retry_after: str | None) -> float:
         """Start a back-off after a 429; returns its length in seconds."""
-        wait_ms = retry_after_ms(retry_after, self._default_s)
+        wait_ms = retry_after_ms(retry_after, self._default_s, self._max_s)
         self._remember(provider, (time.monotonic() + wait_ms / 1000, time.monotonic()))
         with contextlib.suppress(StoreUnavailable):
             await self._store.set_backoff(provider, wait_ms)

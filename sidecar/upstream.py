@@ -7,6 +7,7 @@ whose body is already a gateway ``BifrostError``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Iterable
@@ -16,7 +17,7 @@ import msgspec
 from multidict import CIMultiDict
 
 from sidecar import __version__
-from sidecar.errors import UpstreamMalformed, UpstreamTimeout, UpstreamUnavailable
+from sidecar.errors import SidecarBusy, UpstreamMalformed, UpstreamTimeout, UpstreamUnavailable
 from sidecar.metrics import Metrics, status_class
 from sidecar.records import Record
 from sidecar.settings import Settings, upstream_base
@@ -110,6 +111,10 @@ class Upstream:
         """For pass-through calls, whose bodies may take longer than one lookup."""
         self._kind = settings.upstream_kind
         self._timeout_s = settings.upstream_timeout_s
+        # The session's pool, counted here: a call that cannot get a connection in time is the
+        # sidecar's own exhaustion (SidecarBusy), never taken for an upstream failure.
+        self._slots = asyncio.Semaphore(settings.upstream_max_connections)
+        self._slot_wait_s = settings.upstream_connect_timeout_s
         self._base = upstream_base(settings)
         self._metrics = metrics
         self._caller = caller
@@ -133,7 +138,15 @@ class Upstream:
         # duplicates); a dict built from repeated headers would silently keep the last.
         headers = CIMultiDict(credential_headers)
         try:
-            async with self.session.get(url, headers=headers) as response:
+            async with asyncio.timeout(self._slot_wait_s):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise SidecarBusy(
+                "every upstream connection of this sidecar is in use; try again shortly"
+            ) from None
+        try:
+            # Never a redirect: the caller's credential goes to the configured upstream only.
+            async with self.session.get(url, headers=headers, allow_redirects=False) as response:
                 raw = await response.read()
                 status = response.status
                 retry_after = response.headers.get("Retry-After")
@@ -148,7 +161,12 @@ class Upstream:
                 f"the upstream is unreachable ({type(exc).__name__})"
             ) from exc
         finally:
+            self._slots.release()
             self.observe(provider, status, time.perf_counter() - started)
+        if 300 <= status < 400:
+            raise UpstreamMalformed(
+                f"the upstream answered a redirect (HTTP {status}); redirects are not followed"
+            )
         if status == 200:
             if self._kind == "bifrost":
                 body, extra, container = split_gateway_answer(raw)

@@ -34,7 +34,6 @@ from sidecar.settings import Settings
 from sidecar.store import CacheStore, Failure, now_ms
 from sidecar.throttle import Throttle
 from sidecar.upstream import Upstream, UpstreamReply
-from sidecar.wire import error_body
 from worker.limits import ProviderLimiter
 from worker.writes import WriteBehind
 
@@ -102,7 +101,7 @@ class RefreshRunner:
         self.upstream = upstream
         self.limiter = limiter
         self.policy = Policy(settings)
-        self.throttle = Throttle(store, settings.retry_after_default_s)
+        self.throttle = Throttle(store, settings.retry_after_default_s, settings.retry_after_max_s)
         self.writes = WriteBehind(store, self.policy)
         self._settings = settings
         self._max_lead_ms = int(settings.refresh_lead_s * 1000)
@@ -135,11 +134,10 @@ class RefreshRunner:
         try:
             reply = await self._call(provider, container_id)
         except UpstreamFailure as exc:
-            body = error_body(exc, provider)
-            delay_s = await self._failed(provider, container_id, exc.status, body)
+            delay_s = await self._failed(provider, container_id, exc.status)
             raise RetryLater(exc.message, delay_s) from exc
         if reply.status >= 500:
-            delay_s = await self._failed(provider, container_id, reply.status, reply.body)
+            delay_s = await self._failed(provider, container_id, reply.status)
             raise RetryLater(f"upstream answered {reply.status}", delay_s)
         result = await self._absorb(reply, record, raw, failure is not None)
         if result == "throttled":  # renewed by refresh-ahead once the back-off is over
@@ -218,12 +216,11 @@ class RefreshRunner:
         try:
             reply = await self._call(provider, container_id)
         except UpstreamFailure as exc:
-            body = error_body(exc, provider)
-            delay_s = await self._failed(provider, container_id, exc.status, body)
+            delay_s = await self._failed(provider, container_id, exc.status)
             outcome.retry.append((renewal, delay_s))
             return
         if reply.status >= 500:
-            delay_s = await self._failed(provider, container_id, reply.status, reply.body)
+            delay_s = await self._failed(provider, container_id, reply.status)
             outcome.retry.append((renewal, delay_s))
             return
         try:
@@ -315,14 +312,14 @@ class RefreshRunner:
             status,
         )
 
-    async def _failed(self, provider: str, container_id: str, status: int, body: bytes) -> float:
+    async def _failed(self, provider: str, container_id: str, status: int) -> float:
         """Note an upstream failure for everyone (sidecars and workers of every replica): nobody
         calls the upstream for this container until its back-off ends, this refresh's retry
         included. The seconds to wait before retrying."""
         settings = self._settings
         try:
             backoff_ms = await self.store.upstream_failed(
-                provider, container_id, status, body,
+                provider, container_id, status,
                 base_ms=int(settings.error_backoff_s * 1000),
                 cap_ms=int(settings.error_backoff_max_s * 1000),
                 keep_ms=int(settings.stale_if_error_s * 1000),
