@@ -75,6 +75,10 @@ class KeySpace:
         """The cross-replica fetch lock of one credential for one container."""
         return f"{self._tag(provider, container_id)}:l:{fingerprint}"
 
+    def gone(self, provider: str, container_id: str) -> str:
+        """Set for a while after the container was deleted: no fill lands meanwhile."""
+        return self._tag(provider, container_id) + ":x"
+
     def failing(self, provider: str, container_id: str) -> str:
         """Set while the upstream fails for this container: its last error and back-off."""
         return self._tag(provider, container_id) + ":f"

@@ -31,7 +31,7 @@ from sidecar.errors import SidecarError
 from sidecar.headers import cache_headers
 from sidecar.middleware import OUTCOME, count_answer
 from sidecar.outcomes import Query
-from sidecar.settings import PROVIDER_NAME
+from sidecar.settings import PROVIDER_NAME, cache_provider
 from sidecar.state import SERVICES, Services
 from sidecar.views import (
     CONTAINER_ID,
@@ -129,7 +129,8 @@ def hit_lane(app: web.Application, handler: Handler) -> Handler:
             credential, passed = scan(headers.items())
         except SidecarError:
             return None  # the routed path answers it (the same error)
-        outcome = local_hit(Query(provider, container_id, credential, rules, passed))
+        keyed = cache_provider(settings, provider)
+        outcome = local_hit(Query(keyed, container_id, credential, rules, passed))
         if outcome is None:
             return None
         record = outcome.record

@@ -65,7 +65,7 @@ class _GatewayRequestHandler(RequestHandler):
         else:
             reason = _reason(exc)
             # One short line: no traceback, no header values (a credential may be among them).
-            log.warning("refused a malformed request from %s (%d): %s", request.remote, status,
+            log.info("refused a malformed request from %s (%d): %s", request.remote, status,
                         reason)  # fmt: skip
             error = MalformedRequest(f"malformed request: {reason}")
             error.status = status
@@ -114,7 +114,7 @@ def _refuse_other_versions(
             return await handler(request)
         error = UnsupportedVersion("this server speaks HTTP/1.0 and HTTP/1.1 only")
         major, minor = request[_ASKED_VERSION]
-        log.warning("refused an HTTP/%d.%d request from %s (505)", major, minor, request.remote)
+        log.info("refused an HTTP/%d.%d request from %s (505)", major, minor, request.remote)
         return web.Response(
             body=error_body(error, "", request_type=""),
             status=error.status,

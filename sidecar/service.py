@@ -3,7 +3,8 @@
 A record is shared by every credential, but served to a credential only while it holds a grant:
 proof, kept for ``grant_ttl_s``, that the upstream answered that credential for that container.
 A caller without one goes upstream (coalesced per credential in-process, and across replicas by
-a Redis lock that lapses after ``lock_age_s``), which proves access and refreshes the record.
+a Redis lock: a short lease its holder renews while it fetches, so a holder that dies costs its
+waiters under a second), which proves access and refreshes the record.
 
 A failure is scoped by its cause. What concerns one credential (401, 403, 404, 429) stays
 with it: its grant is revoked, and only it gets the upstream's answer. What concerns the upstream
@@ -40,7 +41,7 @@ from sidecar.outcomes import Outcome, Query, Refresher
 from sidecar.policy import Policy, State
 from sidecar.reads import ReadTracker
 from sidecar.records import Record
-from sidecar.settings import Settings
+from sidecar.settings import Settings, cache_provider
 from sidecar.store import CacheStore, Failure, Lookup, now_ms
 from sidecar.throttle import Throttle, retry_after_ms
 from sidecar.upstream import Upstream, UpstreamReply
@@ -55,6 +56,9 @@ FlightKey = tuple[str, str, str, bool]
 _MAX_BACKGROUND = 1_000
 _ENQUEUE_TIMEOUT_S = 1.0
 _MAX_FAILURES = 10_000
+#: The fetch lock's lease: renewed every third of it while its holder fetches, so waiters of a
+#: holder that died wait at most this long.
+_LEASE_MS = 900
 #: Grant renewals planned ahead at most (one per container and credential read lately).
 _MAX_SCHEDULED = 10_000
 
@@ -284,6 +288,7 @@ class ContainerService:
         locked = await self._lock(query, token, now_ms(), stale)
         if isinstance(locked, Outcome):
             return locked
+        lease = asyncio.create_task(self._hold(query, token)) if locked else None
         try:
             try:
                 reply = await self.upstream.retrieve(
@@ -298,12 +303,24 @@ class ContainerService:
         finally:
             # Released once the answer is stored (or its failure noted): a replica waiting on
             # the lock finds it, instead of taking the lock in between and fetching again.
-            if locked:
+            if lease is not None:
+                lease.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await lease
                 await self._quietly(
                     self.store.unlock(
                         query.provider, query.container_id, query.credential.fingerprint, token
                     )
                 )
+
+    async def _hold(self, query: Query, token: str) -> None:
+        """Renew the fetch lock's lease while this fetch runs (cancelled when it ends)."""
+        args = (query.provider, query.container_id, query.credential.fingerprint, token)
+        while True:
+            await asyncio.sleep(_LEASE_MS / 3000)
+            with contextlib.suppress(StoreUnavailable):
+                if not await self.store.renew_lock(*args, _LEASE_MS):
+                    return  # lost (Redis was away): the waiters go ahead, as after lock_age_s
 
     async def _failed(self, query: Query, status: int, retry_after: str | None = None) -> None:
         """Start (or lengthen) the container's back-off after the upstream failed (its own
@@ -337,7 +354,7 @@ class ContainerService:
         (or for the failure it met)."""
         provider, cid = query.provider, query.container_id
         fingerprint = query.credential.fingerprint
-        lock_ms = int(self._settings.lock_age_s * 1000)
+        lock_ms = _LEASE_MS
         deadline = time.monotonic() + self._settings.lock_age_s
         delay = 0.005
         while True:
@@ -374,11 +391,16 @@ class ContainerService:
             record = reply.record(provider, cid, now_ms())
             if previous is not None and previous.inline_refresh:
                 record = msgspec.structs.replace(record, inline_refresh=True)
-            stored = not no_store and await self._quietly(
-                self.store.save(record, self.policy, fingerprint=fingerprint,
-                                grant_ms=self._grant_ms, read=self.reads is not None)
-            )  # fmt: skip
+            stored = kept = False
             if not no_store:
+                try:
+                    stored = kept = await self.store.save(
+                        record, self.policy, fingerprint=fingerprint, grant_ms=self._grant_ms,
+                        read=self.reads is not None,
+                    )  # fmt: skip
+                except StoreUnavailable:
+                    kept = True  # Redis is away: this process's copy serves meanwhile
+            if kept:  # not when the container was deleted while this fill ran
                 self.local.put(record, fingerprint, now_ms() + self._grant_ms)
             return Outcome("miss", record, cache_id, forward=forward, upstream_status=200,
                            stored=stored)  # fmt: skip
@@ -420,6 +442,7 @@ class ContainerService:
     ) -> None:
         """Cache a container the upstream just returned to this credential (list, create);
         ``raw`` is the provider's own JSON of it, when a gateway relayed it."""
+        provider = cache_provider(self._settings, provider)
         openai = self._settings.upstream_kind == "openai"
         try:
             body, container = normalize_container(payload, keep_unknown=not openai)
@@ -432,13 +455,26 @@ class ContainerService:
         reply = UpstreamReply(200, body, container, extra=extra)
         record = reply.record(provider, container.id, now_ms())
         fingerprint = credential.fingerprint
-        await self._quietly(
-            self.store.save(record, self.policy, fingerprint=fingerprint, grant_ms=self._grant_ms)
-        )
-        self.local.put(record, fingerprint, now_ms() + self._grant_ms)
+        try:
+            saved = await self.store.save(
+                record, self.policy, fingerprint=fingerprint, grant_ms=self._grant_ms
+            )
+        except StoreUnavailable:
+            saved = True
+        if saved:
+            self.local.put(record, fingerprint, now_ms() + self._grant_ms)
 
     async def forget(self, provider: str, container_id: str) -> None:
-        """Drop a container everywhere (it was deleted through this sidecar)."""
+        """Drop a container everywhere: it was deleted upstream through this sidecar, and no
+        fill that is still under way may bring it back."""
+        provider = cache_provider(self._settings, provider)
+        self.local.drop(provider, container_id)
+        await self._quietly(self.store.delete(provider, container_id, gone=True))
+
+    async def revalidate(self, provider: str, container_id: str) -> None:
+        """Drop a container's cached record (not its grants): something changed it upstream
+        (a file added, a command run, ``last_active_at`` moved), so the next read asks."""
+        provider = cache_provider(self._settings, provider)
         self.local.drop(provider, container_id)
         await self._quietly(self.store.delete(provider, container_id))
 

@@ -153,7 +153,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """At most this many local copies of records, and as many of grants, per process (the
     oldest go first): about 1 KiB a record."""
     lock_age_s: Seconds = 5.0
-    """How long a fetch may hold the cross-replica lock before another replica may fetch too."""
+    """How long a replica waits for another's fetch of the same container and credential before
+    it fetches too (a holder that dies frees the lock within a second)."""
 
     # -- background refresh (worker)
     queue_redis_url: str = ""
@@ -323,6 +324,12 @@ def _check(settings: Settings) -> None:
         )
     if not settings.container_providers:
         raise SettingsError("SIDECAR_CONTAINER_PROVIDERS: name at least one provider")
+
+
+def cache_provider(settings: Settings, provider: str) -> str:
+    """The provider a container is cached under: what the upstream keys it by. Straight
+    against OpenAI every provider name reaches the same API, so all are one."""
+    return "openai" if settings.upstream_kind == "openai" else provider
 
 
 def upstream_base(settings: Settings) -> str:

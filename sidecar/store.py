@@ -48,6 +48,22 @@ redis.call('set', KEYS[1], count .. '|' .. string.format('%d', until_ms) .. '|' 
 return backoff
 """
 
+# Store a record unless its container was deleted lately (KEYS[2], the tombstone): a fill that
+# began before a delete must never land after it, and container ids are never reused, so no
+# fill lands while the tombstone lasts. KEYS: record, tombstone, failure marker, [grant]. ARGV:
+# data, retention ms, '1' to clear the failure marker, channel ('' on a cluster: published by
+# the caller), announcement, [grant expiry, grant ms]. 1 if stored.
+_SAVE = """
+if redis.call('exists', KEYS[2]) == 1 then return 0 end
+redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if ARGV[3] == '1' then redis.call('del', KEYS[3]) end
+if KEYS[4] then redis.call('set', KEYS[4], ARGV[6], 'PX', ARGV[7]) end
+if ARGV[4] ~= '' then redis.call('publish', ARGV[4], ARGV[5]) end
+return 1
+"""
+#: How long a deleted container's tombstone keeps fills out: longer than any fill takes.
+GONE_MS = 600_000
+
 # The due set holds one entry per container refresh-ahead may renew, scored with two numbers:
 # ``due_ms * DUE_MARKS + mark``: when its record goes stale (unix ms), and when a caller last read
 # it (``mark``: the ``READ_EPOCH_MS`` epoch of the read, modulo DUE_MARKS - 1, plus one; 0: none
@@ -287,6 +303,7 @@ class CacheStore:
         breaker.probe = redis.ping
         self._unlock = redis.register_script(_UNLOCK)
         self._failed = redis.register_script(_FAILED)
+        self._save = redis.register_script(_SAVE)
         # Cluster pipelines refuse PUBLISH: announce with a command of its own there.
         self._cluster = hasattr(redis, "get_primaries")
 
@@ -340,8 +357,9 @@ class CacheStore:
         fingerprint: str | None = None,
         grant_ms: int = 0,
         read: bool = False,
-    ) -> None:
+    ) -> bool:
         """Store ``record`` as long as ``policy`` may serve it; with a fingerprint, grant it.
+        False: the container was deleted lately, and nothing was stored.
 
         The record enters the refresh-ahead index at the end of its freshness (a terminal one,
         or one the workers cannot refresh, leaves it), any failure marker of the container is
@@ -355,34 +373,63 @@ class CacheStore:
             due_ms = None
         due = [] if due_ms is None else [(name, due_ms, "r" if read else "k")]
 
-        async def op() -> None:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.set(keys.record(provider, cid), data, px=retention_ms)
-                pipe.delete(keys.failing(provider, cid))
-                if fingerprint is not None:
-                    expiry = now_ms() + grant_ms
-                    pipe.set(keys.grant(provider, cid, fingerprint), expiry, px=grant_ms)
-                if not due:
-                    pipe.zrem(keys.due, name)
-                elif not self._cluster:  # else after the pipeline (scripts run on one node)
-                    await self._set_due(pipe, due)
-                await self._publish(pipe, announce_record(data))
-            if due and self._cluster:
-                await self._set_due(self.redis, due)
+        grant = () if fingerprint is None else (fingerprint, now_ms() + grant_ms, grant_ms)
 
-        await self.call(op)
+        async def op() -> bool:
+            if self._cluster:  # no scripts in a cluster pipeline: one command after another
+                stored = bool(await self._save_in(self.redis, record, data, retention_ms,
+                                                  clear_failing=True, grant=grant))  # fmt: skip
+                if stored:
+                    await self.redis.execute_command("PUBLISH", keys.changes, announce_record(data))
+                    client = self.redis
+                    await (self._set_due(client, due) if due else client.zrem(keys.due, name))
+                return stored
+            async with self.redis.pipeline(transaction=False) as pipe:
+                await self._save_in(
+                    pipe, record, data, retention_ms, clear_failing=True, grant=grant
+                )
+                await (self._set_due(pipe, due) if due else pipe.zrem(keys.due, name))
+                return bool((await pipe.execute())[0])
+
+        return await self.call(op)
+
+    async def _save_in(
+        self,
+        client: Any,
+        record: Record,
+        data: bytes,
+        retention_ms: int,
+        *,
+        clear_failing: bool,
+        grant: tuple[str, int, int] | tuple[()] = (),
+    ) -> Any:
+        """Run ``_SAVE`` for one record, or queue it in a pipeline (announced by the script,
+        except on a cluster)."""
+        keys, provider, cid = self.keys, record.provider, record.container_id
+        names = [keys.record(provider, cid), keys.gone(provider, cid), keys.failing(provider, cid)]
+        channel = "" if self._cluster else keys.changes
+        args: list[Any] = [data, retention_ms, "1" if clear_failing else "0", channel,
+                           announce_record(data) if channel else b""]  # fmt: skip
+        if grant:
+            fingerprint, expiry, grant_ms = grant
+            names.append(keys.grant(provider, cid, fingerprint))
+            args += [expiry, grant_ms]
+        return await self._save(keys=names, args=args, client=client)
 
     async def save_negative(self, record: Record, fingerprint: str, ttl_ms: int) -> None:
         """Cache a 404 for one credential."""
         key = self.keys.negative(record.provider, record.container_id, fingerprint)
         await self.call(lambda: self.redis.set(key, encode_record(record), px=ttl_ms))
 
-    async def delete(self, provider: str, container_id: str) -> None:
-        """Forget a container (deleted upstream, or purged) and tell the other processes."""
+    async def delete(self, provider: str, container_id: str, *, gone: bool = False) -> None:
+        """Forget a container and tell the other processes; ``gone``: it was deleted upstream,
+        so no fill lands for ``GONE_MS`` (one that began before the delete included)."""
         keys, name = self.keys, member(provider, container_id)
 
         async def op() -> None:
             async with self.redis.pipeline(transaction=False) as pipe:
+                if gone:
+                    pipe.set(keys.gone(provider, container_id), now_ms(), px=GONE_MS)
                 pipe.delete(keys.record(provider, container_id))
                 pipe.delete(keys.failing(provider, container_id))
                 pipe.zrem(keys.due, name)
@@ -511,6 +558,20 @@ class CacheStore:
         key = self.keys.lock(provider, container_id, fingerprint)
         return bool(await self.call(lambda: self.redis.set(key, token, nx=True, px=ttl_ms)))
 
+    async def renew_lock(
+        self, provider: str, container_id: str, fingerprint: str, token: str, ttl_ms: int
+    ) -> bool:
+        """Extend the lock's lease if it is still ours; False if it is not."""
+        key = self.keys.lock(provider, container_id, fingerprint)
+        renew = self._script(
+            "renew_lock",
+            """
+            if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
+            return redis.call('pexpire', KEYS[1], ARGV[2])
+            """,
+        )
+        return bool(await self.call(lambda: renew(keys=[key], args=[token, ttl_ms])))
+
     async def unlock(self, provider: str, container_id: str, fingerprint: str, token: str) -> None:
         """Release the lock if it is still ours."""
         key = self.keys.lock(provider, container_id, fingerprint)
@@ -570,29 +631,34 @@ class CacheStore:
             else:
                 scores[name] = (name, due_ms, "k")
 
+        async def save(client: Any, record: Record, data: bytes) -> Any:
+            clear = failing is None or member(record.provider, record.container_id) in failing
+            retention_ms = policy.retention_ms(record)
+            return await self._save_in(client, record, data, retention_ms, clear_failing=clear)
+
         async def op() -> None:
+            if self._cluster:  # no scripts in a cluster pipeline: one command after another
+                saved = await asyncio.gather(*(save(self.redis, r, d) for r, d in stored))
+                if scores:
+                    await self._set_due(self.redis, list(scores.values()))
+                if dropped:
+                    await self.redis.zrem(keys.due, *dropped)
+                await asyncio.gather(
+                    *(
+                        self.redis.execute_command("PUBLISH", keys.changes, announce_record(data))
+                        for (_, data), ok in zip(stored, saved, strict=True)
+                        if ok
+                    )
+                )
+                return
             async with self.redis.pipeline(transaction=False) as pipe:
                 for record, data in stored:
-                    provider, cid = record.provider, record.container_id
-                    pipe.set(keys.record(provider, cid), data, px=policy.retention_ms(record))
-                    if failing is None or member(provider, cid) in failing:
-                        pipe.delete(keys.failing(provider, cid))
-                    if not self._cluster:
-                        pipe.publish(keys.changes, announce_record(data))
-                if scores and not self._cluster:
+                    await save(pipe, record, data)
+                if scores:
                     await self._set_due(pipe, list(scores.values()))
                 if dropped:
                     pipe.zrem(keys.due, *dropped)
                 await pipe.execute()
-            if scores and self._cluster:
-                await self._set_due(self.redis, list(scores.values()))
-            if self._cluster:
-                await asyncio.gather(
-                    *(
-                        self.redis.execute_command("PUBLISH", keys.changes, announce_record(data))
-                        for _, data in stored
-                    )
-                )
 
         if stored or scores:
             await self.call(op)

@@ -18,7 +18,7 @@ from sidecar.headers import cache_headers
 from sidecar.local import Copy
 from sidecar.middleware import COUNTED, OUTCOME, count_answer
 from sidecar.outcomes import Outcome, Query
-from sidecar.settings import PROVIDER_NAME, PROVIDERS, Settings
+from sidecar.settings import PROVIDER_NAME, PROVIDERS, Settings, cache_provider
 from sidecar.state import SERVICES
 from sidecar.wire import (
     REQUEST_TYPE,
@@ -88,7 +88,7 @@ async def _retrieve(request: web.Request, route: str, *, provider_required: bool
     provider = request.query.get("provider", "") if request.query_string else ""
     provider = parse_provider(provider, provider_required, settings)
     query = Query(
-        provider=provider,
+        provider=cache_provider(settings, provider),
         container_id=parse_container_id(request.match_info["container_id"]),
         credential=credential,
         rules=parse_rules(headers, settings.freshness_threshold),
