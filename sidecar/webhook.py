@@ -176,6 +176,11 @@ def _problem(review: Object) -> str | None:
         return "request.object is not a Pod with metadata and spec"
     if not isinstance(pod["spec"].get("containers"), list):
         return "request.object has no containers"
+    annotations = pod["metadata"].get("annotations") or {}
+    if not isinstance(annotations, dict) or not all(
+        isinstance(v, str) for v in annotations.values()
+    ):
+        return "request.object's annotations are not strings"
     return None
 
 

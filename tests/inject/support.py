@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import io
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -106,7 +107,7 @@ class Injector:
 
     async def send(self, review: Object | bytes, path: str = "/mutate") -> Answer:
         body = review if isinstance(review, bytes) else json.dumps(review).encode()
-        async with self.http.post(self.running.url + path, data=body,
+        async with self.http.post(self.running.url + path, data=io.BytesIO(body),
                                   headers={"Content-Type": "application/json"}) as response:  # fmt: skip
             assert response.status != 500
             if response.status != 200:
