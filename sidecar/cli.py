@@ -93,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     inject.add_argument("--cert-file", required=True, help="the TLS certificate (PEM)")
     inject.add_argument("--key-file", required=True, help="the TLS private key (PEM)")
     inject.add_argument("--port", type=_port, default=8443, help="port (default 8443)")
-    inject.add_argument("--host", default="0.0.0.0", help="address (default all)")
+    inject.add_argument("--host", help="address to listen on (default all, IPv4 and IPv6)")
     inject.add_argument(
         "--template",
         default="/etc/bifrost-sidecar-injector/template/sidecar.json",
@@ -156,9 +156,11 @@ def inject(args: argparse.Namespace) -> int:
         certificate = CertificateFiles(args.cert_file, args.key_file)
     except (SettingsError, TemplateError, OSError, ValueError) as exc:
         return _configuration_error(str(exc))
-    log.info("injector listening on https://%s:%d", args.host, args.port)
+    log.info("injector listening on https://%s:%d", args.host or "*", args.port)
     web.run_app(create_injector_app(template, certificate), host=args.host, port=args.port,
-                ssl_context=certificate.context, print=None, access_log=None)  # fmt: skip
+                ssl_context=certificate.context, print=None, access_log=None,
+                # The API server waits 5 s at most: nothing in flight lasts longer.
+                shutdown_timeout=5)  # fmt: skip
     return 0
 
 

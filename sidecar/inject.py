@@ -39,7 +39,7 @@ Outcome = Literal["injected", "skipped", "refused"]
 #: The closed sets of reasons, as the metrics label them. Injected pods say how they asked.
 INJECTED = ("annotation", "namespace")
 SKIPPED = ("not-requested", "opted-out", "already-injected", "value-from", "base-url",
-           "upstream-conflict", "bad-annotation", "port-in-use")  # fmt: skip
+           "upstream-conflict", "bad-annotation", "port-in-use", "host-network")  # fmt: skip
 REFUSED = ("malformed", "no-uid", "too-large", "error")
 
 Object = dict[str, Any]
@@ -127,6 +127,9 @@ def decide(pod: Object, template: Template, *, namespace_enabled: bool) -> Decis
     others = (spec.get("initContainers") or []) + containers
     if any(c["name"] == template.container["name"] for c in others):
         return Decision("skipped", "already-injected", [], [])
+    if spec.get("hostNetwork"):
+        # Every such pod of a node would want the same port of the node.
+        return _skipped(pod, "host-network", "a pod on the node's network cannot have the sidecar")
     try:
         options = _options(annotations, template)
     except BadAnnotation as exc:

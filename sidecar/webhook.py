@@ -16,7 +16,7 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import msgspec
@@ -86,7 +86,9 @@ def create_injector_app(
     return app
 
 
-def _reloading(certificate: CertificateFiles, every_s: float) -> Any:
+def _reloading(
+    certificate: CertificateFiles, every_s: float
+) -> Callable[[web.Application], AsyncIterator[None]]:
     async def reload(app: web.Application) -> AsyncIterator[None]:
         async def loop() -> None:
             while True:

@@ -281,6 +281,15 @@ async def test_a_port_taken_by_the_app_leaves_the_pod_as_it_was(injector: Inject
     assert "bifrost-container-sidecar/port" in answer.warnings[0]
 
 
+async def test_a_pod_on_the_nodes_network_is_left_as_it_was(injector: Injector) -> None:
+    def host_network(pod: Object) -> None:
+        pod["spec"]["hostNetwork"] = True
+
+    answer = await injector.send(review_of(host_network))
+    assert SIDECAR not in containers(answer.pod())
+    assert answer.pod()["metadata"]["annotations"][STATUS] == "skipped: host-network"
+
+
 async def test_an_app_already_pointed_at_localhost_is_left_alone(injector: Injector) -> None:
     def local(pod: Object) -> None:
         pod["spec"]["containers"][0]["env"][0]["value"] = "http://127.0.0.1:8080/openai/v1"
