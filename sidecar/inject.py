@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-__all__ = ["INJECT", "REFUSED", "SKIPPED", "STATUS", "Decision", "Template", "decide"]
+__all__ = ["INJECT", "INJECTED", "PREFIX", "REFUSED", "SKIPPED", "STATUS", "Decision", "Template",
+           "TemplateError", "decide"]  # fmt: skip
 
 PREFIX = "bifrost-container-sidecar"
 INJECT = PREFIX + "/inject"  # "true" asks for the sidecar; "false" opts out of a namespace's
@@ -79,8 +80,8 @@ class Template:
         """Read the template; ``image`` (in the manifests the injector's own) replaces its own."""
         try:
             raw = json.loads(Path(path).read_text())
-            (container,) = raw["spec"]["initContainers"]
             spec = raw["spec"]
+            (container,) = spec["initContainers"]
             grace_s = int(spec["terminationGracePeriodSeconds"])
             template = cls(raw["metadata"]["labels"], grace_s, container, spec["volumes"])
             int(template.container["ports"][0]["containerPort"])
