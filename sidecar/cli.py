@@ -165,7 +165,7 @@ def inject(args: argparse.Namespace) -> int:
 
 
 def _logging_settings() -> Settings:
-    """Settings made of the environment's logging variables only (for emulate and demo)."""
+    """Settings made of the environment's logging variables only (emulate, demo, inject)."""
     env = {name: os.environ[name] for name in _LOGGING_VARIABLES if name in os.environ}
     return load_settings(env, upstream_kind="openai")
 
