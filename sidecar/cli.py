@@ -84,6 +84,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--port", type=_port, default=8080, help="sidecar port (default 8080)")
     demo.add_argument("--once", action="store_true", help="show the requests, then exit")
+    inject = commands.add_parser(
+        "inject",
+        help="run the admission webhook that attaches the sidecar to annotated pods",
+        description="A mutating admission webhook (AdmissionReview v1 over TLS): pods annotated "
+        'bifrost-container-sidecar/inject: "true" get the sidecar. See deploy/README.md.',
+    )
+    inject.add_argument("--cert-file", required=True, help="the TLS certificate (PEM)")
+    inject.add_argument("--key-file", required=True, help="the TLS private key (PEM)")
+    inject.add_argument("--port", type=_port, default=8443, help="port (default 8443)")
+    inject.add_argument("--host", help="address to listen on (default all, IPv4 and IPv6)")
+    inject.add_argument(
+        "--template",
+        default="/etc/bifrost-sidecar-injector/template/sidecar.json",
+        help="the sidecar to inject (deploy/kubernetes/injector/sidecar.json)",
+    )
+    inject.add_argument("--image", help="the sidecar's image (default the template's)")
     return parser
 
 
@@ -92,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return serve(args)
+    if args.command == "inject":
+        return inject(args)
     if importlib.util.find_spec("emulator") is None:
         print(
             f"sidecar: {args.command} needs the emulator, a development tool this installation "
@@ -125,8 +143,29 @@ def serve(args: argparse.Namespace) -> int:
     return run_server(settings)
 
 
+def inject(args: argparse.Namespace) -> int:
+    """``sidecar inject``: the admission webhook, until SIGTERM."""
+    from aiohttp import web
+
+    from sidecar.inject import Template, TemplateError
+    from sidecar.webhook import CertificateFiles, create_injector_app
+
+    try:
+        configure_logging(_logging_settings())
+        template = Template.load(args.template, args.image)
+        certificate = CertificateFiles(args.cert_file, args.key_file)
+    except (SettingsError, TemplateError, OSError, ValueError) as exc:
+        return _configuration_error(str(exc))
+    log.info("injector listening on https://%s:%d", args.host or "*", args.port)
+    web.run_app(create_injector_app(template, certificate), host=args.host, port=args.port,
+                ssl_context=certificate.context, print=None, access_log=None,
+                # The API server waits 5 s at most: nothing in flight lasts longer.
+                shutdown_timeout=5)  # fmt: skip
+    return 0
+
+
 def _logging_settings() -> Settings:
-    """Settings made of the environment's logging variables only (for emulate and demo)."""
+    """Settings made of the environment's logging variables only (emulate, demo, inject)."""
     env = {name: os.environ[name] for name in _LOGGING_VARIABLES if name in os.environ}
     return load_settings(env, upstream_kind="openai")
 
