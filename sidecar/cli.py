@@ -28,13 +28,6 @@ def _port(text: str) -> int:
     return value
 
 
-def _processes(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 256:
-        raise argparse.ArgumentTypeError("must be between 0 (one per CPU) and 256")
-    return value
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sidecar",
@@ -53,14 +46,6 @@ def _parser() -> argparse.ArgumentParser:
         help="run the sidecar (configured from SIDECAR_* environment variables)",
         description="Run the production server. Configuration: SIDECAR_* environment "
         "variables; the flags override them.",
-    )
-    serve.add_argument(
-        "--workers",
-        type=_processes,
-        default=None,
-        metavar="N",
-        help="server processes sharing the port (default SIDECAR_SERVE_PROCESSES; 0: one per "
-        "CPU the container may use)",
     )
     serve.add_argument("--host", help="address to listen on (default SIDECAR_HOST)")
     serve.add_argument("--port", type=_port, help="port to listen on (default SIDECAR_PORT)")
@@ -129,7 +114,7 @@ def _configuration_error(message: str) -> int:
 
 def serve(args: argparse.Namespace) -> int:
     """``sidecar serve``: the production server; SIGTERM drains in-flight requests."""
-    flags = {"host": args.host, "port": args.port, "serve_processes": args.workers}
+    flags = {"host": args.host, "port": args.port}
     try:
         settings = load_settings(
             **{name: value for name, value in flags.items() if value is not None}

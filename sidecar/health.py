@@ -7,7 +7,6 @@ import time
 from aiohttp import web
 
 from sidecar.metrics import CONTENT_TYPE
-from sidecar.serve import PEERS
 from sidecar.state import LIFECYCLE, SERVICES
 
 __all__ = ["add_routes"]
@@ -44,11 +43,8 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus text exposition: this process's metrics, plus the counters of the pod's
-    other server processes when there are several."""
-    peers = request.app.get(PEERS)
-    others = await peers.snapshots() if peers is not None else []
-    body = request.app[SERVICES].metrics.render(others)
+    """Prometheus text exposition of this process's metrics."""
+    body = request.app[SERVICES].metrics.render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 

@@ -7,9 +7,8 @@ exist is created at start-up, at 0, so that the first event of a rare kind (a 42
 refresh) shows in ``rate()`` and ``increase()``. Label values come only from closed sets: a
 provider outside the configured ones is counted as ``other``, whatever a client sends.
 
-Every process serves its own ``/metrics`` (the server processes of one pod merge theirs: see
-``sidecar.serve``); sum counters across pods in queries. Gauges that describe shared state
-(``sidecar_refresh_backlog``) are exported by every worker: use ``max``.
+Every process serves its own ``/metrics``; sum counters across pods in queries. Gauges that
+describe shared state (``sidecar_refresh_backlog``) are exported by every worker: use ``max``.
 """
 
 from __future__ import annotations
@@ -133,23 +132,18 @@ class Family:
         """Observe into an unlabelled histogram."""
         self.labels().observe(value)
 
-    def snapshot(self) -> dict[tuple[str, ...], Any]:
-        """The values as plain data (what another process merges)."""
-        if self.bounds is None:
-            return {k: c.value for k, c in self.children.items()}
-        return {k: (list(c.buckets), c.count, c.sum) for k, c in self.children.items()}
-
-    def family(self, values: dict[tuple[str, ...], Any]) -> Metric:
-        """The Prometheus family of ``values`` (a snapshot, possibly merged)."""
+    def family(self) -> Metric:
+        """The Prometheus family of the children's values."""
         name = self.name.removesuffix("_total")
         if self.bounds is None:
             counters = CounterMetricFamily(name, self.documentation, labels=self.label_names)
-            for key, value in values.items():
-                counters.add_metric(list(key), value)
+            for key, child in self.children.items():
+                counters.add_metric(list(key), child.value)
             return counters
         histogram = HistogramMetricFamily(name, self.documentation, labels=self.label_names)
-        for key, (buckets, _count, total) in values.items():
-            cumulative = list(itertools.accumulate(buckets))
+        for key, child in self.children.items():
+            total = child.sum
+            cumulative = list(itertools.accumulate(child.buckets))
             edges = [*(_le(bound) for bound in self.bounds), "+Inf"]
             histogram.add_metric(list(key), list(zip(edges, cumulative, strict=True)), total)
         return histogram
@@ -157,32 +151,6 @@ class Family:
 
 def _le(bound: float) -> str:
     return str(float(bound))
-
-
-def merge(snapshots: Iterable[dict[str, dict[tuple[str, ...], Any]]]) -> dict[str, Any]:
-    """Add up the snapshots of several processes."""
-    total: dict[str, dict[tuple[str, ...], Any]] = {}
-    for snapshot in snapshots:
-        for name, values in snapshot.items():
-            into = total.setdefault(name, {})
-            for key, value in values.items():
-                key = tuple(key)
-                if key not in into:
-                    into[key] = value if not isinstance(value, (list, tuple)) else _copy(value)
-                elif isinstance(value, (list, tuple)):
-                    buckets, count, total_sum = into[key]
-                    into[key] = (
-                        [a + b for a, b in zip(buckets, value[0], strict=True)],
-                        count + value[1],
-                        total_sum + value[2],
-                    )
-                else:
-                    into[key] += value
-    return total
-
-
-def _copy(value: Sequence[Any]) -> tuple[list[int], int, float]:
-    return list(value[0]), int(value[1]), float(value[2])
 
 
 class Metrics:
@@ -262,7 +230,6 @@ class Metrics:
         self._watchers: list[Callable[[], Iterable[Metric]]] = []
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Export(self))
-        self._others: Sequence[dict[str, Any]] = ()
 
     def provider(self, name: str) -> str:
         """The label value of a provider: its name if configured, else ``other``."""
@@ -289,33 +256,21 @@ class Metrics:
         """Export values computed at scrape time (Redis state, back-offs, queue length)."""
         self._watchers.append(collect)
 
-    def snapshot(self) -> dict[str, dict[tuple[str, ...], Any]]:
-        """Every counter and histogram of this process as plain data."""
-        return {family.name: family.snapshot() for family in self.families}
-
     def collect(self) -> Iterator[Metric]:
-        """The families, merged with the other processes' if any, then the watched gauges
-        (this process's own view)."""
+        """The families, then the gauges computed now."""
         info = GaugeMetricFamily(
             "sidecar_build_info", "Version of the running code", labels=["version", "component"]
         )
         info.add_metric([__version__, self.component], 1)
         yield info
-        snapshots = [self.snapshot(), *self._others]
-        merged = merge(snapshots) if len(snapshots) > 1 else snapshots[0]
         for family in self.families:
-            yield family.family(merged.get(family.name, {}))
+            yield family.family()
         for watcher in self._watchers:
             yield from watcher()
 
-    def render(self, others: Sequence[dict[str, Any]] = ()) -> bytes:
-        """The text exposition of every metric, with ``others`` (the snapshots of the pod's
-        other server processes) added to this process's counters and histograms."""
-        self._others = others
-        try:
-            return generate_latest(self.registry)
-        finally:
-            self._others = ()
+    def render(self) -> bytes:
+        """The text exposition of every metric."""
+        return generate_latest(self.registry)
 
 
 class _Export(Collector):

@@ -304,9 +304,7 @@ class ContainerService:
             # Released once the answer is stored (or its failure noted): a replica waiting on
             # the lock finds it, instead of taking the lock in between and fetching again.
             if lease is not None:
-                lease.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await lease
+                lease.cancel()  # not awaited: this fetch's own cancellation must go on
                 await self._quietly(
                     self.store.unlock(
                         query.provider, query.container_id, query.credential.fingerprint, token

@@ -87,8 +87,6 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     log_format: Literal["text", "json"] = "text"
     """``text``: one readable line per event; ``json``: one JSON object per line (for Loki,
     Elasticsearch...)."""
-    serve_processes: Annotated[int, msgspec.Meta(ge=0, le=256)] = 0
-    """Server processes sharing the port (SO_REUSEPORT); 0: one per CPU the container may use."""
     shutdown_timeout_s: Seconds = 10.0
     """How long in-flight requests may take to finish after SIGTERM."""
 
@@ -245,6 +243,11 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Set
             name.endswith("_PORT") and value.startswith(("tcp://", "udp://", "sctp://"))
         ):
             continue
+        elif name == "SIDECAR_SERVE_PROCESSES":
+            raise SettingsError(
+                f"{name}: removed: the sidecar serves with one process per container; scale "
+                "it with replicas (see README, 'Processes')"
+            )
         else:
             raise SettingsError(f"{name}: unknown setting (see README, 'Configuration')")
     for key in ("key_secret", "service_api_key", "admin_token"):

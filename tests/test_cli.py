@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -92,7 +93,7 @@ def test_python_dash_m_is_the_sidecar_command() -> None:
         assert name in result.stdout
     serve = run("python", "-m", "sidecar", "serve", "--help")
     assert serve.returncode == 0
-    for flag in ("--workers N", "--host", "--port"):
+    for flag in ("--host", "--port"):
         assert flag in serve.stdout
 
 
@@ -140,8 +141,7 @@ def _get(url: str, headers: dict[str, str] | None = None) -> int:
 def test_serve_takes_its_port_from_the_command_line_and_logs_each_request() -> None:
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "sidecar", "serve", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
+        [sys.executable, "-m", "sidecar", "serve", "--host", "127.0.0.1", "--port", str(port)],
         env=clean_env(SIDECAR_UPSTREAM_URL="http://127.0.0.1:9", SIDECAR_LOG_FORMAT="json",
                       SIDECAR_PORT="1"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -166,3 +166,22 @@ def test_serve_takes_its_port_from_the_command_line_and_logs_each_request() -> N
     (access,) = [line for line in lines if line["logger"] == "sidecar.access"]  # not /healthz
     assert (access["request_id"], access["status"], access["outcome"]) == ("cli-1", 400, "error")
     assert "sk-bf-never-logged" not in stderr
+
+
+def test_serve_on_a_port_in_use_stops_naming_it() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run("python", "-m", "sidecar", "serve", "--host", "127.0.0.1", "--port",
+                     str(port), env={"SIDECAR_UPSTREAM_URL": "http://127.0.0.1:9"})  # fmt: skip
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+def test_the_retired_process_count_setting_says_what_to_do_instead() -> None:
+    result = run("python", "-m", "sidecar", "serve",
+                 env={"SIDECAR_UPSTREAM_URL": "http://127.0.0.1:9",
+                      "SIDECAR_SERVE_PROCESSES": "2"})  # fmt: skip
+    assert result.returncode == 2
+    assert "SIDECAR_SERVE_PROCESSES: removed" in result.stderr

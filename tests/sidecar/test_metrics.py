@@ -6,7 +6,7 @@ import random
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from sidecar.metrics import _LATENCY_BUCKETS, OUTCOMES, REFRESH_EVENTS, Metrics, merge
+from sidecar.metrics import _LATENCY_BUCKETS, OUTCOMES, REFRESH_EVENTS, Metrics
 
 ROUTE = "/openai/v1/containers/{container_id}"
 
@@ -58,16 +58,3 @@ def test_every_label_child_exists_at_start_so_the_first_event_counts() -> None:
         'status_class="5xx"} 0.0'
     ) in text
     assert 'sidecar_upstream_throttled_total{provider="other"} 0.0' in text
-
-
-def test_processes_add_up() -> None:
-    one, two = Metrics("sidecar", ["openai"], [ROUTE]), Metrics("sidecar", ["openai"], [ROUTE])
-    one.answered(ROUTE, "hit", 0.001)
-    two.answered(ROUTE, "hit", 0.002)
-    two.answered(ROUTE, "miss", 0.05)
-    text = one.render([two.snapshot()]).decode()
-    assert f'sidecar_requests_total{{outcome="hit",route="{ROUTE}"}} 2.0' in text
-    assert f'sidecar_requests_total{{outcome="miss",route="{ROUTE}"}} 1.0' in text
-    merged = merge([one.snapshot(), two.snapshot()])
-    count = merged["sidecar_request_duration_seconds"][(ROUTE, "hit")][1]
-    assert count == 2

@@ -95,7 +95,7 @@ async def test_the_workers_refresh_job_events_are_the_documented_ones(
     await enqueue_refresh(settings, gone, 0)  # nothing cached: lapsed
     emulator.state.add_fault(kind="status", status=503, container_id=failing, count=1)
     worker = await run_worker_burst(settings)
-    events = worker.ctx["deps"].metrics.refresh_jobs.snapshot()
+    events = {k: c.value for k, c in worker.ctx["deps"].metrics.refresh_jobs.children.items()}
     assert {key[0] for key in events} == set(REFRESH_EVENTS)  # each there from the start, no others
     assert events[("succeeded",)] == 2  # ok, then failing on its retry
     assert events[("retried",)] == 1
