@@ -59,8 +59,9 @@ _MAX_FAILURES = 10_000
 #: The fetch lock's lease: renewed every third of it while its holder fetches, so waiters of a
 #: holder that died wait at most this long.
 _LEASE_MS = 900
-#: Grant renewals planned ahead at most (one per container and credential read lately).
-_MAX_SCHEDULED = 10_000
+#: A grant is renewed by reads in the last stretch of any of the record's last freshness
+#: periods before it lapses: several chances, so a rarely read container rarely misses them all.
+_RENEW_PERIODS = 3
 
 
 class ContainerService:
@@ -98,14 +99,9 @@ class ContainerService:
         """This process's memo of failing containers (for when Redis cannot say)."""
         self._flights: SingleFlight[FlightKey, Outcome] = SingleFlight()
         self._background = BackgroundTasks()
-        self._scheduled: dict[FlightKey, asyncio.TimerHandle] = {}
-        """Grant renewals planned for when a record nears the end of its freshness."""
 
     async def close(self) -> None:
-        """Cancel the renewals planned and the fetches and enqueues still running."""
-        for timer in self._scheduled.values():
-            timer.cancel()
-        self._scheduled.clear()
+        """Cancel the fetches and enqueues still running."""
         await self._flights.close()
         await self._background.close()
 
@@ -215,55 +211,22 @@ class ContainerService:
     ) -> None:
         """Renew a grant together with the record's refresh instead of on its own.
 
-        A grant that would lapse before the record's next refresh is due costs an extra upstream
-        call later. When it would, and the record is near the end of its freshness anyway, this
-        caller's credential refreshes it now (in the background, coalesced like a miss): one
-        call both proves access again and refreshes the record, and the worker's refresh then
-        finds it fresh and makes none. Earlier in the freshness, the renewal is planned for when
-        the record nears its end (at most ``_MAX_SCHEDULED`` planned at once).
+        A grant that lapses before the record's next refreshes costs an extra upstream call
+        later. While it would lapse within ``_RENEW_PERIODS`` refreshes, a read in the last
+        stretch of the record's freshness (``_renew_ms``) renews it with this read's credential,
+        in the background, coalesced like a miss: one call both proves access again and
+        refreshes the record, and the worker's refresh then finds it fresh and makes none. The
+        call is part of this read: no credential is kept for later.
         """
         if fresh_until is None:
             fresh_until = self.policy.fresh_until_ms(record)
-        if grant_expiry_ms >= fresh_until + self._fresh_ms:
+        if grant_expiry_ms >= fresh_until + _RENEW_PERIODS * self._fresh_ms:
             return
+        if fresh_until - self._renew_ms > now:
+            return  # early in the freshness: a later read (of this period or the next) renews
         key = (query.provider, query.container_id, query.credential.fingerprint, False)
-        wait_ms = fresh_until - self._renew_ms - now
-        if wait_ms > 0:
-            # Not near the end yet: renew when it is, read then or not. A container read now and
-            # then would otherwise see its grant lapse, and its next read cost a call of its own.
-            if key not in self._scheduled and len(self._scheduled) < _MAX_SCHEDULED:
-                loop = asyncio.get_running_loop()
-                self._scheduled[key] = loop.call_later(wait_ms / 1000, self._renew_due, query, key)
-            return
         if key not in self._flights and len(self._background) < _MAX_BACKGROUND:
             self._background.spawn(self._renew(query, record, key))
-
-    def _renew_due(self, query: Query, key: FlightKey) -> None:
-        self._scheduled.pop(key, None)
-        if len(self._background) < _MAX_BACKGROUND:
-            self._background.spawn(self._renew_scheduled(query))
-
-    async def _renew_scheduled(self, query: Query) -> None:
-        """A renewal planned by an earlier read: decided again on what is cached now (the grant
-        may have been renewed meanwhile, the record refreshed, or dropped)."""
-        provider, cid, fingerprint = (
-            query.provider,
-            query.container_id,
-            query.credential.fingerprint,
-        )
-        now = now_ms()
-        if got := self.local.get(provider, cid, fingerprint, now):
-            copy, grant_expiry_ms = got
-            self._renew_early(query, copy.record, grant_expiry_ms, now, copy.fresh_until_ms)
-            return
-        try:
-            found = await self.store.lookup(provider, cid, fingerprint)
-        except StoreUnavailable:
-            return
-        record = found.record
-        if record is None or not found.granted or self.policy.fresh_until_ms(record) <= now:
-            return
-        self._renew_early(query, record, now + found.grant_left_ms, now)
 
     async def _renew(self, query: Query, record: Record, key: FlightKey) -> None:
         with contextlib.suppress(SidecarError):

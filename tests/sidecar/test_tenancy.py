@@ -8,6 +8,7 @@ import aiohttp
 
 from tests.conftest import Emulator, RedisServer, Running
 from tests.sidecar.test_retrieve import AUTH_A, KEY_A, KEY_A2, KEY_B, get
+from tests.worker.conftest import wait_for
 
 
 async def test_a_record_is_never_shown_to_a_credential_the_upstream_refuses(
@@ -108,12 +109,13 @@ async def test_a_grant_about_to_lapse_is_renewed_with_the_refresh_not_on_its_own
     assert emulator.retrieves(cid) <= 6  # about one call per fresh window, not one more per grant
 
 
-async def test_a_grant_read_early_in_its_last_window_is_renewed_when_the_record_nears_its_end(
+async def test_a_read_near_the_end_of_freshness_renews_a_lapsing_grant_and_none_is_planned(
     start_sidecar: Any, make_settings: Any, emulator: Emulator, http: aiohttp.ClientSession
 ) -> None:
-    # Fresh 2 s, grant 3 s: a read at 0.5 s, long before the renewal window (the last 0.4 s of
-    # freshness), plans the renewal for 1.6 s; nobody reads then. At 3.2 s the first grant has
-    # lapsed, yet the read is a hit: the planned renewal proved access and refreshed the record.
+    # Fresh 2 s, grant 3 s, renewal window the last 0.4 s of freshness. A read at 0.5 s renews
+    # nothing and plans nothing: no call is ever made later with a caller's credential. A read
+    # at 1.7 s, in the window, renews the grant with its own credential (one call that also
+    # refreshes the record), so a read at 3.3 s, past the first grant, is a hit.
     import asyncio
 
     sidecar = await start_sidecar(
@@ -121,12 +123,33 @@ async def test_a_grant_read_early_in_its_last_window_is_renewed_when_the_record_
     )
     cid = (await emulator.create(KEY_A))["id"]
     url = f"{sidecar.url}/openai/v1/containers/{cid}"
-    started = asyncio.get_running_loop().time()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
     await get(http, url)
     await asyncio.sleep(0.5)
     assert (await get(http, url))[1]["extra_fields"]["cache_debug"]["cache_hit"]
-    assert emulator.retrieves(cid) == 1
-    await asyncio.sleep(started + 3.2 - asyncio.get_running_loop().time())
+    await asyncio.sleep(started + 1.7 - loop.time())
+    assert emulator.retrieves(cid) == 1  # nothing planned by the read at 0.5 s
+    assert (await get(http, url))[1]["extra_fields"]["cache_debug"]["cache_hit"]
+    await wait_for(lambda: emulator.retrieves(cid) == 2)  # the renewal that read started
+    await asyncio.sleep(started + 3.3 - loop.time())
     _, body, headers = await get(http, url)
     assert body["extra_fields"]["cache_debug"]["cache_hit"], headers["Cache-Status"]
-    assert emulator.retrieves(cid) == 2  # the first read and the planned renewal
+    assert emulator.retrieves(cid) == 2
+
+
+async def test_no_call_is_made_with_a_callers_credential_after_its_reads(
+    start_sidecar: Any, make_settings: Any, emulator: Emulator, http: aiohttp.ClientSession
+) -> None:
+    import asyncio
+
+    sidecar = await start_sidecar(
+        make_settings(fresh_ttl_s=2.0, grant_ttl_s=3.0, refresh_lead_s=0.2)
+    )
+    cid = (await emulator.create(KEY_A))["id"]
+    url = f"{sidecar.url}/openai/v1/containers/{cid}"
+    await get(http, url)
+    await asyncio.sleep(0.5)
+    await get(http, url)
+    await asyncio.sleep(3.0)  # past the record's freshness and the grant: nobody reads
+    assert emulator.retrieves(cid) == 1
