@@ -140,7 +140,9 @@ class RefreshRunner:
             delay_s = await self._failed(provider, container_id, reply.status)
             raise RetryLater(f"upstream answered {reply.status}", delay_s)
         result = await self._absorb(reply, record, raw, failure is not None)
-        if result == "throttled":  # renewed by refresh-ahead once the back-off is over
+        if result in ("throttled", "store-unavailable"):
+            # Renewed by refresh-ahead once the back-off is over, or by the next stale read once
+            # Redis is back: the claim must not outlive this refresh (WriteBehind retries it).
             await self.writes.give_back(provider, container_id, due_ms)
         return result
 
@@ -227,7 +229,7 @@ class RefreshRunner:
             result = await self._absorb(reply, record, raw, failing)
         except StoreUnavailable:
             result = "store-unavailable"
-        if result == "throttled":  # renewed by refresh-ahead once the back-off is over
+        if result in ("throttled", "store-unavailable"):  # as in refresh(): the claim goes back
             await self._give_back(renewal, due_ms, outcome, result)
             return
         outcome.results[result] += 1

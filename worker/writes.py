@@ -13,9 +13,19 @@ from sidecar.store import CacheStore
 __all__ = ["WriteBehind"]
 
 
+#: Claims given back that wait for Redis to come back, at most (oldest dropped past it: their
+#: claims lapse on their own).
+_MAX_PENDING_GIVE_BACKS = 100_000
+_RETRY_S = 1.0
+
+
 class WriteBehind:
     """Saves refreshed records (and gives back claims) in pipelines: whatever is ready within
-    ``delay_s`` of the first goes together. Each call answers whether its write succeeded."""
+    ``delay_s`` of the first goes together. Each call answers whether its write succeeded.
+
+    A claim given back while Redis is away is given back again once it is back (retried every
+    second): a claim that outlived its refresh would stop every other refresh of its container
+    until it lapsed, and hot containers would be served stale meanwhile."""
 
     def __init__(self, store: CacheStore, policy: Policy, delay_s: float = 0.005) -> None:
         self._store = store
@@ -26,6 +36,7 @@ class WriteBehind:
         self._failing: set[str] = set()
         self._flushed: asyncio.Future[bool] | None = None
         self._flushes: set[asyncio.Task[None]] = set()
+        self._retry: asyncio.TimerHandle | None = None
 
     async def save(self, record: Record, failing: bool = True) -> bool:
         """Store a refreshed record (as ``CacheStore.save``, without grants); ``failing``: its
@@ -56,6 +67,12 @@ class WriteBehind:
             await self._store.save_many(records, self._policy, due, failing)
             done.set_result(True)
         except StoreUnavailable:
+            for name, due_ms in due.items():
+                if len(self._due) >= _MAX_PENDING_GIVE_BACKS:
+                    del self._due[next(iter(self._due))]
+                self._due.setdefault(name, due_ms)
+            if self._due and self._retry is None:
+                self._retry = asyncio.get_running_loop().call_later(_RETRY_S, self._retry_due)
             done.set_result(False)
         except Exception as exc:  # a bug: every waiter raises it
             done.set_exception(exc)
@@ -63,6 +80,14 @@ class WriteBehind:
             if not done.done():  # cancelled (shutdown): the waiters are being cancelled too
                 done.cancel()
 
+    def _retry_due(self) -> None:
+        self._retry = None
+        if self._due:
+            self._next_flush()
+
     async def close(self) -> None:
-        """Let the flushes under way finish."""
+        """Let the flushes under way finish (claims still waiting for Redis lapse by
+        themselves)."""
+        if self._retry is not None:
+            self._retry.cancel()
         await asyncio.gather(*self._flushes, return_exceptions=True)
