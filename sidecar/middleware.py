@@ -48,7 +48,8 @@ COUNTED: web.ResponseKey[bool] = web.ResponseKey("counted", bool)
 _KINDS = {"hit": "hit", "stale": "stale", "stale-if-error": "stale_if_error",
           "negative": "negative", "miss": "miss"}  # fmt: skip
 _STAT_NAMES = {label: f"answers.{label}" for label in (*_KINDS.values(), "bypass", "error")}
-#: A handler's ``route`` label when its routes are counted together (``passthrough``, ``admin``).
+#: A handler's ``route`` label when its routes are counted together (``passthrough``: the
+#: relay, ``admin``).
 ROUTE_GROUP: web.RequestKey[str] = web.RequestKey("route_group", str)
 #: The route an access line names for an answer whose route has no template of its own
 #: (the relay's ``relay:<family>``).

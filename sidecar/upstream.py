@@ -102,12 +102,6 @@ class Upstream:
     ) -> None:
         self._stats = stats
         self.session = session
-        self.stream_timeout = aiohttp.ClientTimeout(
-            total=None,
-            sock_connect=settings.upstream_connect_timeout_s,
-            sock_read=settings.upstream_timeout_s,
-        )
-        """For pass-through calls, whose bodies may take longer than one lookup."""
         self._kind = settings.upstream_kind
         self._timeout_s = settings.upstream_timeout_s
         self._base = upstream_base(settings)
@@ -162,7 +156,7 @@ class Upstream:
         return UpstreamReply(status, self._error_body(status, raw, provider), None, retry_after)
 
     def observe(self, provider: str, status: int | None, seconds: float) -> None:
-        """Count one upstream call (also used by the pass-through proxy)."""
+        """Count one retrieval's upstream call (the relay counts its own, apart)."""
         if status is None or status >= 500:
             self.last_failure = time.monotonic()
         if self._stats is not None:
