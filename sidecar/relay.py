@@ -252,7 +252,12 @@ async def _forward(
                     chunk, held = held, chunk
                 async with asyncio.timeout(relay.idle_s):  # a client that stopped reading
                     await response.write(chunk)
-        relay.watcher.discard(task)
+        if relay.watcher.discard(task):
+            # The client left just now and its cancellation is still pending: taken here, it
+            # cannot cut what the cache must do for a change that did happen upstream.
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(0)
+            task.uncancel()
         await finish(response, b"".join(kept) if kept is not None else None)
         async with asyncio.timeout(relay.idle_s):
             await response.write(held)
@@ -318,10 +323,12 @@ class Watcher:
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(_WATCH_EVERY_S, self._check)
 
-    def discard(self, task: asyncio.Task[object]) -> None:
-        """Stop watching."""
+    def discard(self, task: asyncio.Task[object]) -> bool:
+        """Stop watching; whether ``task`` was cancelled here."""
         self._watched.pop(task, None)
+        left = task in self._left
         self._left.discard(task)
+        return left
 
     def left(self, task: asyncio.Task[object]) -> bool:
         """Whether ``task`` was cancelled here because its client went away."""
