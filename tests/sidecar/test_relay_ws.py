@@ -83,3 +83,25 @@ async def test_two_different_keys_on_a_websocket_are_refused(
         await http.ws_connect(f"{relay.url}/t/ws", protocols=(KEY_PROTOCOL,), headers=headers)
     assert refused.value.status == 400
     assert upstream.seen == []
+
+
+async def test_an_upstream_that_fails_closes_the_clients_websocket(
+    relay: Running, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    async def drop(request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.receive()
+        assert request.transport is not None
+        request.transport.close()  # gone without a close frame
+        return ws
+
+    upstream.handlers["drop"] = drop
+    async with (
+        asyncio.timeout(20),
+        http.ws_connect(f"{relay.url}/t/drop", protocols=(KEY_PROTOCOL,)) as ws,
+    ):
+        await ws.send_str("anything")
+        message = await ws.receive()
+        assert message.type is WSMsgType.CLOSE
+        assert message.data == 1011  # the relay's word for a side that failed
