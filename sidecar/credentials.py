@@ -1,6 +1,6 @@
 """The caller's credential: the one definition of which headers identify a caller.
 
-Retrieval, pass-through, cache seeding and forwarding all use the :class:`Credential` read here
+Retrieval, the relay, cache seeding and forwarding all use the :class:`Credential` read here
 once per request, so no two places can disagree about who is asking. Its ``headers`` are exactly
 what the upstream authenticates with (and are forwarded as they are); its ``fingerprint``
 (HMAC-SHA256 under ``SIDECAR_KEY_SECRET``) is the only form of them that leaves the process:

@@ -11,11 +11,12 @@ SidecarError                      an answer that is not a container
 │   ├── NotFound                  404: no such cache entry (admin)
 │   ├── MethodNotAllowed          405: the route takes other methods
 │   ├── MalformedRequest          400: the HTTP parser refused the request
+│   ├── RequestTimeout            408: the request's body stalled (relay)
 │   ├── UnsupportedVersion        505: not HTTP/1.x
 │   └── NotCached                 504: ``only-if-cached`` and nothing usable cached
 ├── UpstreamReplyError            the upstream answered this caller an error: relayed as it came
 ├── UpstreamBackingOff            503: the upstream failed lately; not asked again yet
-├── SidecarBusy                   503: the sidecar's own upstream connections are all in use
+├── Overloaded                    503: the sidecar's own upstream connections are all in use
 └── UpstreamFailure               the upstream could not be reached or made no sense
     ├── UpstreamTimeout           504
     ├── UpstreamUnavailable       502: connection refused, reset, DNS...
@@ -35,9 +36,10 @@ __all__ = [
     "MissingCredential",
     "NotCached",
     "NotFound",
+    "Overloaded",
     "RequestError",
+    "RequestTimeout",
     "RouteNotFound",
-    "SidecarBusy",
     "SidecarError",
     "StoreUnavailable",
     "UnsupportedOperation",
@@ -126,6 +128,13 @@ class MalformedRequest(RequestError):
     code = "malformed_request"
 
 
+class RequestTimeout(RequestError):
+    """A relayed request's body stalled longer than ``SIDECAR_RELAY_IDLE_TIMEOUT_S``: 408."""
+
+    status = 408
+    code = "request_timeout"
+
+
 class UnsupportedVersion(RequestError):
     """A request in an HTTP version other than 1.x: 505, as Go's server (the gateway) answers."""
 
@@ -165,13 +174,13 @@ class UpstreamBackingOff(SidecarError):
         self.retry_after = str(retry_after_s)
 
 
-class SidecarBusy(SidecarError):
-    """Every upstream connection this sidecar may open is in use: 503 (its own limit, not
-    the upstream's fault)."""
+class Overloaded(SidecarError):
+    """Every upstream connection of a pool (retrievals', or the relay's) stayed busy past its
+    wait: 503. The sidecar's own limit, never counted against the upstream."""
 
     status = 503
-    type = "sidecar_busy"
-    code = "upstream_connections_exhausted"
+    type = "server_error"
+    code = "sidecar_overloaded"
     retry_after = "1"
 
 

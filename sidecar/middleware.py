@@ -29,11 +29,13 @@ if TYPE_CHECKING:
     from sidecar.state import Services
 
 __all__ = [
+    "ACCESS_ROUTE",
     "COUNTED",
     "OUTCOME",
     "ROUTE_GROUP",
     "answer_middleware",
     "count_answer",
+    "count_route",
     "error_response",
     "outcome_label",
 ]
@@ -46,8 +48,12 @@ COUNTED: web.ResponseKey[bool] = web.ResponseKey("counted", bool)
 _KINDS = {"hit": "hit", "stale": "stale", "stale-if-error": "stale_if_error",
           "negative": "negative", "miss": "miss"}  # fmt: skip
 _STAT_NAMES = {label: f"answers.{label}" for label in (*_KINDS.values(), "bypass", "error")}
-#: A handler's ``route`` label when its routes are counted together (``passthrough``, ``admin``).
+#: A handler's ``route`` label when its routes are counted together (``passthrough``: the
+#: relay, ``admin``).
 ROUTE_GROUP: web.RequestKey[str] = web.RequestKey("route_group", str)
+#: The route an access line names for an answer whose route has no template of its own
+#: (the relay's ``relay:<family>``).
+ACCESS_ROUTE: web.ResponseKey[str] = web.ResponseKey("access_route", str)
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +158,11 @@ def _observe(request: web.Request, response: web.StreamResponse, started: float)
     if route in OPS_PATHS:
         return
     route = request.get(ROUTE_GROUP, route)
-    services = request.app[SERVICES]
     label = outcome_label(response.get(OUTCOME), response.status)
-    services.metrics.answered(route, label, time.perf_counter() - started)
+    count_route(request.app[SERVICES], route, label, time.perf_counter() - started)
+
+
+def count_route(services: Services, route: str, label: str, seconds: float) -> None:
+    """Count one answer under a route (or route group) and outcome word."""
+    services.metrics.answered(route, label, seconds)
     services.stats.add(_STAT_NAMES.get(label) or f"answers.{label}")

@@ -17,7 +17,7 @@ import msgspec
 from multidict import CIMultiDict
 
 from sidecar import __version__
-from sidecar.errors import SidecarBusy, UpstreamMalformed, UpstreamTimeout, UpstreamUnavailable
+from sidecar.errors import Overloaded, UpstreamMalformed, UpstreamTimeout, UpstreamUnavailable
 from sidecar.metrics import Metrics, status_class
 from sidecar.records import Record
 from sidecar.settings import Settings, upstream_base
@@ -103,16 +103,10 @@ class Upstream:
     ) -> None:
         self._stats = stats
         self.session = session
-        self.stream_timeout = aiohttp.ClientTimeout(
-            total=None,
-            sock_connect=settings.upstream_connect_timeout_s,
-            sock_read=settings.upstream_timeout_s,
-        )
-        """For pass-through calls, whose bodies may take longer than one lookup."""
         self._kind = settings.upstream_kind
         self._timeout_s = settings.upstream_timeout_s
         # The session's pool, counted here: a call that cannot get a connection in time is the
-        # sidecar's own exhaustion (SidecarBusy), never taken for an upstream failure.
+        # sidecar's own exhaustion (Overloaded), never taken for an upstream failure.
         self._slots = asyncio.Semaphore(settings.upstream_max_connections)
         self._slot_wait_s = settings.upstream_connect_timeout_s
         self._base = upstream_base(settings)
@@ -141,7 +135,7 @@ class Upstream:
             async with asyncio.timeout(self._slot_wait_s):
                 await self._slots.acquire()
         except TimeoutError:
-            raise SidecarBusy(
+            raise Overloaded(
                 "every upstream connection of this sidecar is in use; try again shortly"
             ) from None
         try:
@@ -180,7 +174,7 @@ class Upstream:
         return UpstreamReply(status, self._error_body(status, raw, provider), None, retry_after)
 
     def observe(self, provider: str, status: int | None, seconds: float) -> None:
-        """Count one upstream call (also used by the pass-through proxy)."""
+        """Count one retrieval's upstream call (the relay counts its own, apart)."""
         if status is None or status >= 500:
             self.last_failure = time.monotonic()
         if self._stats is not None:

@@ -137,6 +137,20 @@ async def test_json_access_lines_say_what_happened_without_credentials(
     assert not [line for line in logs.lines() if line["level"] in ("WARNING", "ERROR")]
 
 
+async def test_a_relayed_request_gets_one_access_line_naming_its_family(
+    serve: Callable[..., Any], http: aiohttp.ClientSession, capture: Callable[[str], Captured]
+) -> None:
+    logs = capture("json")
+    base = await serve()
+    async with http.post(f"{base}/openai/v1/chat/completions?secret-ish=x", json={},
+                         headers=AUTH) as response:  # fmt: skip
+        await response.read()
+    (line,) = logs.access()
+    assert (line["method"], line["route"]) == ("POST", "relay:chat")
+    assert line["status"] == response.status
+    assert "secret-ish" not in logs.text  # a family, never the path
+
+
 async def test_text_access_lines_are_readable(
     serve: Callable[..., Any],
     emulator: Emulator,
