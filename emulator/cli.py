@@ -49,6 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--latency-ms", type=_latency, default=0.0, help="delay added to every API answer"
     )
     parser.add_argument(
+        "--stream-delay-ms",
+        type=_latency,
+        default=0.0,
+        help="pause between two events of a streamed answer (chat completions, responses)",
+    )
+    parser.add_argument(
         "--project",
         action="append",
         default=[],
@@ -118,6 +124,7 @@ def config_from_args(ns: argparse.Namespace) -> EmulatorConfig:
     )
     return EmulatorConfig(
         latency_ms=ns.latency_ms,
+        stream_delay_ms=ns.stream_delay_ms,
         projects=projects,
         revoked_keys=frozenset(ns.revoked_key),
         default_expires_minutes=ns.default_expires_minutes,

@@ -33,6 +33,8 @@ class EmulatorConfig(msgspec.Struct, frozen=True, kw_only=True):
     """
 
     latency_ms: float = 0.0
+    # The pause between two events of a stream (chat completions, responses).
+    stream_delay_ms: float = 0.0
     # Groups of API keys sharing one project; a key listed nowhere is a project of its own.
     projects: tuple[tuple[str, ...], ...] = ()
     # Keys answered with OpenAI's 401 invalid_api_key.
@@ -50,8 +52,8 @@ class EmulatorConfig(msgspec.Struct, frozen=True, kw_only=True):
     gateway_version: GatewayVersion = "current"
 
     def __post_init__(self) -> None:
-        if self.latency_ms < 0:
-            raise ValueError("latency_ms must be >= 0")
+        if self.latency_ms < 0 or self.stream_delay_ms < 0:
+            raise ValueError("latency_ms and stream_delay_ms must be >= 0")
         if not 1 <= self.default_expires_minutes <= 1440:
             raise ValueError("default_expires_minutes must be between 1 and 1440")
         keys = [key for group in self.projects for key in group]
@@ -77,7 +79,8 @@ class EmulatorConfig(msgspec.Struct, frozen=True, kw_only=True):
     def __repr__(self) -> str:
         # The keys are secrets, even in an emulator: show only how many there are.
         return (
-            f"EmulatorConfig(latency_ms={self.latency_ms}, projects=<{len(self.projects)} groups>, "
+            f"EmulatorConfig(latency_ms={self.latency_ms}, stream_delay_ms={self.stream_delay_ms}, "
+            f"projects=<{len(self.projects)} groups>, "
             f"revoked_keys=<{len(self.revoked_keys)} keys>, "
             f"default_expires_minutes={self.default_expires_minutes}, "
             f"custom_providers={dict(self.custom_providers)!r}, "

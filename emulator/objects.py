@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import secrets
 import string
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -24,7 +25,8 @@ def new_id(prefix: str) -> str:
 
 
 class StoredFile(msgspec.Struct, kw_only=True):
-    """A file of the Files API (``POST /v1/files``), which ``file_ids`` and ``file_id`` copy."""
+    """A file of the Files API (``POST /v1/files``), which ``file_ids`` and ``file_id`` copy;
+    its bytes are on disk, at ``path``."""
 
     id: str
     seq: int
@@ -32,13 +34,19 @@ class StoredFile(msgspec.Struct, kw_only=True):
     created_at: int
     filename: str
     purpose: str
-    content: bytes
+    path: Path
+    size: int
+    sha256: str
+
+    @property
+    def content(self) -> bytes:
+        return self.path.read_bytes()
 
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "object": "file",
-            "bytes": len(self.content),
+            "bytes": self.size,
             "created_at": self.created_at,
             "filename": self.filename,
             "purpose": self.purpose,
