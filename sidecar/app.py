@@ -11,7 +11,7 @@ from typing import Any, Protocol
 import aiohttp
 from aiohttp import web
 
-from sidecar import admin, health, proxy, tracing
+from sidecar import admin, health, relay, tracing
 from sidecar.announce import listen_for_changes
 from sidecar.connections import close_redis, create_redis, create_subscriber
 from sidecar.credentials import CredentialReader
@@ -41,8 +41,6 @@ EMBEDDED_SERVER: web.AppKey[Any] = web.AppKey("embedded_server", object)
 EMBEDDED_WORKER: web.AppKey[Any] = web.AppKey("embedded_worker", object)
 REFRESHER: web.AppKey[Any] = web.AppKey("refresher", object)
 
-#: The prefixes under which the rest of the container API is proxied.
-PROXY_PREFIXES = ("/openai/v1", "/openai", "/v1")
 #: The ``route`` label values besides the retrieval routes (a closed set).
 ROUTE_GROUPS = {"passthrough": ("bypass", "error"), "admin": ("bypass", "error"),
                 "unmatched": ("error",)}  # fmt: skip
@@ -79,14 +77,13 @@ def create_app(
     app[EMBEDDED_SERVER] = embedded_server
     app[EMBEDDED_WORKER] = embedded_worker
     app[LIFECYCLE] = Lifecycle()
-    app.cleanup_ctx.extend([_redis, _http, _refresher, _services, _background])
+    app.cleanup_ctx.extend([_redis, _http, _refresher, _services, relay.relay_ctx, _background])
     app.on_shutdown.append(_drain)
     for path, handler in RETRIEVE_ROUTES.items():
         app.router.add_get(path, handler, allow_head=False)
-    for prefix in PROXY_PREFIXES:
-        proxy.add_routes(app.router, prefix)
     health.add_routes(app.router)
     admin.add_routes(app.router)
+    relay.add_route(app.router)  # last: everything else goes to the upstream as it came
     return app
 
 

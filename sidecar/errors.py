@@ -11,9 +11,11 @@ SidecarError                      an answer that is not a container
 │   ├── NotFound                  404: no such cache entry (admin)
 │   ├── MethodNotAllowed          405: the route takes other methods
 │   ├── MalformedRequest          400: the HTTP parser refused the request
+│   ├── RequestTimeout            408: the request's body stalled (relay)
 │   ├── UnsupportedVersion        505: not HTTP/1.x
 │   └── NotCached                 504: ``only-if-cached`` and nothing usable cached
 ├── UpstreamReplyError            the upstream answered an error: relayed as it came
+├── Overloaded                    503: no relay connection came free in time
 └── UpstreamFailure               the upstream could not be reached or made no sense
     ├── UpstreamTimeout           504
     ├── UpstreamUnavailable       502: connection refused, reset, DNS...
@@ -33,7 +35,9 @@ __all__ = [
     "MissingCredential",
     "NotCached",
     "NotFound",
+    "Overloaded",
     "RequestError",
+    "RequestTimeout",
     "RouteNotFound",
     "SidecarError",
     "StoreUnavailable",
@@ -120,6 +124,13 @@ class MalformedRequest(RequestError):
     code = "malformed_request"
 
 
+class RequestTimeout(RequestError):
+    """A relayed request's body stalled longer than ``SIDECAR_RELAY_IDLE_TIMEOUT_S``: 408."""
+
+    status = 408
+    code = "request_timeout"
+
+
 class UnsupportedVersion(RequestError):
     """A request in an HTTP version other than 1.x: 505, as Go's server (the gateway) answers."""
 
@@ -144,6 +155,15 @@ class UpstreamReplyError(SidecarError):
         self.body = body
         """The error in the gateway's shape, ready JSON."""
         self.retry_after = retry_after
+
+
+class Overloaded(SidecarError):
+    """Every relay connection stayed busy past ``SIDECAR_RELAY_QUEUE_TIMEOUT_S``: 503. The
+    sidecar's own limit, never counted against the upstream."""
+
+    status = 503
+    type = "server_error"
+    code = "relay_overloaded"
 
 
 class UpstreamFailure(SidecarError):

@@ -287,12 +287,13 @@ class AccessLogger(AbstractAccessLogger):
     """One INFO line per answered request, none for probes and metrics; no header values but a
     plausible ``X-Request-Id``. aiohttp makes one per connection and checks ``enabled`` then."""
 
-    __slots__ = ("_label", "_outcome", "_traced")
+    __slots__ = ("_label", "_outcome", "_route", "_traced")
 
     def __init__(self, logger: logging.Logger, log_format: str) -> None:
         super().__init__(logger, log_format)
         middleware = _middleware()
         self._outcome = middleware.OUTCOME
+        self._route = middleware.ACCESS_ROUTE
         self._label = middleware.outcome_label
         self._traced = tracing.is_enabled()
 
@@ -306,7 +307,8 @@ class AccessLogger(AbstractAccessLogger):
         try:
             if request.path in OPS_PATHS:
                 return
-            route = getattr(response, "route", None)  # a hit lane answer names its route
+            # A hit lane answer names its route; a relayed one its family.
+            route = getattr(response, "route", None) or response.get(self._route)
             if route is None:
                 try:
                     resource = cast("web.Request", request).match_info.route.resource

@@ -35,6 +35,7 @@ __all__ = [
     "CONTENT_TYPE",
     "OUTCOMES",
     "REFRESH_EVENTS",
+    "RELAY_FAMILIES",
     "STATUS_CLASSES",
     "Metrics",
     "counter",
@@ -45,6 +46,8 @@ __all__ = [
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
                     2.5, 5, 10)  # fmt: skip
+# Relayed exchanges run from a millisecond (a small JSON call) to an hour (a realtime session).
+_RELAY_BUCKETS = (0.001, 0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 _AGE_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
 
 #: The closed label sets.
@@ -53,6 +56,12 @@ STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx", "error")
 CALLERS = ("sidecar", "worker")
 REFRESH_EVENTS = ("enqueued", "deduplicated", "succeeded", "failed", "retried", "skipped")
 COLLAPSE_SCOPES = ("process", "replica")
+#: What a relayed request is about, from its path (``sidecar.relay.family``).
+RELAY_FAMILIES = ("chat", "completions", "responses", "embeddings", "files", "audio", "images",
+                  "models", "containers", "batches", "realtime", "other")  # fmt: skip
+#: A relayed answer's status class: a websocket's is ``1xx`` (101); ``error`` when the relay
+#: itself failed or the client left before an answer.
+RELAY_STATUS_CLASSES = ("1xx", *STATUS_CLASSES)
 OTHER_PROVIDER = "other"
 
 
@@ -246,16 +255,30 @@ class Metrics:
             ["event"],
         )
         self.redis_errors = Family("sidecar_redis_errors_total", "Redis commands that failed")
+        self.relayed = Family(
+            "sidecar_relayed_requests_total",
+            "Requests relayed to the upstream, by route family and the status class answered",
+            ["family", "status_class"],
+        )
+        self.relay_seconds = Family(
+            "sidecar_relay_duration_seconds",
+            "Duration of relayed exchanges, a stream or websocket counted once, whole",
+            ["family"],
+            buckets=_RELAY_BUCKETS,
+        )
         self.families = (
             self.requests, self.request_seconds, self.served_age, self.upstream,
             self.upstream_seconds, self.throttled, self.collapsed, self.refresh_jobs,
-            self.redis_errors,
+            self.redis_errors, self.relayed, self.relay_seconds,
         )  # fmt: skip
         self.upstream.create(provider_labels, STATUS_CLASSES, CALLERS)
         self.upstream_seconds.create(provider_labels, CALLERS)
         self.throttled.create(provider_labels)
         self.collapsed.create(COLLAPSE_SCOPES)
         self.refresh_jobs.create(REFRESH_EVENTS)
+        if component == "sidecar":
+            self.relayed.create(RELAY_FAMILIES, RELAY_STATUS_CLASSES)
+            self.relay_seconds.create(RELAY_FAMILIES)
         self._answers: dict[tuple[str, str], tuple[CounterChild, HistogramChild]] = {}
         for route in routes:
             self.route(route, OUTCOMES)

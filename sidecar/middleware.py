@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from sidecar.state import Services
 
 __all__ = [
+    "ACCESS_ROUTE",
     "COUNTED",
     "OUTCOME",
     "ROUTE_GROUP",
@@ -48,6 +49,9 @@ _KINDS = {"hit": "hit", "stale": "stale", "stale-if-error": "stale_if_error",
 _STAT_NAMES = {label: f"answers.{label}" for label in (*_KINDS.values(), "bypass", "error")}
 #: A handler's ``route`` label when its routes are counted together (``passthrough``, ``admin``).
 ROUTE_GROUP: web.RequestKey[str] = web.RequestKey("route_group", str)
+#: The route an access line names for an answer whose route has no template of its own
+#: (the relay's ``relay:<family>``).
+ACCESS_ROUTE: web.ResponseKey[str] = web.ResponseKey("access_route", str)
 
 log = logging.getLogger(__name__)
 

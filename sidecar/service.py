@@ -437,6 +437,11 @@ class ContainerService:
         self.local.drop(provider, container_id)
         await self._quietly(self.store.delete(provider, container_id))
 
+    async def revalidate(self, provider: str, container_id: str) -> None:
+        """A container was changed through this sidecar (a file added, a command run): its
+        cached record must be checked with the upstream before it is served again."""
+        await self.forget(provider, container_id)
+
     async def _quietly(self, write: Awaitable[object]) -> bool:
         """Await a store write; Redis trouble is not the caller's problem."""
         try:

@@ -186,6 +186,17 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     admin_token: Secret | None = None
     """Bearer token of the admin endpoints (``/api/cache/...``); empty: endpoints off."""
 
+    # -- relay (every request the cache does not answer)
+    relay_max_connections: Positive = 256
+    """Connections the relay may hold to the upstream at once, a pool of its own: relayed
+    traffic never takes the retrievals' connections. A websocket holds one for its life."""
+    relay_queue_timeout_s: Seconds = 1.0
+    """How long a relayed request waits for a connection when all are busy; then 503."""
+    relay_idle_timeout_s: Seconds = 600.0
+    """The longest silence allowed in a relayed exchange: the upstream's answer (before its
+    first byte or between two), the client's request body, a client not reading the answer.
+    No total limit: a healthy stream lasts as long as it needs. A stalled body gets 408."""
+
     @property
     def refresh_enabled(self) -> bool:
         """True when some provider has a service credential: workers refresh in background."""

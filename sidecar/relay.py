@@ -1,0 +1,322 @@
+"""The relay: every request the cache does not answer goes to the upstream as the app sent it.
+
+The app's catch-all route, so one base URL serves everything the gateway does, future routes
+included. Method, path and query go byte for byte (never decoded and encoded again), headers
+less the hop-by-hop ones (RFC 9110 section 7.6.1), bodies streamed both ways with back-pressure;
+the upstream's status, headers and body come back as sent (compressed bodies and redirects too).
+No total timeout: an idle timeout on both directions. A client that goes away cancels the
+upstream call at once. The relay has a bounded pool of its own, so relayed traffic never takes
+the retrievals' connections; its own failures are answered in the gateway's shape and never
+counted against the upstream. Websockets: ``sidecar.relay_ws``.
+
+Container routes keep the cache right (``sidecar.relay_routes``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from sidecar import relay_ws, tracing
+from sidecar.credentials import Credential, check_forwardable, identity_header
+from sidecar.errors import Overloaded, RequestTimeout, UpstreamTimeout, UpstreamUnavailable
+from sidecar.metrics import Metrics, status_class
+from sidecar.middleware import ACCESS_ROUTE, OUTCOME, ROUTE_GROUP
+from sidecar.relay_routes import container_call, family, keep_cache_right, target
+from sidecar.settings import Settings, upstream_base
+from sidecar.state import SERVICES
+
+__all__ = ["RELAY", "Relay", "Watcher", "add_route", "end_to_end", "forward_headers", "relay_ctx"]
+
+log = logging.getLogger(__name__)
+
+_HOP_BY_HOP = frozenset({"connection", "keep-alive", "te", "trailer", "transfer-encoding",
+                         "upgrade"})  # fmt: skip
+# What this hop sets itself (Host: the upstream's), on top of the hop-by-hop headers.
+_REQUEST_OWN = frozenset({"host"})
+# Headers aiohttp's client would add (Accept-Encoding would make the upstream compress what the
+# app never asked compressed): only what the app sent goes.
+_NO_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+_CLIENT_LEFT = 499  # nginx's word for it, in the access log and the metrics
+_WATCH_EVERY_S = 0.05
+_SEED_MAX = 1 << 20  # a list answer holds at most 100 containers: far less
+_FAMILY_PREFIXES = ("openai", "anthropic", "genai", "litellm", "langchain", "v1", "v1beta")
+_FAMILIES = {"chat": "chat", "messages": "chat", "completions": "completions",
+             "responses": "responses", "embeddings": "embeddings", "files": "files",
+             "uploads": "files", "audio": "audio", "images": "images", "models": "models",
+             "containers": "containers", "batches": "batches", "realtime": "realtime"}  # fmt: skip
+
+
+def hop_by_hop(name: str, named: frozenset[str]) -> bool:
+    """Whether a lower-case header name is hop-by-hop: RFC 9110 7.6.1's list, ``Proxy-*``, and
+    those ``Connection`` names (``named``)."""
+    return name in _HOP_BY_HOP or name.startswith("proxy-") or name in named
+
+
+def connection_named(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+    """The header names a message's ``Connection`` header lists (hop-by-hop too)."""
+    values = headers.getall("Connection", ())
+    return frozenset(t.strip().lower() for v in values for t in v.split(",") if t.strip())
+
+
+def end_to_end(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """An upstream answer's headers as the client gets them: less the hop-by-hop ones."""
+    named = connection_named(headers)
+    return CIMultiDict((k, v) for k, v in headers.items() if not hop_by_hop(k.lower(), named))
+
+
+def forward_headers(
+    headers: CIMultiDictProxy[str], credential: Credential, kind: str, drop: Iterable[str] = ()
+) -> CIMultiDict[str]:
+    """The client's headers as the upstream gets them: less the hop-by-hop ones and ``drop``,
+    the identity exactly as the credential was read (what the cache keys by)."""
+    named = connection_named(headers) | _REQUEST_OWN | frozenset(drop)
+    forwarded: CIMultiDict[str] = CIMultiDict()
+    for key, value in headers.items():
+        name = key.lower()
+        if not hop_by_hop(name, named) and not identity_header(kind, name):
+            forwarded.add(key, check_forwardable(name, value))
+    forwarded.extend(credential.headers)
+    return forwarded
+
+
+class Relay:
+    """The relay's own pool of upstream connections and what watches its clients."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.idle_s = settings.relay_idle_timeout_s
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=settings.relay_max_connections, ttl_dns_cache=300),
+            timeout=aiohttp.ClientTimeout(
+                total=None,
+                sock_connect=settings.upstream_connect_timeout_s,
+                sock_read=settings.relay_idle_timeout_s,
+            ),
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=_NO_AUTO_HEADERS,
+            read_bufsize=1 << 18,
+            trace_configs=[*tracing.client_trace_configs(), relay_ws.no_redirects()],
+        )
+        self.base = upstream_base(settings)
+        self.watcher = Watcher()
+        self._slots = asyncio.Semaphore(settings.relay_max_connections)
+        self._queue_s = settings.relay_queue_timeout_s
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """One of the pool's connections, waited for at most ``relay_queue_timeout_s``."""
+        if self._slots.locked():
+            try:
+                async with asyncio.timeout(self._queue_s):
+                    await self._slots.acquire()
+            except TimeoutError:
+                log.warning("relay: all %d connections busy", self.settings.relay_max_connections)
+                raise Overloaded(
+                    f"the sidecar's {self.settings.relay_max_connections} relay connections "
+                    f"stayed busy for {self._queue_s:g}s"
+                ) from None
+        else:
+            await self._slots.acquire()
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+    def count(self, route_family: str, status: int | None, started: float) -> None:
+        """Count one relayed exchange, once, with its whole duration."""
+        cls = "1xx" if status == 101 else status_class(status)
+        self.metrics.relayed.labels(route_family, cls).inc()
+        self.metrics.relay_seconds.labels(route_family).observe(time.perf_counter() - started)
+
+    async def close(self) -> None:
+        """Close the pool."""
+        self.watcher.close()
+        await self.session.close()
+
+
+RELAY: web.AppKey[Relay] = web.AppKey("relay", Relay)
+
+
+async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The relay's pool for the application's life."""
+    app[RELAY] = relay = Relay(app[SERVICES].settings, app[SERVICES].metrics)
+    yield
+    await relay.close()
+
+
+async def _defer_continue(request: web.Request) -> None:
+    """``Expect: 100-continue`` goes to the upstream; its 100 reaches the client when it asks
+    for the body (``_body``), and its refusal instead of one."""
+
+
+def add_route(router: web.UrlDispatcher) -> None:
+    """Register the relay for every method and path: last, after the routes the sidecar
+    answers itself."""
+    router.add_route("*", "/{relayed:.*}", handle, expect_handler=_defer_continue)
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    """Relay one request the sidecar does not answer itself."""
+    request[ROUTE_GROUP] = "passthrough"
+    services = request.app[SERVICES]
+    relay = request.app[RELAY]
+    settings = services.settings
+    raw = request.raw_path if request.raw_path.startswith("/") else request.rel_url.raw_path_qs
+    path, mark, query = raw.partition("?")
+    call = container_call(path)
+    websocket = relay_ws.is_upgrade(request)
+    identity = relay_ws.identity(request) if websocket else request.headers.items()
+    credential = services.credentials.read(identity)  # refused here, before anything goes
+    kind = settings.upstream_kind
+    url = URL(relay.base + target(path, mark, query, call, kind), encoded=True)
+    route_family = family(path)
+    started = time.perf_counter()
+    status: int | None = None
+    try:
+        async with relay.slot():
+            if websocket:
+                headers = forward_headers(request.headers, credential, kind,
+                                          relay_ws.HANDSHAKE_HEADERS)  # fmt: skip
+                response = await relay_ws.relay(request, relay.session, url, headers)
+            else:
+                headers = forward_headers(request.headers, credential, kind)
+                keep = call is not None and not call.container_id and request.method != "DELETE"
+                response, body = await _forward(request, relay, url, headers, keep)
+                if call is not None and 200 <= response.status < 300:
+                    await keep_cache_right(services.service, settings, request.method, call,
+                                           query, credential, body)  # fmt: skip
+        status = response.status
+    finally:
+        relay.count(route_family, status, started)
+    response[ACCESS_ROUTE] = f"relay:{route_family}"
+    response[OUTCOME] = "bypass" if response.status < 400 else "error"
+    return response
+
+
+async def _forward(
+    request: web.Request, relay: Relay, url: URL, headers: CIMultiDict[str], keep: bool
+) -> tuple[web.StreamResponse, bytes | None]:
+    """One exchange: the body streamed up, the answer streamed down (and, if ``keep``, a
+    small 200 answer's body kept for the cache)."""
+    stalled: list[bool] = []
+    data = _body(request, relay.idle_s, stalled) if request.body_exists else None
+    response: web.StreamResponse | None = None
+    task = asyncio.current_task()
+    assert task is not None
+    relay.watcher.add(task, request)
+    try:
+        async with relay.session.request(
+            request.method, url, headers=headers, data=data, allow_redirects=False
+        ) as upstream:
+            response = web.StreamResponse(
+                status=upstream.status, reason=upstream.reason, headers=end_to_end(upstream.headers)
+            )
+            await response.prepare(request)
+            kept: list[bytes] | None = [] if keep and upstream.status == 200 else None
+            size = 0
+            async for chunk in upstream.content.iter_any():
+                async with asyncio.timeout(relay.idle_s):  # a client that stopped reading
+                    await response.write(chunk)
+                if kept is not None:
+                    size += len(chunk)
+                    if size > _SEED_MAX:
+                        kept = None
+                    else:
+                        kept.append(chunk)
+            await response.write_eof()
+            return response, b"".join(kept) if kept is not None else None
+    except asyncio.CancelledError:
+        if not relay.watcher.left(task):
+            raise
+        task.uncancel()  # the watcher's own cancellation: the client went away
+        return response or web.Response(status=_CLIENT_LEFT), None
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        if stalled:
+            raise RequestTimeout(f"the request's body stalled for {relay.idle_s:g}s") from exc
+        transport = request.transport
+        if response is not None or transport is None or transport.is_closing():
+            # The client left, or the answer is under way: cut it, so the client sees it cut.
+            if transport is not None:
+                transport.close()
+            return response or web.Response(status=_CLIENT_LEFT), None
+        if isinstance(exc, TimeoutError):
+            raise UpstreamTimeout(f"the upstream sent nothing for {relay.idle_s:g}s") from exc
+        log.info("relay: upstream unreachable: %s: %s", type(exc).__name__, exc)
+        raise UpstreamUnavailable(f"the upstream is unreachable ({type(exc).__name__})") from exc
+    finally:
+        relay.watcher.discard(task)
+
+
+async def _body(request: web.Request, idle_s: float, stalled: list[bool]) -> AsyncIterator[bytes]:
+    """The client's body as it arrives; a silence of ``idle_s`` ends it (``stalled``)."""
+    if request.headers.get("Expect", "").lower() == "100-continue":
+        # The upstream asked for the body: now the client may send it (aiohttp's own way).
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0
+    content = request.content
+    while True:
+        try:
+            async with asyncio.timeout(idle_s):
+                chunk = await content.readany()
+        except TimeoutError:
+            stalled.append(True)
+            raise
+        if not chunk:
+            return
+        yield chunk
+
+
+class Watcher:
+    """Notices clients that went away while their request is relayed and cancels the relay.
+
+    aiohttp cancels no handler when its client leaves (``handler_cancellation`` stays off for
+    the retrievals' sake) and says so only on the transport: one timer checks every relay's
+    transport every 50 ms while any is waiting on the upstream.
+    """
+
+    def __init__(self) -> None:
+        self._watched: dict[asyncio.Task[object], web.Request] = {}
+        self._left: set[asyncio.Task[object]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, task: asyncio.Task[object], request: web.Request) -> None:
+        """Watch ``request``'s client while ``task`` relays it."""
+        self._watched[task] = request
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(_WATCH_EVERY_S, self._check)
+
+    def discard(self, task: asyncio.Task[object]) -> None:
+        """Stop watching."""
+        self._watched.pop(task, None)
+        self._left.discard(task)
+
+    def left(self, task: asyncio.Task[object]) -> bool:
+        """Whether ``task`` was cancelled here because its client went away."""
+        return task in self._left
+
+    def close(self) -> None:
+        """Stop the timer."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check(self) -> None:
+        self._timer = None
+        for task, request in self._watched.items():
+            transport = request.transport
+            if (transport is None or transport.is_closing()) and task not in self._left:
+                self._left.add(task)
+                task.cancel()
+        if self._watched:
+            self._timer = asyncio.get_running_loop().call_later(_WATCH_EVERY_S, self._check)
