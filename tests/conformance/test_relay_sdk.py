@@ -20,7 +20,7 @@ import pytest
 from emulator.inference import MODELS
 from tests.conformance.support import Stack, cache_hit
 
-pytestmark = pytest.mark.xfail(reason="needs the relay (branch relay)", strict=False)
+pytestmark = pytest.mark.timeout(120)
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "stream me please"}]}
 SAY = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hello"}]}
