@@ -47,14 +47,19 @@ async def _take_gateway_fields(request: web.Request, answer: Answer) -> None:
         provider = document.pop("provider", None)
         if isinstance(provider, str) and provider:
             answer.provider = provider
+            answer.provider_given = True
         answer.raw_request = document
         request[BODY] = _encoder.encode(document)
 
 
-def _endpoint(name: str, request_type: str, operation: Operation, *, gateway: bool) -> Handler:
+def _endpoint(
+    name: str, request_type: str, operation: Operation, *, gateway: bool, native: bool
+) -> Handler:
     async def handle(request: web.Request) -> web.StreamResponse:
         state = request.app[EMULATOR_STATE]
-        answer = request[ANSWER] = Answer(request, request_type, state.config, gateway=gateway)
+        config = state.config
+        answer = Answer(request, request_type, config, gateway=gateway, native=native)
+        request[ANSWER] = answer
         container_id = request.match_info.get("container_id")
         state.count(name, container_id)
         state.record_request(name, request.method, request.path_qs, request.headers)
@@ -179,8 +184,7 @@ _ROUTES: tuple[tuple[str, str, str, str, Operation], ...] = (
     ("DELETE", "/files/{file_id}", "upload_delete", "file_delete", _upload_delete),
 )
 _ROUTES += (*inference.ROUTES, ("GET", "/realtime", "realtime", "realtime", realtime))
-# (prefix, answers in the gateway's shape)
-_PREFIXES = (("/v1", False), ("/openai/v1", True), ("/openai", True))
+_GATEWAY_PREFIXES = ("/openai/v1", "/openai")
 
 
 @web.middleware
@@ -192,8 +196,8 @@ async def _unknown_urls(request: web.Request, handler: Handler) -> web.StreamRes
         return await handler(request)
     except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as exc:
         config = request.app[EMULATOR_STATE].config
-        gateway = not (request.path + "/").startswith("/v1/")
-        answer = Answer(request, "", config, gateway=gateway)
+        openai = config.v1_face == "openai" and (request.path + "/").startswith("/v1/")
+        answer = Answer(request, "", config, gateway=not openai)
         return answer.error(ApiError(exc.status, f"Invalid URL ({request.method} {request.path})"))
 
 
@@ -213,9 +217,11 @@ def create_emulator_app(config: EmulatorConfig) -> web.Application:
     app[STOPPING] = asyncio.Event()
     app.on_shutdown.append(_wake_sleepers)
     app.on_cleanup.append(_remove_files)
-    for prefix, gateway in _PREFIXES:
+    native = config.v1_face == "gateway"
+    faces = [("/v1", native, native)] + [(prefix, True, False) for prefix in _GATEWAY_PREFIXES]
+    for prefix, gateway, native in faces:
         for method, path, name, request_type, operation in _ROUTES:
-            handler = _endpoint(name, request_type, operation, gateway=gateway)
+            handler = _endpoint(name, request_type, operation, gateway=gateway, native=native)
             app.router.add_route(method, prefix + path, handler)
     app.router.add_routes(control.routes(state))
     return app

@@ -108,18 +108,27 @@ class Answer:
     """How one API request is authenticated and answered: as OpenAI or as the gateway."""
 
     __slots__ = (
-        "config", "gateway", "inference", "model", "provider", "raw_request", "request_type",
-        "started",
+        "config", "gateway", "inference", "model", "native", "provider", "provider_given",
+        "raw_request", "request_type", "started",
     )  # fmt: skip
 
     def __init__(
-        self, request: web.Request, request_type: str, config: EmulatorConfig, *, gateway: bool
+        self,
+        request: web.Request,
+        request_type: str,
+        config: EmulatorConfig,
+        *,
+        gateway: bool,
+        native: bool = False,
     ) -> None:
         self.started = time.perf_counter()
         self.config = config
         self.gateway = gateway
         self.request_type = request_type
         self.inference = request_type in INFERENCE
+        # The gateway's own /v1 routes (not its OpenAI-compatible /openai ones).
+        self.native = native
+        self.provider_given = bool(request.query.get("provider"))
         self.provider = (request.query.get("provider") or "openai") if gateway else "openai"
         self.model = ""
         self.raw_request: dict[str, Any] | None = None
@@ -133,6 +142,8 @@ class Answer:
             if self.config.virtual_keys == "required":
                 raise GatewayRefusal(401, _VK_REQUIRED, type="virtual_key_required", in_body=True)
             key = self.config.gateway_key  # optional virtual keys: the gateway's own key
+        if self.native and not self.inference and not self.provider_given:
+            raise GatewayRefusal(400, "provider query parameter is required")
         base = self.config.base_provider(self.provider)
         if base is None:
             # The gateway's core: getProviderQueue -> "failed to get config for provider".

@@ -54,7 +54,9 @@ def _decode(raw: bytes, kind: type[_Chat] | type[_Responses]) -> Any:
 
 def check_model(answer: Answer, name: str) -> str:
     """The model asked for, known or OpenAI's 404; on the gateway face, ``provider/model``
-    picks the provider."""
+    picks the provider (its native routes take no other form)."""
+    if answer.native and "/" not in name:
+        raise GatewayRefusal(400, "model should be in provider/model format")
     if answer.gateway and "/" in name:
         provider, _, name = name.partition("/")
         if answer.config.base_provider(provider) is None:

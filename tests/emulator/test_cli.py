@@ -50,6 +50,9 @@ async def test_gateway_flags(make_client: MakeClient) -> None:
     assert config.custom_providers == (("my-openai-eu", "openai"), ("my-claude", "anthropic"))
     assert config.container_providers == frozenset({"openai"})
     assert (config.virtual_keys, config.gateway_version) == ("optional", "legacy")
+    assert (defaults.v1_face, config_from_args(parse("--v1-as-gateway")).v1_face) == (
+        "openai", "gateway",
+    )  # fmt: skip
     assert "sk-gw-000000001" not in repr(config)
     client = await make_client(config)
 

@@ -12,7 +12,7 @@ import pytest
 from openai import AsyncOpenAI, AuthenticationError, NotFoundError
 
 from emulator.inference import MODELS
-from tests.emulator.support import KEY, Client, bearer, state_of
+from tests.emulator.support import KEY, Client, MakeClient, bearer, state_of
 
 PREFIXES = ["/v1", "/openai/v1", "/openai"]
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "one two three"}]}
@@ -193,3 +193,28 @@ async def test_the_gateway_takes_the_provider_from_the_model(client: Client) -> 
     response = await client.post("/openai/v1/chat/completions", json=body, headers=bearer(KEY))
     assert response.status == 400
     assert "failed to get config for provider nowhere" in (await response.text())
+
+
+async def test_v1_can_be_the_gateways_native_face(make_client: MakeClient) -> None:
+    client = await make_client(v1_face="gateway")
+    response = await client.post("/v1/chat/completions", json=CHAT, headers=bearer(KEY))
+    assert response.status == 400
+    assert (await response.json())["error"]["message"] == "model should be in provider/model format"
+    body = {**CHAT, "model": "openai/gpt-4o-mini"}
+    response = await client.post("/v1/chat/completions", json=body, headers=bearer(KEY))
+    assert (await response.json())["extra_fields"]["request_type"] == "chat_completion"
+    response = await client.post("/v1/chat/completions", json=body)
+    assert (await response.json())["type"] == "virtual_key_required"
+
+    container = await (await client.post(
+        "/v1/containers", json={"name": "box", "provider": "openai"}, headers=bearer(KEY)
+    )).json()  # fmt: skip
+    path = f"/v1/containers/{container['id']}"
+    response = await client.get(path, headers=bearer(KEY))
+    assert (response.status, (await response.json())["error"]["message"]) == (
+        400, "provider query parameter is required",
+    )  # fmt: skip
+    response = await client.get(path + "?provider=openai", headers=bearer(KEY))
+    assert (await response.json())["extra_fields"]["request_type"] == "container_retrieve"
+    response = await client.get("/v1/nowhere", headers=bearer(KEY))
+    assert (response.status, (await response.json())["is_bifrost_error"]) == (404, False)
