@@ -12,15 +12,35 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import msgspec
 import pytest
 
+from emulator import EmulatorConfig, create_emulator_app
 from emulator.inference import MODELS
-from tests.conformance.support import Stack, cache_hit
+from tests.conformance.conftest import MakeStack
+from tests.conformance.support import Stack, cache_hit, extra_fields
+from tests.conftest import Emulator, start_app, stop_app
 
 pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(params=["openai", "bifrost"])
+async def kind_stack(
+    request: pytest.FixtureRequest, make_stack: MakeStack, emulator_config: EmulatorConfig
+) -> AsyncIterator[Stack]:
+    """Each upstream kind; the gateway is a gateway alone, its /v1 routes the native ones."""
+    if request.param == "openai":
+        yield await make_stack("openai")
+        return
+    config = msgspec.structs.replace(emulator_config, v1_face="gateway")
+    running = await start_app(create_emulator_app(config))
+    yield await make_stack("bifrost", upstream=Emulator(running.url, running.app, running.runner))
+    await stop_app(running)
+
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "stream me please"}]}
 SAY = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hello"}]}
@@ -31,7 +51,11 @@ async def test_chat_completion_events_arrive_one_by_one(kind_stack: Stack, prefi
     streams = kind_stack.emulator.state.streams
     streams.pace()
     client = kind_stack.sdk(base_url=kind_stack.sidecar.url + prefix)
-    stream = await client.chat.completions.create(**CHAT, stream=True)  # type: ignore[call-overload]
+    # The gateway's native routes take provider/model names only.
+    model = (
+        "openai/gpt-4o-mini" if kind_stack.kind == "bifrost" and prefix == "/v1" else CHAT["model"]
+    )
+    stream = await client.chat.completions.create(**CHAT | {"model": model}, stream=True)  # type: ignore[call-overload]
     words: list[str] = []
     async with asyncio.timeout(10):
         async for chunk in stream:
@@ -150,7 +174,10 @@ async def test_a_browser_realtime_session_and_its_close_code(kind_stack: Stack) 
 
 async def test_container_lookups_are_still_answered_from_the_cache(kind_stack: Stack) -> None:
     client = kind_stack.sdk()
-    await client.chat.completions.create(**CHAT)  # type: ignore[call-overload]
+    chat = await client.chat.completions.with_raw_response.create(**CHAT)  # type: ignore[call-overload]
+    assert chat.parse().choices[0].message.content == "You said: stream me please"
+    if kind_stack.kind == "bifrost":
+        assert extra_fields(chat)["request_type"] == "chat_completion"
     container = await client.containers.create(name="beside-inference")
     first = await client.containers.with_raw_response.retrieve(container.id)
     second = await client.containers.with_raw_response.retrieve(container.id)
