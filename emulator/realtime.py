@@ -38,7 +38,7 @@ _BETA = {
 class _Session:
     """One websocket's conversation: what it sends and what it was told."""
 
-    def __init__(self, ws: web.WebSocketResponse, streams: Streams, model: str, beta: bool):
+    def __init__(self, ws: web.WebSocketResponse, streams: Streams, model: str, beta: bool) -> None:
         self.ws = ws
         self.streams = streams
         self.beta = beta

@@ -9,7 +9,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from openai import AsyncOpenAI, AuthenticationError, NotFoundError
+from openai import AsyncOpenAI, AuthenticationError, NotFoundError, RateLimitError
 
 from emulator.inference import MODELS
 from tests.emulator.support import KEY, Client, MakeClient, bearer, state_of
@@ -218,3 +218,13 @@ async def test_v1_can_be_the_gateways_native_face(make_client: MakeClient) -> No
     assert (await response.json())["extra_fields"]["request_type"] == "container_retrieve"
     response = await client.get("/v1/nowhere", headers=bearer(KEY))
     assert (response.status, (await response.json())["is_bifrost_error"]) == (404, False)
+
+
+async def test_faults_hit_inference_routes_by_name(
+    client: Client, sdk: Callable[..., AsyncOpenAI]
+) -> None:
+    state_of(client).add_fault("status", status=429, route="chat", count=1)
+    with pytest.raises(RateLimitError):
+        await sdk().chat.completions.create(**CHAT)
+    assert (await sdk().chat.completions.create(**CHAT)).choices[0].message.content
+    assert state_of(client).stats()["calls"]["chat"] == 2
