@@ -35,6 +35,7 @@ __all__ = [
     "ROUTE_GROUP",
     "answer_middleware",
     "count_answer",
+    "count_route",
     "error_response",
     "outcome_label",
 ]
@@ -153,7 +154,11 @@ def _observe(request: web.Request, response: web.StreamResponse, started: float)
     if route in OPS_PATHS:
         return
     route = request.get(ROUTE_GROUP, route)
-    services = request.app[SERVICES]
     label = outcome_label(response.get(OUTCOME), response.status)
-    services.metrics.answered(route, label, time.perf_counter() - started)
+    count_route(request.app[SERVICES], route, label, time.perf_counter() - started)
+
+
+def count_route(services: Services, route: str, label: str, seconds: float) -> None:
+    """Count one answer under a route (or route group) and outcome word."""
+    services.metrics.answered(route, label, seconds)
     services.stats.add(_STAT_NAMES.get(label) or f"answers.{label}")

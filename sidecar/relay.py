@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 import aiohttp
 from aiohttp import web
@@ -27,9 +27,15 @@ from yarl import URL
 
 from sidecar import relay_ws, tracing
 from sidecar.credentials import Credential, check_forwardable, identity_header
-from sidecar.errors import Overloaded, RequestTimeout, UpstreamTimeout, UpstreamUnavailable
+from sidecar.errors import (
+    Overloaded,
+    RequestTimeout,
+    SidecarError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from sidecar.metrics import Metrics, status_class
-from sidecar.middleware import ACCESS_ROUTE, OUTCOME, ROUTE_GROUP
+from sidecar.middleware import ACCESS_ROUTE, COUNTED, OUTCOME, ROUTE_GROUP, count_route
 from sidecar.relay_routes import container_call, family, keep_cache_right, target
 from sidecar.settings import Settings, upstream_base
 from sidecar.state import SERVICES
@@ -182,7 +188,19 @@ async def handle(request: web.Request) -> web.StreamResponse:
     url = URL(relay.base + target(path, mark, query, call, kind), encoded=True)
     route_family = family(path)
     started = time.perf_counter()
-    status: int | None = None
+
+    async def finish(response: web.StreamResponse, body: bytes | None) -> None:
+        # Before the client has the whole answer: a client that deletes a container and reads
+        # it back at once must not get the cached copy, nor a scrape miss the count.
+        if call is not None and 200 <= response.status < 300:
+            await keep_cache_right(services.service, settings, request.method, call, query,
+                                   credential, body)  # fmt: skip
+        label = "bypass" if response.status < 400 else "error"
+        response[OUTCOME], response[COUNTED] = label, True
+        response[ACCESS_ROUTE] = f"relay:{route_family}"
+        count_route(services, "passthrough", label, time.perf_counter() - started)
+        relay.count(route_family, response.status, started)
+
     try:
         async with relay.slot():
             if websocket:
@@ -192,23 +210,25 @@ async def handle(request: web.Request) -> web.StreamResponse:
             else:
                 headers = forward_headers(request.headers, credential, kind)
                 keep = call is not None and not call.container_id and request.method != "DELETE"
-                response, body = await _forward(request, relay, url, headers, keep)
-                if call is not None and 200 <= response.status < 300:
-                    await keep_cache_right(services.service, settings, request.method, call,
-                                           query, credential, body)  # fmt: skip
-        status = response.status
-    finally:
-        relay.count(route_family, status, started)
-    response[ACCESS_ROUTE] = f"relay:{route_family}"
-    response[OUTCOME] = "bypass" if response.status < 400 else "error"
+                response = await _forward(
+                    request, relay, url, headers, keep=keep, hold=call is not None, finish=finish
+                )
+    except SidecarError:
+        relay.count(route_family, None, started)
+        raise
+    if COUNTED not in response:  # a websocket, or an answer cut short
+        await finish(response, None)
     return response
 
 
 async def _forward(
-    request: web.Request, relay: Relay, url: URL, headers: CIMultiDict[str], keep: bool
-) -> tuple[web.StreamResponse, bytes | None]:
-    """One exchange: the body streamed up, the answer streamed down (and, if ``keep``, a
-    small 200 answer's body kept for the cache)."""
+    request: web.Request, relay: Relay, url: URL, headers: CIMultiDict[str], *, keep: bool,
+    hold: bool, finish: Callable[[web.StreamResponse, bytes | None], Awaitable[None]],
+) -> web.StreamResponse:  # fmt: skip
+    """One exchange: the body streamed up, the answer streamed down, ``finish`` called before
+    its end is sent (with a small 200 answer's body if ``keep``). With ``hold`` the last chunk
+    waits for ``finish`` too: with a Content-Length the client has all it needs at the last
+    byte, and a container it deleted must already be gone from the cache then."""
     stalled: list[bool] = []
     data = _body(request, relay.idle_s, stalled) if request.body_exists else None
     response: web.StreamResponse | None = None
@@ -225,22 +245,29 @@ async def _forward(
             await response.prepare(request)
             kept: list[bytes] | None = [] if keep and upstream.status == 200 else None
             size = 0
+            held = b""
             async for chunk in upstream.content.iter_any():
-                async with asyncio.timeout(relay.idle_s):  # a client that stopped reading
-                    await response.write(chunk)
                 if kept is not None:
                     size += len(chunk)
                     if size > _SEED_MAX:
                         kept = None
                     else:
                         kept.append(chunk)
+                if hold:
+                    chunk, held = held, chunk
+                async with asyncio.timeout(relay.idle_s):  # a client that stopped reading
+                    await response.write(chunk)
+        relay.watcher.discard(task)
+        await finish(response, b"".join(kept) if kept is not None else None)
+        async with asyncio.timeout(relay.idle_s):
+            await response.write(held)
             await response.write_eof()
-            return response, b"".join(kept) if kept is not None else None
+        return response
     except asyncio.CancelledError:
         if not relay.watcher.left(task):
             raise
         task.uncancel()  # the watcher's own cancellation: the client went away
-        return response or web.Response(status=_CLIENT_LEFT), None
+        return response or web.Response(status=_CLIENT_LEFT)
     except (TimeoutError, aiohttp.ClientError) as exc:
         if stalled:
             raise RequestTimeout(f"the request's body stalled for {relay.idle_s:g}s") from exc
@@ -249,7 +276,7 @@ async def _forward(
             # The client left, or the answer is under way: cut it, so the client sees it cut.
             if transport is not None:
                 transport.close()
-            return response or web.Response(status=_CLIENT_LEFT), None
+            return response or web.Response(status=_CLIENT_LEFT)
         if isinstance(exc, TimeoutError):
             raise UpstreamTimeout(f"the upstream sent nothing for {relay.idle_s:g}s") from exc
         log.info("relay: upstream unreachable: %s: %s", type(exc).__name__, exc)

@@ -10,10 +10,10 @@ lines, too many, duplicated credentials, CRLF injection, obs-fold), methods and 
 and random mutations of valid requests. Every credential a case sends is a recognisable fake
 secret (``sk-bf-FUZZSECRET...``); so are the sidecar's own service key, HMAC key and admin token.
 
-The sidecar's own words are judged. An error the upstream itself answered and the sidecar
-relayed (pass-through routes) must still be JSON with ``error.message``, but keeps the upstream's
-shape and status: the emulator's ``/v1`` face answers in OpenAI's envelope, and a legacy gateway
-answers 500 to an unsupported provider.
+The sidecar's own words are judged. An answer the upstream itself made and the sidecar relayed
+keeps the upstream's shape and status, whatever it is: the emulator's ``/v1`` face answers in
+OpenAI's envelope, a legacy gateway answers 500 to an unsupported provider, and a route the
+emulator does not have gets aiohttp's plain-text 404.
 """
 
 from __future__ import annotations
@@ -84,7 +84,19 @@ class Stack:
         return data.decode("utf-8", "replace")
 
     def upstream_calls(self) -> int:
-        return int(control(self.emulator_url, "GET", "/_emulator/stats")["total"])
+        """Calls the emulator counted, plus answers the sidecar's metrics say the upstream made
+        and the relay passed on (the emulator does not count a route it does not have)."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.sidecar_port, timeout=10)
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+        conn.close()
+        relayed = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("sidecar_relayed_requests_total{")
+            and 'status_class="error"' not in line
+        )
+        return int(control(self.emulator_url, "GET", "/_emulator/stats")["total"]) + int(relayed)
 
 
 def control(base: str, method: str, path: str, body: bytes | None = None,
@@ -560,7 +572,9 @@ def judge(case: Case, reply: Reply, relayed: bool, verdicts: Verdicts) -> None:
     prescribed = (reply.status == 504 and case.only_if_cached) or reply.status == 505
     if reply.status >= 500 and not relayed and not prescribed:
         verdicts.add(case, f"5xx for client input ({reply.status}: {reply.body[:160]!r})")
-    if 200 <= reply.status < 300 or case.method == "HEAD":
+    if 200 <= reply.status < 300 or case.method == "HEAD" or relayed:
+        if MARKER.encode() in reply.body:
+            verdicts.add(case, "credential echoed in the answer's body")
         return
     if "json" not in reply.headers.get("content-type", ""):
         verdicts.add(case, f"error not JSON ({reply.status} {reply.headers.get('content-type')}: "

@@ -225,14 +225,6 @@ async def test_threshold_header_is_clamped(
     assert body["extra_fields"]["cache_debug"]["threshold"] == 0.0
 
 
-async def test_unknown_route_is_a_gateway_shaped_404(
-    sidecar: Running, http: aiohttp.ClientSession
-) -> None:
-    status, body, _ = await get(http, f"{sidecar.url}/nothing/here")
-    assert status == 404
-    assert body["error"]["code"] == "not_found"
-
-
 async def test_upstream_errors_are_relayed_then_shield_the_upstream_until_the_backoff_ends(
     start_sidecar: Any, make_settings: Any, emulator: Emulator, http: aiohttp.ClientSession
 ) -> None:
