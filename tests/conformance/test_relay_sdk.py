@@ -70,7 +70,9 @@ async def test_chat_completion_events_arrive_one_by_one(kind_stack: Stack, prefi
 async def test_an_app_that_stops_reading_cancels_the_upstream_stream(kind_stack: Stack) -> None:
     streams = kind_stack.emulator.state.streams
     streams.set_delay(20)
-    stream = await kind_stack.sdk().chat.completions.create(**CHAT, stream=True)  # type: ignore[call-overload]
+    # A long answer (about 5 s of events), so the cancellation has time to travel up.
+    long = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "word " * 250}]}
+    stream = await kind_stack.sdk().chat.completions.create(**long, stream=True)  # type: ignore[call-overload]
     async for _ in stream:
         break  # the first event is enough
     await stream.close()
