@@ -153,7 +153,9 @@ async def _chat(
     return await send_events(request, state.streams, "chat", chunks())
 
 
-def _response(body: _Responses, rid: str, now: int, message: dict[str, Any] | None) -> Any:
+def _response(
+    body: _Responses, rid: str, now: int, message: dict[str, Any] | None
+) -> dict[str, Any]:
     """A Response object: in progress (no message yet) or completed."""
     return {
         "id": rid, "object": "response", "created_at": now,
@@ -170,7 +172,10 @@ async def _responses(
     answer = request[ANSWER]
     body: _Responses = _decode(await body_of(request), _Responses)
     body.model = check_model(answer, body.model)
-    prompt = body.input if isinstance(body.input, str) else _text(body.input[-1].get("content"))
+    if isinstance(body.input, str):
+        prompt = body.input
+    else:
+        prompt = _text(body.input[-1].get("content")) if body.input else ""
     reply = reply_to(prompt)
     rid, mid, now = "resp_" + secrets.token_hex(16), "msg_" + secrets.token_hex(16), state.now()
     part = {"type": "output_text", "text": reply, "annotations": []}
@@ -178,7 +183,7 @@ async def _responses(
     message |= {"role": "assistant", "content": [part]}
     completed = _response(body, rid, now, message) | {"usage": _usage(prompt, reply, chat=False)}
     if not body.stream:
-        return dict(completed)
+        return completed
     answer.request_type = "responses_stream"
     at = {"item_id": mid, "output_index": 0, "content_index": 0}
     events: list[dict[str, Any]] = [

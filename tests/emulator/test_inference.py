@@ -225,3 +225,19 @@ async def test_faults_hit_inference_routes_by_name(
         await sdk().chat.completions.create(**CHAT)
     assert (await sdk().chat.completions.create(**CHAT)).choices[0].message.content
     assert state_of(client).stats()["calls"]["chat"] == 2
+
+
+async def test_bodies_the_api_refuses_are_400s(client: Client) -> None:
+    for path, body in (
+        ("/v1/chat/completions", {"model": "gpt-4o"}),
+        ("/v1/chat/completions", {"model": "gpt-4o", "messages": "hi"}),
+        ("/v1/responses", {"input": "hi"}),
+    ):
+        response = await client.post(path, json=body, headers=bearer(KEY))
+        assert (response.status, (await response.json())["error"]["type"]) == (
+            400, "invalid_request_error",
+        ), body  # fmt: skip
+    response = await client.post(
+        "/v1/responses", json={"model": "gpt-4o", "input": []}, headers=bearer(KEY)
+    )
+    assert (await response.json())["output"][0]["content"][0]["text"] == "Hello!"
