@@ -10,22 +10,14 @@ import hashlib
 from typing import BinaryIO
 from urllib.parse import unquote
 
-import msgspec
 from aiohttp import BodyPartReader, web
 
+from emulator.objects import Received
 from emulator.schema import ApiError
 
 __all__ = ["Received", "missing_file", "read_form", "receive_form"]
 
 _CHUNK = 1 << 16
-
-
-class Received(msgspec.Struct, frozen=True, kw_only=True):
-    """A file part as it went by: its name, size and SHA-256."""
-
-    filename: str
-    size: int
-    sha256: str
 
 
 def missing_file() -> ApiError:

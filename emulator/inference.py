@@ -1,6 +1,10 @@
 """The inference routes an app drives through the same base URL: models, chat completions,
 responses (both streamed as server-sent events), audio transcriptions.
 
+A stream's events go out at the pace :class:`~emulator.streams.Streams` sets; a client that
+goes away mid-stream is noticed at the next event (the write, or the closed transport, says so),
+and the stream stops, counted as cancelled.
+
 No model behind them: a reply is ``You said: <the last user message>``, deterministic, split
 into one event per word when streamed. On the gateway face a ``provider/`` prefix of the model
 picks the provider, answers carry ``extra_fields`` and so does every streamed event.
@@ -8,21 +12,23 @@ picks the provider, answers carry ``extra_fields`` and so does every streamed ev
 
 from __future__ import annotations
 
+import asyncio
 import re
 import secrets
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
 import msgspec
 from aiohttp import web
 
 from emulator.bodies import missing_file, receive_form
+from emulator.faults import STOPPING
 from emulator.gateway import ANSWER, Answer, GatewayRefusal, Result, body_of
 from emulator.schema import ApiError, invalid_body
 from emulator.state import EmulatorState
-from emulator.streams import send_events
+from emulator.streams import Streams
 
-__all__ = ["MODELS", "ROUTES", "check_model", "reply_to"]
+__all__ = ["MODELS", "ROUTES", "check_model", "reply_to", "send_events"]
 
 #: The models the emulator knows.
 MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-realtime", "gpt-4o-transcribe", "whisper-1")
@@ -221,6 +227,40 @@ async def _transcribe(state: EmulatorState, project: str, request: web.Request) 
         message = f"Maximum content size limit ({_MAX_AUDIO_BYTES}) exceeded ({received.size})."
         raise ApiError(413, message)
     return {"text": f"{received.size} bytes of audio in {received.filename}."}
+
+
+def _gone(request: web.Request) -> bool:
+    return request.transport is None or request.transport.is_closing()
+
+
+async def send_events(
+    request: web.Request, streams: Streams, route: str, events: Iterable[bytes]
+) -> web.StreamResponse:
+    """Answer ``text/event-stream`` with ``events`` (each a whole ``...\\n\\n`` frame), paced;
+    stop, counted as cancelled, once the client has gone."""
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
+    await response.prepare(request)
+    try:
+        for index, event in enumerate(events):
+            if index and await streams.next_event(request.app[STOPPING]):
+                return response  # the server is stopping
+            if _gone(request):
+                streams.note(streams.cancelled, route)
+                return response
+            await response.write(event)
+            streams.note(streams.sent, route)
+        await response.write_eof()
+    except ConnectionResetError:  # aiohttp's "Cannot write to closing transport" is one
+        streams.note(streams.cancelled, route)
+        return response
+    except asyncio.CancelledError:
+        # A server that cancels handlers when their client goes away (handler_cancellation).
+        streams.note(streams.cancelled, route)
+        raise
+    streams.note(streams.completed, route)
+    return response
 
 
 Operation = Callable[[EmulatorState, str, web.Request], Awaitable[Result | web.StreamResponse]]

@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["Container", "ContainerFile", "StoredFile", "new_id"]
+__all__ = ["Container", "ContainerFile", "Received", "StoredFile", "new_id"]
 
 _ALPHABET = string.ascii_letters + string.digits
 
@@ -22,6 +22,14 @@ def new_id(prefix: str) -> str:
     if prefix == "file-":
         return prefix + "".join(secrets.choice(_ALPHABET) for _ in range(22))
     return prefix + secrets.token_hex(16)
+
+
+class Received(msgspec.Struct, frozen=True, kw_only=True):
+    """An uploaded file as it went by: its name, size and SHA-256."""
+
+    filename: str
+    size: int
+    sha256: str
 
 
 class StoredFile(msgspec.Struct, kw_only=True):

@@ -20,10 +20,9 @@ from typing import Any
 import msgspec
 
 from emulator import schema
-from emulator.bodies import Received
 from emulator.config import EmulatorConfig
 from emulator.knobs import ROUTE_NAMES, Fault, FaultKind, Knobs
-from emulator.objects import Container, ContainerFile, StoredFile, new_id
+from emulator.objects import Container, ContainerFile, Received, StoredFile, new_id
 from emulator.schema import ApiError
 from emulator.streams import Streams
 

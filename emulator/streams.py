@@ -1,24 +1,20 @@
-"""How the emulator's streams go out: server-sent events paced by a delay or by the test.
+"""The pace of the emulator's streams, and what they sent (pure asyncio, like the state).
 
 A stream's events leave one at a time, ``delay_ms`` apart; a test may instead ``pace`` them and
 ``release`` each next event itself, so that it can check an event reached its client before the
-emulator sent the following one. A client that goes away mid-stream is noticed at the next event
-(the write, or the closed transport, says so): the stream stops and counts as cancelled, which is
-what a test of a proxy asserts to know the upstream saw the disconnect.
+emulator sent the following one. A stream whose client went away counts as cancelled, which is
+what a test of a proxy asserts to know the upstream saw the disconnect; tests wait on the counts
+with :meth:`Streams.wait_until`.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
-from aiohttp import web
-
-from emulator.faults import STOPPING, pause
-
-__all__ = ["Streams", "send_events"]
+__all__ = ["Streams"]
 
 
 class Streams:
@@ -54,11 +50,15 @@ class Streams:
         self._permits += events
         self.changed()
 
-    async def next_event(self, request: web.Request) -> bool:
+    async def next_event(self, stopping: asyncio.Event) -> bool:
         """Wait until the next event may go; True if the server is stopping."""
         if not self._paced:
-            return self.delay_ms > 0 and await pause(request, self.delay_ms / 1000)
-        stopping = request.app[STOPPING]
+            try:
+                async with asyncio.timeout(self.delay_ms / 1000):
+                    await stopping.wait()
+            except TimeoutError:
+                return False
+            return True
         await self.wait_until(lambda s: stopping.is_set() or not s._paced or s._permits > 0)
         if stopping.is_set():
             return True
@@ -98,37 +98,3 @@ class Streams:
             counter.clear()
         self.closes.clear()
         self.changed()
-
-
-def _gone(request: web.Request) -> bool:
-    return request.transport is None or request.transport.is_closing()
-
-
-async def send_events(
-    request: web.Request, streams: Streams, route: str, events: Iterable[bytes]
-) -> web.StreamResponse:
-    """Answer ``text/event-stream`` with ``events`` (each a whole ``...\\n\\n`` frame), paced;
-    stop, counted as cancelled, once the client has gone."""
-    response = web.StreamResponse(
-        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-    )
-    await response.prepare(request)
-    try:
-        for index, event in enumerate(events):
-            if index and await streams.next_event(request):
-                return response  # the server is stopping
-            if _gone(request):
-                streams.note(streams.cancelled, route)
-                return response
-            await response.write(event)
-            streams.note(streams.sent, route)
-        await response.write_eof()
-    except ConnectionResetError:  # aiohttp's "Cannot write to closing transport" is one
-        streams.note(streams.cancelled, route)
-        return response
-    except asyncio.CancelledError:
-        # A server that cancels handlers when their client goes away (handler_cancellation).
-        streams.note(streams.cancelled, route)
-        raise
-    streams.note(streams.completed, route)
-    return response
