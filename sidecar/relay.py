@@ -54,11 +54,6 @@ _NO_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 _CLIENT_LEFT = 499  # nginx's word for it, in the access log and the metrics
 _WATCH_EVERY_S = 0.05
 _SEED_MAX = 1 << 20  # a list answer holds at most 100 containers: far less
-_FAMILY_PREFIXES = ("openai", "anthropic", "genai", "litellm", "langchain", "v1", "v1beta")
-_FAMILIES = {"chat": "chat", "messages": "chat", "completions": "completions",
-             "responses": "responses", "embeddings": "embeddings", "files": "files",
-             "uploads": "files", "audio": "audio", "images": "images", "models": "models",
-             "containers": "containers", "batches": "batches", "realtime": "realtime"}  # fmt: skip
 
 
 def hop_by_hop(name: str, named: frozenset[str]) -> bool:
