@@ -1,5 +1,8 @@
 """The emulator's HTTP face: OpenAI's ``/v1`` routes, the gateway's ``/openai`` routes, controls.
 
+The routes: containers and their files, the Files API, and the inference routes of
+:mod:`emulator.inference` and :mod:`emulator.realtime`, under each prefix.
+
 Every API request is counted and recorded, delayed by the configured latency, possibly hit by
 an injected fault, authenticated, then answered in the shape of the prefix it came in on:
 OpenAI's objects and error envelope under ``/v1``, the Bifrost gateway's (``extra_fields``,
@@ -10,27 +13,26 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from urllib.parse import unquote
 
 import msgspec
-from aiohttp import BodyPartReader, web
+from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from emulator import control, schema
+from emulator import control, inference, schema
+from emulator.bodies import missing_file, read_form, receive_form
 from emulator.config import EmulatorConfig
 from emulator.faults import STOPPING, hang_up, inject, pause
-from emulator.gateway import Answer, GatewayRefusal, Result
+from emulator.gateway import ANSWER, BODY, Answer, GatewayRefusal, Result, body_of
+from emulator.realtime import realtime
 from emulator.schema import ApiError
 from emulator.state import EmulatorState
 
 __all__ = ["EMULATOR_STATE", "create_emulator_app"]
 
 EMULATOR_STATE: web.AppKey[EmulatorState] = web.AppKey("emulator_state", EmulatorState)
-# The JSON body of a gateway request once the gateway took its own ``provider`` field out.
-_BODY = web.RequestKey("emulator_body", bytes)
 _encoder = msgspec.json.Encoder()
 
-Operation = Callable[[EmulatorState, str, web.Request], Awaitable[Result]]
+Operation = Callable[[EmulatorState, str, web.Request], Awaitable[Result | web.StreamResponse]]
 
 
 async def _take_gateway_fields(request: web.Request, answer: Answer) -> None:
@@ -45,18 +47,19 @@ async def _take_gateway_fields(request: web.Request, answer: Answer) -> None:
         provider = document.pop("provider", None)
         if isinstance(provider, str) and provider:
             answer.provider = provider
+            answer.provider_given = True
         answer.raw_request = document
-        request[_BODY] = _encoder.encode(document)
+        request[BODY] = _encoder.encode(document)
 
 
-async def _body(request: web.Request) -> bytes:
-    return request.get(_BODY) or await request.read()
-
-
-def _endpoint(name: str, request_type: str, operation: Operation, *, gateway: bool) -> Handler:
+def _endpoint(
+    name: str, request_type: str, operation: Operation, *, gateway: bool, native: bool
+) -> Handler:
     async def handle(request: web.Request) -> web.StreamResponse:
         state = request.app[EMULATOR_STATE]
-        answer = Answer(request, request_type, state.config, gateway=gateway)
+        config = state.config
+        answer = Answer(request, request_type, config, gateway=gateway, native=native)
+        request[ANSWER] = answer
         container_id = request.match_info.get("container_id")
         state.count(name, container_id)
         state.record_request(name, request.method, request.path_qs, request.headers)
@@ -69,41 +72,19 @@ def _endpoint(name: str, request_type: str, operation: Operation, *, gateway: bo
             await _take_gateway_fields(request, answer)
         try:
             project = state.authenticate(answer.credential(request))
-            return answer.ok(await operation(state, project, request))
+            result = await operation(state, project, request)
         except GatewayRefusal as refusal:
             return answer.refuse(refusal)
         except ApiError as exc:
             return answer.error(exc)
+        # Streams and websockets answer as they go; the rest answers here.
+        return result if isinstance(result, web.StreamResponse) else answer.ok(result)
 
     return handle
 
 
-async def _read_form(request: web.Request) -> tuple[dict[str, str], tuple[str, bytes] | None]:
-    """A multipart body's text fields, and its ``file`` part (name and bytes) if it has one."""
-    fields: dict[str, str] = {}
-    upload: tuple[str, bytes] | None = None
-    try:
-        reader = await request.multipart()
-        while (part := await reader.next()) is not None:
-            if not isinstance(part, BodyPartReader) or part.name is None:
-                continue
-            if part.name == "file":
-                # aiohttp's own client percent-encodes filenames; curl and httpx send them raw.
-                upload = unquote(part.filename or "upload"), bytes(await part.read())
-            else:
-                fields[part.name] = await part.text()
-    except ValueError as exc:
-        raise ApiError(400, f"Could not parse the multipart body: {exc}") from None
-    return fields, upload
-
-
-def _missing_file() -> ApiError:
-    message = "Missing required parameter: 'file'."
-    return ApiError(400, message, param="file", code="missing_required_parameter")
-
-
 async def _create(state: EmulatorState, project: str, request: web.Request) -> Result:
-    return state.create_container(project, schema.parse_create(await _body(request)))
+    return state.create_container(project, schema.parse_create(await body_of(request)))
 
 
 async def _list(state: EmulatorState, project: str, request: web.Request) -> Result:
@@ -122,14 +103,14 @@ async def _file_create(state: EmulatorState, project: str, request: web.Request)
     """A multipart ``file`` upload, or a JSON ``file_id`` of the Files API to copy."""
     container_id = request.match_info["container_id"]
     if not request.content_type.startswith("multipart/"):
-        ref = schema.parse_file_ref(await _body(request))
+        ref = schema.parse_file_ref(await body_of(request))
         return state.copy_file(project, container_id, ref.file_id)
-    fields, upload = await _read_form(request)
+    fields, upload = await read_form(request)
     if upload is not None:
         return state.create_file(project, container_id, *upload)
     if fields.get("file_id"):
         return state.copy_file(project, container_id, fields["file_id"])
-    raise _missing_file()
+    raise missing_file()
 
 
 async def _file_list(state: EmulatorState, project: str, request: web.Request) -> Result:
@@ -153,13 +134,18 @@ async def _file_delete(state: EmulatorState, project: str, request: web.Request)
 
 
 async def _upload(state: EmulatorState, project: str, request: web.Request) -> Result:
-    if not request.content_type.startswith("multipart/"):
-        raise ApiError(400, "The Files API expects a multipart/form-data body.")
-    fields, upload = await _read_form(request)
-    purpose = schema.parse_purpose(fields.get("purpose"))
-    if upload is None:
-        raise _missing_file()
-    return state.upload(project, *upload, purpose)
+    """A multipart upload streamed to disk, counted and hashed on the way."""
+    path = state.blob_path()
+    try:
+        with path.open("wb") as sink:
+            fields, received = await receive_form(request, sink)
+        purpose = schema.parse_purpose(fields.get("purpose"))
+        if received is None:
+            raise missing_file()
+        return state.store_upload(project, received, path, purpose)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
 
 
 async def _upload_list(state: EmulatorState, project: str, request: web.Request) -> Result:
@@ -197,12 +183,17 @@ _ROUTES: tuple[tuple[str, str, str, str, Operation], ...] = (
     ("GET", "/files/{file_id}/content", "upload_content", "file_content", _upload_content),
     ("DELETE", "/files/{file_id}", "upload_delete", "file_delete", _upload_delete),
 )
-# (prefix, answers in the gateway's shape)
-_PREFIXES = (("/v1", False), ("/openai/v1", True), ("/openai", True))
+_ROUTES += (*inference.ROUTES, ("GET", "/realtime", "realtime", "realtime", realtime))
+_GATEWAY_PREFIXES = ("/openai/v1", "/openai")
 
 
 async def _wake_sleepers(app: web.Application) -> None:
     app[STOPPING].set()
+    app[EMULATOR_STATE].streams.changed()
+
+
+async def _remove_files(app: web.Application) -> None:
+    app[EMULATOR_STATE].close()
 
 
 def create_emulator_app(config: EmulatorConfig) -> web.Application:
@@ -211,9 +202,12 @@ def create_emulator_app(config: EmulatorConfig) -> web.Application:
     state = app[EMULATOR_STATE] = EmulatorState(config)
     app[STOPPING] = asyncio.Event()
     app.on_shutdown.append(_wake_sleepers)
-    for prefix, gateway in _PREFIXES:
+    app.on_cleanup.append(_remove_files)
+    native = config.v1_face == "gateway"
+    faces = [("/v1", native, native)] + [(prefix, True, False) for prefix in _GATEWAY_PREFIXES]
+    for prefix, gateway, native in faces:
         for method, path, name, request_type, operation in _ROUTES:
-            handler = _endpoint(name, request_type, operation, gateway=gateway)
+            handler = _endpoint(name, request_type, operation, gateway=gateway, native=native)
             app.router.add_route(method, prefix + path, handler)
     app.router.add_routes(control.routes(state))
     return app

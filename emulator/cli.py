@@ -49,6 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--latency-ms", type=_latency, default=0.0, help="delay added to every API answer"
     )
     parser.add_argument(
+        "--stream-delay-ms",
+        type=_latency,
+        default=0.0,
+        help="pause between two events of a streamed answer (chat completions, responses)",
+    )
+    parser.add_argument(
         "--project",
         action="append",
         default=[],
@@ -107,6 +113,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="current: unsupported operations are 400 and extra_fields carry routing_info and "
         "upstream_latency; legacy: 500 and neither",
     )
+    gateway.add_argument(
+        "--v1-as-gateway",
+        action="store_true",
+        help="answer /v1/... as the gateway's native routes (provider/model names, provider "
+        "required on container routes) instead of as OpenAI itself",
+    )
 
 
 def config_from_args(ns: argparse.Namespace) -> EmulatorConfig:
@@ -118,6 +130,7 @@ def config_from_args(ns: argparse.Namespace) -> EmulatorConfig:
     )
     return EmulatorConfig(
         latency_ms=ns.latency_ms,
+        stream_delay_ms=ns.stream_delay_ms,
         projects=projects,
         revoked_keys=frozenset(ns.revoked_key),
         default_expires_minutes=ns.default_expires_minutes,
@@ -126,4 +139,5 @@ def config_from_args(ns: argparse.Namespace) -> EmulatorConfig:
         virtual_keys="optional" if ns.optional_virtual_keys else "required",
         gateway_key=ns.gateway_key,
         gateway_version=ns.gateway_version,
+        v1_face="gateway" if ns.v1_as_gateway else "openai",
     )

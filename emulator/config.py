@@ -6,7 +6,7 @@ from typing import Literal
 
 import msgspec
 
-__all__ = ["STANDARD_PROVIDERS", "EmulatorConfig", "GatewayVersion", "VirtualKeys"]
+__all__ = ["STANDARD_PROVIDERS", "EmulatorConfig", "GatewayVersion", "V1Face", "VirtualKeys"]
 
 #: The gateway's built-in providers (the enum of the endpoint's reference page): every one of
 #: them is configured on the emulated gateway, and only those in ``container_providers`` (or a
@@ -22,6 +22,10 @@ VirtualKeys = Literal["required", "optional"]
 # "current": unsupported operations are 400, extra_fields carry routing_info and
 # upstream_latency. "legacy": unsupported operations are 500 on /openai/..., no routing_info.
 GatewayVersion = Literal["current", "legacy"]
+# Who answers /v1: OpenAI itself (the emulator is then OpenAI and a gateway in front of it), or
+# the gateway's native routes (a gateway alone: provider/model names, ``provider`` required on
+# container routes, the gateway's keys and shapes).
+V1Face = Literal["openai", "gateway"]
 
 
 class EmulatorConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -33,6 +37,8 @@ class EmulatorConfig(msgspec.Struct, frozen=True, kw_only=True):
     """
 
     latency_ms: float = 0.0
+    # The pause between two events of a stream (chat completions, responses).
+    stream_delay_ms: float = 0.0
     # Groups of API keys sharing one project; a key listed nowhere is a project of its own.
     projects: tuple[tuple[str, ...], ...] = ()
     # Keys answered with OpenAI's 401 invalid_api_key.
@@ -48,10 +54,11 @@ class EmulatorConfig(msgspec.Struct, frozen=True, kw_only=True):
     virtual_keys: VirtualKeys = "required"
     gateway_key: str = "sk-emulator-gateway-key"
     gateway_version: GatewayVersion = "current"
+    v1_face: V1Face = "openai"
 
     def __post_init__(self) -> None:
-        if self.latency_ms < 0:
-            raise ValueError("latency_ms must be >= 0")
+        if self.latency_ms < 0 or self.stream_delay_ms < 0:
+            raise ValueError("latency_ms and stream_delay_ms must be >= 0")
         if not 1 <= self.default_expires_minutes <= 1440:
             raise ValueError("default_expires_minutes must be between 1 and 1440")
         keys = [key for group in self.projects for key in group]
@@ -77,10 +84,12 @@ class EmulatorConfig(msgspec.Struct, frozen=True, kw_only=True):
     def __repr__(self) -> str:
         # The keys are secrets, even in an emulator: show only how many there are.
         return (
-            f"EmulatorConfig(latency_ms={self.latency_ms}, projects=<{len(self.projects)} groups>, "
+            f"EmulatorConfig(latency_ms={self.latency_ms}, stream_delay_ms={self.stream_delay_ms}, "
+            f"projects=<{len(self.projects)} groups>, "
             f"revoked_keys=<{len(self.revoked_keys)} keys>, "
             f"default_expires_minutes={self.default_expires_minutes}, "
             f"custom_providers={dict(self.custom_providers)!r}, "
             f"container_providers={sorted(self.container_providers)!r}, "
-            f"virtual_keys={self.virtual_keys!r}, gateway_version={self.gateway_version!r})"
+            f"virtual_keys={self.virtual_keys!r}, gateway_version={self.gateway_version!r}, "
+            f"v1_face={self.v1_face!r})"
         )

@@ -12,6 +12,9 @@ No authentication: it is for the tests, benchmarks and demos that drive the emul
   "hangup", "status": 503, "retry_after_s": 2, "route": "retrieve"|"*", "container_id": ...,
   "count": 1}``. "reset" drops the connection mid-answer, which every client sees; "hangup"
   closes it before any answer, which aiohttp's client retries once by itself (RFC 9112 9.3.1).
+- ``GET /_emulator/streams``: events sent, streams completed and cancelled by route, realtime
+  closes; ``POST /_emulator/streams`` ``{"delay_ms": 50}`` spaces stream events,
+  ``{"paced": true}`` holds each next event until ``{"release": 1}``
 - ``POST /_emulator/containers/{id}/touch``; ``PATCH /_emulator/containers/{id}`` with fields to
   overwrite (``status`` sticks until set to null, ``last_active_at``, ``created_at``, ...).
 """
@@ -43,6 +46,12 @@ class _Latency(msgspec.Struct):
     ms: float
 
 
+class _StreamsBody(msgspec.Struct, forbid_unknown_fields=True):
+    delay_ms: float | None = None
+    paced: bool | None = None
+    release: int = 0
+
+
 class _FaultBody(msgspec.Struct, kw_only=True):
     kind: FaultKind
     status: int = 500
@@ -55,6 +64,7 @@ class _FaultBody(msgspec.Struct, kw_only=True):
 _clock_decoder = msgspec.json.Decoder(_Clock)
 _latency_decoder = msgspec.json.Decoder(_Latency)
 _fault_decoder = msgspec.json.Decoder(_FaultBody)
+_streams_decoder = msgspec.json.Decoder(_StreamsBody)
 _fields_decoder = msgspec.json.Decoder(dict[str, Any])
 Control = Callable[[EmulatorState, web.Request], Awaitable[object]]
 
@@ -103,6 +113,21 @@ async def _set_latency(state: EmulatorState, request: web.Request) -> object:
     return {"latency_ms": state.latency_ms}
 
 
+async def _streams(state: EmulatorState, request: web.Request) -> object:
+    return state.streams.stats()
+
+
+async def _set_streams(state: EmulatorState, request: web.Request) -> object:
+    body = _streams_decoder.decode(await request.read())
+    if body.delay_ms is not None:
+        state.streams.set_delay(body.delay_ms)
+    if body.paced is not None:
+        state.streams.pace(body.paced)
+    if body.release:
+        state.streams.release(body.release)
+    return state.streams.stats()
+
+
 async def _list_faults(state: EmulatorState, request: web.Request) -> object:
     return {"data": state.faults()}
 
@@ -138,6 +163,8 @@ def routes(state: EmulatorState) -> list[web.RouteDef]:
         web.post("/_emulator/clock", _control(state, _set_clock)),
         web.get("/_emulator/requests", _control(state, _requests)),
         web.post("/_emulator/latency", _control(state, _set_latency)),
+        web.get("/_emulator/streams", _control(state, _streams)),
+        web.post("/_emulator/streams", _control(state, _set_streams)),
         web.get("/_emulator/faults", _control(state, _list_faults)),
         web.post("/_emulator/faults", _control(state, _add_fault)),
         web.delete("/_emulator/faults", _control(state, _clear_faults)),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import time
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -21,12 +22,19 @@ from aiohttp import web
 from emulator.config import EmulatorConfig
 from emulator.schema import ApiError
 
-__all__ = ["Answer", "GatewayRefusal", "bearer"]
+__all__ = [
+    "ANSWER", "BODY", "INFERENCE", "Answer", "GatewayRefusal", "bearer", "body_of", "json_response",
+]  # fmt: skip
 
 _encoder = msgspec.json.Encoder()
 _VK_REQUIRED = "virtual key is required. Provide a virtual key via the x-bf-vk header."
 
-Result = dict[str, Any] | bytes
+Result = dict[str, Any] | bytes | Path
+# Request types of the inference routes: any configured provider serves them, and the gateway
+# does not force raw responses on for them (no raw_request, no raw_response).
+INFERENCE = frozenset({"list_models", "chat_completion", "responses", "transcription", "realtime"})
+# The browser's way to send a key to the realtime websocket, as a subprotocol.
+_KEY_PROTOCOL = "openai-insecure-api-key."
 
 
 class GatewayRefusal(Exception):
@@ -76,10 +84,16 @@ def json_response(payload: object, status: int = 200) -> web.Response:
 
 
 def bearer(request: web.Request) -> str | None:
-    """The token of an ``Authorization: Bearer`` header, if any."""
+    """The token of an ``Authorization: Bearer`` header, else of an
+    ``openai-insecure-api-key.<key>`` websocket subprotocol, if any."""
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     token = token.strip()
-    return token if scheme.lower() == "bearer" and token else None
+    if scheme.lower() == "bearer" and token:
+        return token
+    for protocol in request.headers.get("Sec-WebSocket-Protocol", "").split(","):
+        if (protocol := protocol.strip()).startswith(_KEY_PROTOCOL) and len(protocol) > 16:
+            return protocol.removeprefix(_KEY_PROTOCOL)
+    return None
 
 
 def _gateway_key(request: web.Request) -> str | None:
@@ -93,16 +107,30 @@ def _gateway_key(request: web.Request) -> str | None:
 class Answer:
     """How one API request is authenticated and answered: as OpenAI or as the gateway."""
 
-    __slots__ = ("config", "gateway", "provider", "raw_request", "request_type", "started")
+    __slots__ = (
+        "config", "gateway", "inference", "model", "native", "provider", "provider_given",
+        "raw_request", "request_type", "started",
+    )  # fmt: skip
 
     def __init__(
-        self, request: web.Request, request_type: str, config: EmulatorConfig, *, gateway: bool
+        self,
+        request: web.Request,
+        request_type: str,
+        config: EmulatorConfig,
+        *,
+        gateway: bool,
+        native: bool = False,
     ) -> None:
         self.started = time.perf_counter()
         self.config = config
         self.gateway = gateway
         self.request_type = request_type
+        self.inference = request_type in INFERENCE
+        # The gateway's own /v1 routes (not its OpenAI-compatible /openai ones).
+        self.native = native
+        self.provider_given = bool(request.query.get("provider"))
         self.provider = (request.query.get("provider") or "openai") if gateway else "openai"
+        self.model = ""
         self.raw_request: dict[str, Any] | None = None
 
     def credential(self, request: web.Request) -> str | None:
@@ -114,22 +142,30 @@ class Answer:
             if self.config.virtual_keys == "required":
                 raise GatewayRefusal(401, _VK_REQUIRED, type="virtual_key_required", in_body=True)
             key = self.config.gateway_key  # optional virtual keys: the gateway's own key
+        if self.native and not self.inference and not self.provider_given:
+            raise GatewayRefusal(400, "provider query parameter is required")
         base = self.config.base_provider(self.provider)
         if base is None:
             # The gateway's core: getProviderQueue -> "failed to get config for provider".
             raise GatewayRefusal(
                 400, f"failed to get config for provider {self.provider}: not found"
             )
-        if base not in self.config.container_providers:
+        if not self.inference and base not in self.config.container_providers:
             status = 500 if self.config.gateway_version == "legacy" else 400
             message = f"{self.request_type} is not supported by {self.provider} provider"
             raise GatewayRefusal(status, message, code="unsupported_operation")
         return key
 
-    def ok(self, result: Result) -> web.Response:
+    def ok(self, result: Result) -> web.StreamResponse:
+        if isinstance(result, Path):
+            # Sent from disk: a large stored file is never read into memory.
+            return web.FileResponse(result, headers={"Content-Type": "application/octet-stream"})
         if isinstance(result, bytes):
             return web.Response(body=result, content_type="application/octet-stream")
         if not self.gateway:
+            return json_response(result)
+        if self.inference:
+            result["extra_fields"] = self.stream_fields(0)
             return json_response(result)
         raw_response = copy.deepcopy(result)
         # The gateway's container struct has no network_policy: it is lost on the way.
@@ -137,6 +173,15 @@ class Answer:
             item.pop("network_policy", None)
         result["extra_fields"] = self._extra_fields(raw_response)
         return json_response(result)
+
+    def stream_fields(self, chunk_index: int) -> dict[str, Any]:
+        """``extra_fields`` of an inference answer or of one event of its stream."""
+        extra: dict[str, Any] = {"request_type": self.request_type, "provider": self.provider}
+        if self.model:
+            extra["model_requested"] = self.model
+        extra["latency"] = int((time.perf_counter() - self.started) * 1000)
+        extra["chunk_index"] = chunk_index
+        return extra
 
     def _extra_fields(self, raw_response: dict[str, Any]) -> dict[str, Any]:
         """``extra_fields`` in the order of the gateway's Go struct."""
@@ -160,7 +205,8 @@ class Answer:
         if not self.gateway:
             return json_response(exc.envelope(), exc.status)
         field = _ErrorField(exc.message, exc.type, exc.code or "", exc.param or "")
-        extra = _ErrorExtra(self.provider, self.request_type, exc.envelope())
+        raw = None if self.inference else exc.envelope()
+        extra = _ErrorExtra(self.provider, self.request_type, raw)
         body = _GatewayError(
             is_bifrost_error=False, status_code=exc.status, error=field, extra_fields=extra
         )
@@ -176,3 +222,16 @@ class Answer:
             extra_fields=_ErrorExtra(self.provider, self.request_type),
         )
         return json_response(body, refusal.status)
+
+
+# The JSON body of a gateway request once the gateway took its own ``provider`` field out.
+BODY = web.RequestKey("emulator_body", bytes)
+
+
+async def body_of(request: web.Request) -> bytes:
+    """The request's body as the provider receives it."""
+    return request.get(BODY) or await request.read()
+
+
+# The answer of the request at hand, for operations that stream (their events carry its fields).
+ANSWER = web.RequestKey("emulator_answer", Answer)

@@ -20,12 +20,14 @@ ROUTE_NAMES = (
     "create", "list", "retrieve", "delete",
     "file_create", "file_list", "file_retrieve", "file_content", "file_delete",
     "upload", "upload_list", "upload_retrieve", "upload_content", "upload_delete",
+    "models", "model", "chat", "responses", "transcription", "realtime",
 )  # fmt: skip
 FaultKind = Literal["status", "timeout", "malformed", "reset", "hangup"]
 # Request headers that carry a credential: recorded masked, never whole.
 _SECRET_HEADERS = frozenset({"authorization", "x-api-key", "x-goog-api-key", "x-bf-vk",
                              "x-bf-direct-key", "openai-api-key"})  # fmt: skip
 _LOGGED_REQUESTS = 200
+_KEY_PROTOCOL = "openai-insecure-api-key."
 
 
 class Fault(msgspec.Struct, kw_only=True):
@@ -41,6 +43,15 @@ class Fault(msgspec.Struct, kw_only=True):
 
 
 def _mask_header(name: str, value: str) -> str:
+    if name.lower() == "sec-websocket-protocol":
+        # A browser sends its key as a subprotocol: openai-insecure-api-key.<key>.
+        parts = (part.strip() for part in value.split(","))
+        return ", ".join(
+            _KEY_PROTOCOL + mask_key(p.removeprefix(_KEY_PROTOCOL))
+            if p.startswith(_KEY_PROTOCOL)
+            else p
+            for p in parts
+        )
     if name.lower() not in _SECRET_HEADERS:
         return value
     scheme, sep, token = value.partition(" ")

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import secrets
 import string
+from pathlib import Path
 from typing import Any
 
 import msgspec
 
-__all__ = ["Container", "ContainerFile", "StoredFile", "new_id"]
+__all__ = ["Container", "ContainerFile", "Received", "StoredFile", "new_id"]
 
 _ALPHABET = string.ascii_letters + string.digits
 
@@ -23,8 +24,17 @@ def new_id(prefix: str) -> str:
     return prefix + secrets.token_hex(16)
 
 
+class Received(msgspec.Struct, frozen=True, kw_only=True):
+    """An uploaded file as it went by: its name, size and SHA-256."""
+
+    filename: str
+    size: int
+    sha256: str
+
+
 class StoredFile(msgspec.Struct, kw_only=True):
-    """A file of the Files API (``POST /v1/files``), which ``file_ids`` and ``file_id`` copy."""
+    """A file of the Files API (``POST /v1/files``), which ``file_ids`` and ``file_id`` copy;
+    its bytes are on disk, at ``path``."""
 
     id: str
     seq: int
@@ -32,13 +42,19 @@ class StoredFile(msgspec.Struct, kw_only=True):
     created_at: int
     filename: str
     purpose: str
-    content: bytes
+    path: Path
+    size: int
+    sha256: str
+
+    @property
+    def content(self) -> bytes:
+        return self.path.read_bytes()
 
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "object": "file",
-            "bytes": len(self.content),
+            "bytes": self.size,
             "created_at": self.created_at,
             "filename": self.filename,
             "purpose": self.purpose,

@@ -22,6 +22,7 @@ __all__ = [
     "ListQuery",
     "NetworkPolicy",
     "Skill",
+    "invalid_body",
     "list_page",
     "mask_key",
     "parse_create",
@@ -180,7 +181,7 @@ _AT = re.compile(r" - at `\$\.?([^`]*)`$")
 _FIELD = re.compile(r"field `([^`]+)`")
 
 
-def _invalid(exc: msgspec.DecodeError) -> ApiError:
+def invalid_body(exc: msgspec.DecodeError) -> ApiError:
     """OpenAI's 400 for a body msgspec refused, with ``param`` naming the field."""
     if not isinstance(exc, msgspec.ValidationError):
         return ApiError(400, BAD_JSON_MESSAGE)
@@ -205,7 +206,7 @@ def parse_create(raw: bytes) -> CreateBody:
     try:
         return _create_decoder.decode(raw)
     except msgspec.DecodeError as exc:
-        raise _invalid(exc) from None
+        raise invalid_body(exc) from None
 
 
 def parse_file_ref(raw: bytes) -> FileRef:
@@ -213,7 +214,7 @@ def parse_file_ref(raw: bytes) -> FileRef:
     try:
         return _file_ref_decoder.decode(raw)
     except msgspec.DecodeError as exc:
-        raise _invalid(exc) from None
+        raise invalid_body(exc) from None
 
 
 def parse_list_query(query: Mapping[str, str]) -> ListQuery:
@@ -251,7 +252,7 @@ def parse_overrides(fields: Mapping[str, Any]) -> dict[str, Any]:
     try:
         overrides = msgspec.convert(fields, _Overrides)
     except msgspec.ValidationError as exc:
-        raise _invalid(exc) from None
+        raise invalid_body(exc) from None
     out: dict[str, Any] = {}
     for name, value in msgspec.structs.asdict(overrides).items():
         if value is msgspec.UNSET:

@@ -11,6 +11,10 @@ deleting its files) refreshes its ``last_active_at``, and a container idle for i
 from __future__ import annotations
 
 import hashlib
+import shutil
+import tempfile
+import weakref
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -18,8 +22,9 @@ import msgspec
 from emulator import schema
 from emulator.config import EmulatorConfig
 from emulator.knobs import ROUTE_NAMES, Fault, FaultKind, Knobs
-from emulator.objects import Container, ContainerFile, StoredFile, new_id
+from emulator.objects import Container, ContainerFile, Received, StoredFile, new_id
 from emulator.schema import ApiError
+from emulator.streams import Streams
 
 __all__ = ["ROUTE_NAMES", "EmulatorConfig", "EmulatorState", "Fault", "FaultKind"]
 
@@ -40,6 +45,15 @@ class EmulatorState(Knobs):
         self._project_of: dict[str, str] = {
             key: f"proj_{index}" for index, group in enumerate(config.projects) for key in group
         }
+        self.streams = Streams(config.stream_delay_ms)
+        # The Files API's bytes live on disk, removed with the state (or at exit).
+        self._blobs = Path(tempfile.mkdtemp(prefix="emulator-files-"))
+        self.close = weakref.finalize(self, shutil.rmtree, self._blobs, ignore_errors=True)
+
+    def reset_stats(self) -> None:
+        """Forget the counted (and recorded) requests and what streams sent."""
+        super().reset_stats()
+        self.streams.reset()
 
     # Projects and keys.
 
@@ -150,14 +164,36 @@ class EmulatorState(Knobs):
     # The Files API, whose files ``file_ids`` and ``file_id`` copy into containers.
 
     def upload(self, project: str, filename: str, content: bytes, purpose: str) -> dict[str, Any]:
-        """Store a file (``POST /v1/files``)."""
+        """Store a file of bytes at hand, as ``POST /v1/files`` does."""
+        path = self.blob_path()
+        path.write_bytes(content)
+        digest = hashlib.sha256(content).hexdigest()
+        received = Received(filename=filename, size=len(content), sha256=digest)
+        return self.store_upload(project, received, path, purpose)
+
+    def blob_path(self) -> Path:
+        """A new file's place on disk, for an upload streamed there."""
+        return self._blobs / new_id("blob_")
+
+    def store_upload(
+        self, project: str, received: Received, path: Path, purpose: str
+    ) -> dict[str, Any]:
+        """Keep a file whose bytes were streamed to ``path`` (``POST /v1/files``)."""
         self._seq += 1
         upload = StoredFile(
             id=new_id("file-"), seq=self._seq, project=project, created_at=self.now(),
-            filename=_basename(filename), purpose=purpose, content=content,
+            filename=_basename(received.filename), purpose=purpose, path=path,
+            size=received.size, sha256=received.sha256,
         )  # fmt: skip
         self._uploads[upload.id] = upload
         return upload.to_json()
+
+    def peek_upload(self, file_id: str) -> Received:
+        """What the emulator received of a stored file: name, size, SHA-256 (for tests)."""
+        upload = self._uploads.get(file_id)
+        if upload is None:
+            raise ApiError(404, f"No such File object: {file_id}")
+        return Received(filename=upload.filename, size=upload.size, sha256=upload.sha256)
 
     def list_uploads(self, project: str, query: schema.ListQuery) -> dict[str, Any]:
         """One page of the project's stored files."""
@@ -168,14 +204,13 @@ class EmulatorState(Knobs):
         """A stored file's metadata."""
         return self._find_upload(project, file_id).to_json()
 
-    def upload_content(self, project: str, file_id: str) -> bytes:
-        """A stored file's bytes."""
-        return self._find_upload(project, file_id).content
+    def upload_content(self, project: str, file_id: str) -> Path:
+        """Where a stored file's bytes are."""
+        return self._find_upload(project, file_id).path
 
     def delete_upload(self, project: str, file_id: str) -> dict[str, Any]:
         """Delete a stored file (copies in containers stay)."""
-        self._find_upload(project, file_id)
-        del self._uploads[file_id]
+        self._uploads.pop(self._find_upload(project, file_id).id).path.unlink(missing_ok=True)
         return {"id": file_id, "object": "file", "deleted": True}
 
     # Operator overrides, outside any project.

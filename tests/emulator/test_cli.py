@@ -19,12 +19,14 @@ def parse(*argv: str) -> argparse.Namespace:
 
 async def test_flags_configure_projects_keys_and_expiry(make_client: MakeClient) -> None:
     ns = parse("--project", "k-1, k-2", "--project", "k-3", "--revoked-key", "k-gone-123456",
-               "--default-expires-minutes", "3", "--latency-ms", "1.5")  # fmt: skip
+               "--default-expires-minutes", "3", "--latency-ms", "1.5",
+               "--stream-delay-ms", "40")  # fmt: skip
     assert (ns.host, ns.port) == ("127.0.0.1", 8090)
     config = config_from_args(ns)
-    assert config.latency_ms == 1.5
+    assert (config.latency_ms, config.stream_delay_ms) == (1.5, 40)
     assert "k-gone" not in repr(config)
     client = await make_client(config)
+    assert (await (await client.get("/_emulator/streams")).json())["delay_ms"] == 40
 
     shared = await create(client, "k-1")
     assert shared["expires_after"]["minutes"] == 3
@@ -48,6 +50,9 @@ async def test_gateway_flags(make_client: MakeClient) -> None:
     assert config.custom_providers == (("my-openai-eu", "openai"), ("my-claude", "anthropic"))
     assert config.container_providers == frozenset({"openai"})
     assert (config.virtual_keys, config.gateway_version) == ("optional", "legacy")
+    assert (defaults.v1_face, config_from_args(parse("--v1-as-gateway")).v1_face) == (
+        "openai", "gateway",
+    )  # fmt: skip
     assert "sk-gw-000000001" not in repr(config)
     client = await make_client(config)
 

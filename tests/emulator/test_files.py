@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
+import tracemalloc
+from collections.abc import AsyncIterator
 
 import aiohttp
 
-from tests.emulator.support import KEY, STRANGER, Client, bearer, create, get, upload
+from tests.emulator.support import KEY, STRANGER, Client, bearer, create, get, state_of, upload
 
 
 async def test_container_files_lifecycle(client: Client) -> None:
@@ -110,3 +113,33 @@ async def test_the_files_api(client: Client) -> None:
     assert (await response.json())["error"]["param"] == "file"
     response = await client.post("/v1/files", json={"purpose": "x"}, headers=bearer(KEY))
     assert response.status == 400
+
+
+async def test_a_large_upload_is_streamed_to_disk_counted_and_hashed(client: Client) -> None:
+    chunk, chunks = bytes(range(256)) * 256, 256  # 16 MiB, generated as it is sent
+    digest = hashlib.sha256()
+
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(chunks):
+            digest.update(chunk)
+            yield chunk
+
+    form = aiohttp.FormData({"purpose": "batch"})
+    form.add_field("file", body(), filename="big.jsonl")
+    tracemalloc.start()
+    try:
+        response = await client.post("/v1/files", data=form, headers=bearer(KEY))
+        stored = await response.json()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    size = len(chunk) * chunks
+    assert (stored["bytes"], stored["filename"]) == (size, "big.jsonl")
+    assert state_of(client).peek_upload(stored["id"]).sha256 == digest.hexdigest()
+    assert peak < size // 4, "the upload went through memory in chunks, not whole"
+
+    response = await client.get(f"/v1/files/{stored['id']}/content", headers=bearer(KEY))
+    received = hashlib.sha256()
+    async for piece in response.content.iter_chunked(1 << 16):
+        received.update(piece)
+    assert received.hexdigest() == digest.hexdigest()
