@@ -26,7 +26,7 @@ def cache_headers(outcome: Outcome, *, rules: Rules | None = None) -> dict[str, 
             parts.append(f"fwd-status={outcome.upstream_status}")
         if outcome.stored:
             parts.append("stored")
-    elif outcome.kind == "stale-if-error":
+    elif outcome.kind == "stale_if_error":
         parts.append("fwd=stale")
         if outcome.upstream_status is not None:
             parts.append(f"fwd-status={outcome.upstream_status}")
@@ -38,10 +38,10 @@ def cache_headers(outcome: Outcome, *, rules: Rules | None = None) -> dict[str, 
         parts.append("collapsed")
     if rules is not None and rules.ignored:
         detail = "ignored:" + ",".join(rules.ignored)
-        if outcome.kind == "stale-if-error":
+        if outcome.kind == "stale_if_error":
             detail = "stale-if-error " + detail
         parts.append(f'detail="{detail}"')
-    elif outcome.kind == "stale-if-error":
+    elif outcome.kind == "stale_if_error":
         parts.append("detail=stale-if-error")
     headers = {"Cache-Status": "; ".join(parts)}
     if freshness is not None:

@@ -45,9 +45,6 @@ __all__ = [
 OUTCOME: web.ResponseKey[object] = web.ResponseKey("outcome", object)
 #: Set by handlers that counted their own answer.
 COUNTED: web.ResponseKey[bool] = web.ResponseKey("counted", bool)
-_KINDS = {"hit": "hit", "stale": "stale", "stale-if-error": "stale_if_error",
-          "negative": "negative", "miss": "miss"}  # fmt: skip
-_STAT_NAMES = {label: f"answers.{label}" for label in (*_KINDS.values(), "bypass", "error")}
 #: A handler's ``route`` label when its routes are counted together (``passthrough``: the
 #: relay, ``admin``).
 ROUTE_GROUP: web.RequestKey[str] = web.RequestKey("route_group", str)
@@ -124,7 +121,7 @@ def _log_error(request: web.Request, exc: SidecarError) -> None:
 
 
 def _retrieval_label(outcome: Outcome, rules: Rules) -> str:
-    label = _KINDS[outcome.kind]
+    label = outcome.kind
     return "bypass" if label == "miss" and (rules.no_cache or rules.no_store) else label
 
 
@@ -149,7 +146,7 @@ def count_answer(
     if outcome.collapsed:
         metrics.collapsed.labels(outcome.collapsed).inc()
     metrics.answered(route, label, seconds)
-    services.stats.add(_STAT_NAMES[label])
+    services.stats.add(f"answers.{label}")
 
 
 def _observe(request: web.Request, response: web.StreamResponse, started: float) -> None:
@@ -165,4 +162,4 @@ def _observe(request: web.Request, response: web.StreamResponse, started: float)
 def count_route(services: Services, route: str, label: str, seconds: float) -> None:
     """Count one answer under a route (or route group) and outcome word."""
     services.metrics.answered(route, label, seconds)
-    services.stats.add(_STAT_NAMES.get(label) or f"answers.{label}")
+    services.stats.add(f"answers.{label}")

@@ -34,7 +34,8 @@ class Outcome(msgspec.Struct, frozen=True, gc=False):
     """How a retrieve was answered; ``record`` is the container (or the cached 404) served."""
 
     kind: str
-    """``hit``, ``stale``, ``negative``, ``miss`` or ``stale-if-error``."""
+    """``hit``, ``stale``, ``negative``, ``miss`` or ``stale_if_error``: one spelling from
+    the answer to the metrics."""
     record: Record
     cache_id: str
     freshness: Freshness | None = None

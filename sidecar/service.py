@@ -395,7 +395,7 @@ class ContainerService:
         if freshness.state is State.DEAD:
             return None
         cache_id = cache_id_for(query.provider, query.container_id)
-        return Outcome("stale-if-error", stale, cache_id, freshness, forward="stale",
+        return Outcome("stale_if_error", stale, cache_id, freshness, forward="stale",
                        upstream_status=status)  # fmt: skip
 
     async def seed(

@@ -41,8 +41,6 @@ __all__ = [
 
 #: A plausible container (or file) id: 1-128 letters, digits, '_' or '-', not starting with either.
 CONTAINER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
-_HIT_TYPES = {"hit": "direct", "stale": "direct", "negative": "direct",
-              "stale-if-error": "stale_if_error"}  # fmt: skip
 _OPENAI_V1 = "/openai/v1/containers/{container_id}"
 _OPENAI = "/openai/containers/{container_id}"
 _NATIVE = "/v1/containers/{container_id}"
@@ -173,8 +171,9 @@ def hit_body(outcome: Outcome, provider: str, rules: Rules) -> bytes:
 
 def _render_body(outcome: Outcome, provider: str, rules: Rules, latency_ms: int) -> bytes:
     record = outcome.record
-    hit_type = _HIT_TYPES.get(outcome.kind)
-    hit = hit_type is not None
+    # The gateway's hit type ("direct": an exact lookup), or ours: the outcome "stale_if_error".
+    hit = outcome.kind != "miss"
+    hit_type = (outcome.kind if outcome.kind == "stale_if_error" else "direct") if hit else None
     debug = CacheDebug(
         cache_hit=hit,
         cache_id=outcome.cache_id,

@@ -38,7 +38,7 @@ def expected(row: Row, default_threshold: float) -> Rules:
 def outcome(kind: str = "hit") -> Outcome:
     record = Record(provider="openai", container_id="cntr_1", status_code=200, body=b"{}",
                     fetched_at_ms=0)  # fmt: skip
-    stale = kind == "stale-if-error"
+    stale = kind == "stale_if_error"
     freshness = Freshness(State.STALE_IF_ERROR if stale else State.FRESH, 0.0 if stale else 1.0,
                           -70.0 if stale else 7.0, 80.0 if stale else 3.0)  # fmt: skip
     return Outcome(kind=kind, record=record, cache_id="id", freshness=freshness,
@@ -79,12 +79,12 @@ def test_cache_status_reports_what_was_ignored(row: Row) -> None:
 
 
 def test_one_detail_carries_stale_if_error_and_what_was_ignored() -> None:
-    assert cache_headers(outcome("stale-if-error"))["Cache-Status"] == (
+    assert cache_headers(outcome("stale_if_error"))["Cache-Status"] == (
         "bifrost-sidecar; fwd=stale; fwd-status=503; ttl=-70; detail=stale-if-error"
     )
     rules = parse_rules(CIMultiDictProxy(CIMultiDict({"x-bf-cache-ttl": "soon",
                                                       "Cache-Control": "private"})), 0.0)  # fmt: skip
-    assert cache_headers(outcome("stale-if-error"), rules=rules)["Cache-Status"] == (
+    assert cache_headers(outcome("stale_if_error"), rules=rules)["Cache-Status"] == (
         "bifrost-sidecar; fwd=stale; fwd-status=503; ttl=-70; "
         'detail="stale-if-error ignored:cache-control,x-bf-cache-ttl"'
     )
