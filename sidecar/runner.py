@@ -18,6 +18,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from sidecar import tracing
+from sidecar.app import SETTINGS
 from sidecar.errors import MalformedRequest, SidecarError, UnsupportedVersion
 from sidecar.lane import hit_lane
 from sidecar.state import SERVICES
@@ -125,7 +126,16 @@ def _refuse_other_versions(
 
 
 class SidecarRunner(web.AppRunner):
-    """An ``AppRunner`` whose connections answer unreadable requests in the gateway's shape."""
+    """An ``AppRunner`` whose connections answer unreadable requests in the gateway's shape and
+    give a client ``SIDECAR_CLIENT_HEADER_TIMEOUT_S`` to send a request's head."""
+
+    def __init__(self, app: web.Application, **kwargs: Any) -> None:
+        if SETTINGS in app:
+            # aiohttp's keep-alive timer runs from a connection's start and from each answer,
+            # and closes a connection still waiting for a whole request head when it fires:
+            # a header timeout, whatever bytes trickle in meanwhile.
+            kwargs.setdefault("keepalive_timeout", app[SETTINGS].client_header_timeout_s)
+        super().__init__(app, **kwargs)
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()

@@ -89,6 +89,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     Elasticsearch...)."""
     shutdown_timeout_s: Seconds = 10.0
     """How long in-flight requests may take to finish after SIGTERM."""
+    client_header_timeout_s: Seconds = 15.0
+    """How long a client may take to send a whole request head, from its connection or from
+    its previous answer on a keep-alive connection; then the connection is closed. An idle
+    keep-alive connection is closed after it too."""
 
     # -- upstream
     upstream_kind: Literal["bifrost", "openai"] = "bifrost"

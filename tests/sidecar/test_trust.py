@@ -254,3 +254,35 @@ def _exchange(host: str, port: int, raw: bytes) -> bytes:
         while chunk := sock.recv(65536):
             answer += chunk
     return answer
+
+
+async def test_a_client_that_trickles_its_request_head_is_cut_off(
+    start_sidecar: Any, make_settings: Any
+) -> None:
+    # Found: a client sending a header byte every few seconds held its connection forever.
+    sidecar = await start_sidecar(make_settings(client_header_timeout_s=0.5))
+    host, port = sidecar.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    started = time.monotonic()
+    writer.write(b"GET /openai/v1/containers/cntr_1 HTTP/1.1\r\nHost: x\r\n")
+    closed = False
+    for _ in range(40):  # a byte every 0.1 s, never the blank line that ends the head
+        try:
+            writer.write(b"X")
+            await writer.drain()
+        except ConnectionError:
+            closed = True
+            break
+        if reader.at_eof() or (await _read_some(reader)) == b"":
+            closed = True
+            break
+    writer.close()
+    assert closed
+    assert time.monotonic() - started < 3.0  # 40 trickled bytes would take 4 s
+
+
+async def _read_some(reader: asyncio.StreamReader) -> bytes | None:
+    try:
+        return await asyncio.wait_for(reader.read(100), 0.1)
+    except TimeoutError:
+        return None
