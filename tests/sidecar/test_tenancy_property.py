@@ -270,6 +270,29 @@ class Holdback:
         return web.Response(body=raw, status=status, headers=relayed)
 
 
+#: A server stops within milliseconds; longer means a request of its own is stuck.
+STOP_WITHIN_S = 20.0
+
+
+def pending_tasks() -> str:
+    """The running loop's tasks, each with the chain of coroutines it is waiting in."""
+    lines = []
+    for task in asyncio.all_tasks():
+        chain: list[str] = []
+        awaiting: Any = task.get_coro()
+        while awaiting is not None and len(chain) < 12:
+            frame = getattr(awaiting, "cr_frame", None) or getattr(awaiting, "gi_frame", None)
+            if frame is None:
+                chain.append(type(awaiting).__name__)
+                break
+            chain.append(f"{frame.f_code.co_qualname}:{frame.f_lineno}")
+            awaiting = getattr(awaiting, "cr_await", None) or getattr(
+                awaiting, "gi_yieldfrom", None
+            )
+        lines.append(" > ".join(chain))
+    return "\n  ".join(["", *sorted(lines)])
+
+
 class World:
     """The emulator, two sidecars and Redis, run in a background event loop.
 
@@ -360,7 +383,11 @@ class World:
 
     async def _stop(self) -> None:
         while self.runners:
-            await self.runners.pop().cleanup()
+            runner = self.runners.pop()
+            cleanup = asyncio.ensure_future(runner.cleanup())
+            if not (await asyncio.wait({cleanup}, timeout=STOP_WITHIN_S))[0]:
+                raise AssertionError(f"a server did not stop within {STOP_WITHIN_S}s (it waits "
+                                     f"for requests in progress): {pending_tasks()}")  # fmt: skip
         if self.session is not None:
             await self.session.close()
 
@@ -759,7 +786,7 @@ class TenancyMachine(RuleBasedStateMachine):
         cid=containers,
         replica=replicas,
         route=st.sampled_from(RETRIEVE_ROUTES),
-        cache_control=st.sampled_from((None, "max-stale", "max-stale=600", "no-cache")),
+        cache_control=st.sampled_from(CACHE_CONTROLS),
         spelling=st.sampled_from(ALL_SPELLINGS),
     )
     def newcomer(
@@ -778,11 +805,21 @@ class TenancyMachine(RuleBasedStateMachine):
         self.note(f"newcomer {serial} looks at {cid} via {replica} {cache_control or ''} -> "
                   f"{cached.status}; at a never-seen id -> {unknown.status}")  # fmt: skip
         self.judge(cid, credential, cached, "newcomer: ")
-        seen = [(answer.status, self.cache_status(answer)) for answer in (cached, unknown)]
+        seen = [(answer.status, self.cache_status(answer), self.error_said(answer, named))
+                for answer, named in ((cached, cid), (unknown, f"cntr_never_seen_{serial}"))]  # fmt: skip
         if seen[0] != seen[1]:
             self.fail(f"SHOWS: a newcomer's look at {cid} (cached by project "
                       f"{self.model.owners.get(cid)}) reads {seen[0]}, at an id nobody has "
                       f"{seen[1]}")  # fmt: skip
+
+    @staticmethod
+    def error_said(answer: Answer, cid: str) -> tuple[object, ...] | None:
+        """What an error answer says, the container id it names left out."""
+        error = (answer.body or {}).get("error") if isinstance(answer.body, dict) else None
+        if not isinstance(error, dict):
+            return None
+        message = str(error.get("message", "")).replace(cid, "<id>")
+        return message, error.get("type"), error.get("code")
 
     @staticmethod
     def cache_status(answer: Answer) -> str | None:
