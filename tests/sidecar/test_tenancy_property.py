@@ -495,10 +495,15 @@ whos = st.tuples(
     st.sampled_from(("owner", "owner", "other")), st.integers(0, 7), st.sampled_from(ALL_SPELLINGS)
 )
 delays = st.sampled_from((0.0, 0.0, 0.01, 0.03, 0.08))
-deleters = st.tuples(whos, st.sampled_from(PREFIXES), delays)
+#: The container API's routes a concurrent step deletes and lists by (the native /v1 one too).
+DELETE_ROUTES = (*(f"{prefix}/containers/{{cid}}" for prefix in PREFIXES),
+                 "/v1/containers/{cid}?provider=openai")  # fmt: skip
+LIST_ROUTES = (*(f"{prefix}/containers?limit=100" for prefix in PREFIXES),
+               "/v1/containers?provider=openai&limit=100")  # fmt: skip
+deleters = st.tuples(whos, st.sampled_from(DELETE_ROUTES), delays)
 readers = st.tuples(whos, replicas, st.sampled_from(RETRIEVE_ROUTES), st.sampled_from(CACHE_CONTROLS),
                     delays)  # fmt: skip
-listers = st.tuples(whos, replicas, st.sampled_from(PREFIXES), delays)
+listers = st.tuples(whos, replicas, st.sampled_from(LIST_ROUTES), delays)
 
 
 # -- the machine -------------------------------------------------------------------------------
@@ -708,13 +713,13 @@ class TenancyMachine(RuleBasedStateMachine):
         calls = [Call("retrieve", replica, route.format(cid=cid), self.key_of(cid, who), delay,
                       cache_control)
                  for who, replica, route, cache_control, delay in reads]  # fmt: skip
-        calls += [Call("list", replica, f"{prefix}/containers?limit=100", self.key_of(cid, who),
-                       delay) for who, replica, prefix, delay in lists]  # fmt: skip
+        calls += [Call("list", replica, route, self.key_of(cid, who), delay)
+                  for who, replica, route, delay in lists]  # fmt: skip
         if deleter is not None:
-            who, prefix, delay = deleter
+            who, route, delay = deleter
             # Through "local", which drops its own copy (see World._start).
-            calls.append(Call("delete", "local", f"{prefix}/containers/{cid}",
-                              self.key_of(cid, who), delay))  # fmt: skip
+            calls.append(Call("delete", "local", route.format(cid=cid), self.key_of(cid, who),
+                              delay))  # fmt: skip
         deleted_before = cid in self.model.deleted
         self.note(f"step of {len(calls)} calls at once on {cid}, reads' answers held {hold_ms} ms:")
         timed = self.world.gather(calls, hold_ms)
