@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote
 
 import aiohttp
@@ -897,3 +897,27 @@ def test_metric_labels_come_from_closed_sets_whatever_clients_sent(stack: Stack)
         if len(seen) > 40:
             problems.append(f"{name} has {len(seen)} values: not a closed set")
     assert not problems, "\n".join(problems)
+
+
+def test_redis_keys_come_from_closed_sets_whatever_clients_sent(
+    stack: Stack, openai_stack: Stack, redis_server: RedisServer
+) -> None:
+    """After the fuzzing above: no Redis key, and no member of the refresh index, names a
+    provider a client made up (none of them is one the upstream has)."""
+    client = redis_server.client()
+    problems = []
+    for kind in ("bifrost", "openai"):
+        prefix = f"fuzz-{kind}:"
+        for raw in client.scan_iter(match=prefix + "*", count=1000):
+            # Per-container keys are hashed (``{tag}``): only the others could name anything.
+            kind_of, _, named = raw.decode("utf-8", "replace").removeprefix(prefix).partition(":")
+            closed = named in PROVIDERS if kind_of in ("backoff", "sem") else (
+                kind_of.startswith("{") or kind_of in ("changes", "stats", "due", "queue"))  # fmt: skip
+            if not closed:
+                problems.append(f"key {raw[:80]!r}")
+        for raw in cast("list[bytes]", client.zrange(prefix + "due", 0, -1)):
+            provider = raw.decode("utf-8", "replace").partition("/")[0]
+            if provider not in PROVIDERS:
+                problems.append(f"refresh index member {raw[:80]!r}")
+    client.close()
+    assert not problems, f"{len(problems)} keys from client input: {problems[:10]}"
