@@ -517,6 +517,8 @@ class Model:
     deleted: set[str] = field(default_factory=set)
     revoked_at: dict[str, float] = field(default_factory=dict)
     newcomers: int = 0
+    upstream_failed: bool = False
+    """A call of the sidecar's to the upstream failed (timed out): shielding is expected."""
     """Credentials made up so far, each a project of its own that never asked anything."""
 
     def in_grace(self, key: str) -> bool:
@@ -650,6 +652,7 @@ class TenancyMachine(RuleBasedStateMachine):
 
     def judge(self, cid: str, credential: Credential, answer: Answer, context: str = "") -> None:
         """A 200 must be what the upstream answers one of the request's credentials."""
+        self.check_scope(answer, context)
         if answer.status != 200:
             return
         debug = (answer.body.get("extra_fields") or {}).get("cache_debug") or {}
@@ -673,6 +676,22 @@ class TenancyMachine(RuleBasedStateMachine):
             f"{debug.get('cache_hit')}) to [{describe(credential)}], which the upstream "
             f"refuses: {verdicts}"
         )
+
+    def check_scope(self, answer: Answer, context: str) -> None:
+        """The upstream here never fails on its own: an error of the upstream's kind (5xx, 429)
+        is another caller's answer leaking, unless a call of ours did time out on a loaded
+        machine (then the upstream is shielded for everyone, as it should be)."""
+        error = (answer.body or {}).get("error") if isinstance(answer.body, dict) else None
+        code = error.get("code") if isinstance(error, dict) else None
+        if answer.status in (502, 504) and code in ("upstream_timeout", "upstream_unavailable"):
+            self.model.upstream_failed = True
+            return
+        expected = (answer.status == 504 and code == "only_if_cached") or (
+            answer.status == 503 and code == "upstream_backing_off" and self.model.upstream_failed
+        )
+        if (answer.status >= 500 or answer.status == 429) and not expected:
+            self.fail(f"{context}SCOPE: answered {answer.status} {answer.raw[:200]!r}, yet "
+                          "the upstream never failed")  # fmt: skip
 
     def check_projects(self, what: str, owner: str | None, credential: Credential) -> None:
         """A container shown to a request belongs to the project of one of its credentials."""
@@ -750,9 +769,10 @@ class TenancyMachine(RuleBasedStateMachine):
     ) -> None:
         """What one call of a concurrent step may have been answered."""
         call, answer = one.call, one.answer
+        what = f"{call.kind} {call.target} via {call.replica} {call.cache_control or ''}"
+        self.check_scope(answer, f"{what}: ")
         if answer.status != 200:
             return
-        what = f"{call.kind} {call.target} via {call.replica} {call.cache_control or ''}"
         if call.kind == "delete":
             self.check_projects(f"{what} succeeded", self.model.owners.get(cid), call.credential)
         elif call.kind == "list":
@@ -781,6 +801,7 @@ class TenancyMachine(RuleBasedStateMachine):
                 for key in askers:
                     credential = (("Authorization", key),)
                     answer = self.read(cid, credential, replica, RETRIEVE_ROUTES[0], cache_control)
+                    self.check_scope(answer, f"after the delete of {cid}: ")
                     if answer.status == 200:
                         debug = (answer.body.get("extra_fields") or {}).get("cache_debug") or {}
                         self.fail(f"DELETED: {cid} served after its DELETE was answered, via "
