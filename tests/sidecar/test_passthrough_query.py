@@ -1,6 +1,6 @@
 """What the container API is asked through the sidecar is what the caller asked: the query
-reaches the upstream with the same parameters (an escaped ``#`` or ``%`` included), and the
-cache files what a list returns under the provider the upstream answered for."""
+reaches the upstream with the same parameters (an escaped ``#`` or ``%`` included), so the
+provider the upstream answers for is the one the cache files the answer under."""
 
 from __future__ import annotations
 
