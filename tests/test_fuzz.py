@@ -1,6 +1,7 @@
 """Fuzzing the sidecar's HTTP surface on a raw socket: whatever a client sends, the answer is
-HTTP, errors are JSON in the gateway's shape, client input never makes a 5xx, and the log has
-neither tracebacks nor credentials.
+HTTP, every error the sidecar makes itself is JSON in the gateway's error shape, no answer is a
+500 or carries a traceback, client input never makes a 5xx, and the log has neither tracebacks
+nor credentials.
 
 A real ``sidecar serve`` process (its real log configuration and access log) runs in front of the
 emulator (``sidecar emulate``), so the upstream always answers: a 5xx cannot be blamed on an
@@ -9,15 +10,21 @@ paths (traversal, ``%00``, over-long, unicode, ``//``), queries, headers (bad ch
 lines, too many, duplicated credentials, CRLF injection, obs-fold), methods and request lines,
 and random mutations of valid requests. Every credential a case sends is a recognisable fake
 secret (``sk-bf-FUZZSECRET...``); so are the sidecar's own service key, HMAC key and admin token.
+Then every route the sidecar has (retrievals, the container API it passes through, operations,
+admin, paths it has no route for) under every method gets malformed and duplicated headers,
+8 KB hostile values for every header it parses, and odd queries (``%23``, ``%25xx``, a repeated
+``provider``), in front of a gateway and straight against OpenAI.
 
-The sidecar's own words are judged. An answer the upstream itself made and the sidecar relayed
-keeps the upstream's shape and status, whatever it is: the emulator's ``/v1`` face answers in
-OpenAI's envelope, a legacy gateway answers 500 to an unsupported provider, and a route the
-emulator does not have gets aiohttp's plain-text 404.
+Whose words an answer is, is not guessed: a tap between the sidecar and the emulator keeps every
+answer the upstream made. An answer the sidecar relayed byte for byte keeps the upstream's shape
+and status (the emulator's ``/v1`` face answers in OpenAI's envelope), but must still be JSON
+with ``error.message``; every other error is the sidecar's own and must be in the gateway's
+``BifrostError`` shape (``sidecar.wire.error_body``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.client
 import json
@@ -27,15 +34,20 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote
 
+import aiohttp
 import pytest
+from aiohttp import web
+from yarl import URL
 
+from sidecar.controls import CONTROL_HEADERS
 from sidecar.settings import PROVIDERS
 from tests.conftest import RedisServer, free_port
 
@@ -57,15 +69,89 @@ PROVIDER_JUNK = ("fzq", "OPENAI", "open ai", "openai\x00", "fz" * 200, "fz\u202e
 # -- the pieces ------------------------------------------------------------------------------------
 
 
+_HOP_BY_HOP = frozenset({"host", "connection", "keep-alive", "content-length", "transfer-encoding",
+                         "te", "trailer", "upgrade"})  # fmt: skip
+
+
+class Tap:
+    """Between the sidecar and the emulator, in a thread of its own: relays every request as it
+    came and keeps every answer the upstream made (status and body)."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.url = ""
+        self._answers: list[tuple[int, bytes]] = []
+        self._lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    def __enter__(self) -> Tap:
+        self._thread.start()
+        self.url = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+    def take(self) -> list[tuple[int, bytes]]:
+        """The upstream's answers since the last call."""
+        with self._lock:
+            answers, self._answers = self._answers, []
+        return answers
+
+    async def _start(self) -> str:
+        self._session = aiohttp.ClientSession(auto_decompress=False)
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._relay)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = self._runner.addresses[0][:2]
+        return f"http://{host}:{port}"
+
+    async def _stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._session is not None:
+            await self._session.close()
+
+    async def _relay(self, request: web.Request) -> web.Response:
+        assert self._session is not None
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP]
+        body = await request.read()
+        try:
+            async with self._session.request(
+                request.method, URL(self.target + request.raw_path, encoded=True),
+                headers=headers, data=body or None, allow_redirects=False,
+            ) as upstream:  # fmt: skip
+                status, raw = upstream.status, await upstream.read()
+                relayed = [(k, v) for k, v in upstream.headers.items()
+                           if k.lower() not in _HOP_BY_HOP]  # fmt: skip
+        except (aiohttp.ClientError, ValueError) as exc:  # what the tap could not relay
+            status, relayed = 502, [("Content-Type", "application/json")]
+            raw = json.dumps({"error": {"message": f"tap: {type(exc).__name__}"}}).encode()
+        with self._lock:
+            self._answers.append((status, raw))
+        return web.Response(body=raw, status=status, headers=relayed)
+
+
 @dataclass
 class Stack:
-    """The emulator and the sidecar, as processes; the sidecar's log in a file."""
+    """The emulator and the sidecar, as processes (the tap between them); the sidecar's log in
+    a file."""
 
     sidecar_port: int
     emulator_url: str
     log: Path
     sidecar: subprocess.Popen[bytes]
     containers: list[str]
+    tap: Tap
     offset: int = 0
 
     def new_log(self, settle_s: float = 0.0) -> str:
@@ -82,21 +168,6 @@ class Stack:
             time.sleep(0.002)
         self.offset += len(data)
         return data.decode("utf-8", "replace")
-
-    def upstream_calls(self) -> int:
-        """Calls the emulator counted, plus answers the sidecar's metrics say the upstream made
-        and the relay passed on (the emulator does not count a route it does not have)."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.sidecar_port, timeout=10)
-        conn.request("GET", "/metrics")
-        text = conn.getresponse().read().decode()
-        conn.close()
-        relayed = sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith("sidecar_relayed_requests_total{")
-            and 'status_class="error"' not in line
-        )
-        return int(control(self.emulator_url, "GET", "/_emulator/stats")["total"]) + int(relayed)
 
 
 def control(base: str, method: str, path: str, body: bytes | None = None,
@@ -132,9 +203,9 @@ def stop(process: subprocess.Popen[bytes]) -> None:
             process.wait(5)
 
 
-@pytest.fixture(scope="module")
-def stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    workdir = tmp_path_factory.mktemp("fuzz")
+@contextlib.contextmanager
+def run_stack(redis: RedisServer, workdir: Path, kind: str) -> Iterator[Stack]:
+    """The emulator, the tap and a sidecar in front of them (``SIDECAR_UPSTREAM_KIND=kind``)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
     emulator_port, sidecar_port = free_port(), free_port()
     with (workdir / "emulator.log").open("wb") as sink:
@@ -153,16 +224,17 @@ def stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -
             for _ in range(3)
         ]  # fmt: skip
         log = workdir / "sidecar.log"
-        with log.open("wb") as sink:
+        with Tap(emulator_url) as tap, log.open("wb") as sink:
             sidecar = subprocess.Popen(
                 [str(BIN / "sidecar"), "serve"],
                 env={
                     **env,
                     **SIDECAR_SECRETS,
-                    "SIDECAR_UPSTREAM_URL": emulator_url,
-                    "SIDECAR_REDIS_URL": redis_server.url,
-                    "SIDECAR_KEY_PREFIX": "fuzz",
-                    "SIDECAR_QUEUE_NAME": "fuzz:queue",
+                    "SIDECAR_UPSTREAM_KIND": kind,
+                    "SIDECAR_UPSTREAM_URL": tap.url,
+                    "SIDECAR_REDIS_URL": redis.url,
+                    "SIDECAR_KEY_PREFIX": f"fuzz-{kind}",
+                    "SIDECAR_QUEUE_NAME": f"fuzz-{kind}:queue",
                     "SIDECAR_HOST": "127.0.0.1",
                     "SIDECAR_PORT": str(sidecar_port),
                     "SIDECAR_UPSTREAM_TIMEOUT_S": "5",
@@ -170,12 +242,19 @@ def stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -
                 stdout=sink,
                 stderr=subprocess.STDOUT,
             )
-        wait_ready(sidecar_port, sidecar, "/healthz")
-        yield Stack(sidecar_port, emulator_url, log, sidecar, containers)
+            wait_ready(sidecar_port, sidecar, "/healthz")
+            yield Stack(sidecar_port, emulator_url, log, sidecar, containers, tap)
+            stop(sidecar)
     finally:
         if sidecar is not None:
             stop(sidecar)
         stop(emulator)
+
+
+@pytest.fixture(scope="module")
+def stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with run_stack(redis_server, tmp_path_factory.mktemp("fuzz"), "bifrost") as running:
+        yield running
 
 
 # -- cases -----------------------------------------------------------------------------------------
@@ -497,6 +576,115 @@ def mutation_cases(m: Maker) -> None:
         m.add(f"mutation {i}: {lines[0][:40]!r}", raw=raw)
 
 
+#: Every header the sidecar parses or reads: cache controls, credentials, trace context, body.
+PARSED_HEADERS = sorted({*(str(name) for name in CONTROL_HEADERS), "cache-control", "pragma",
+                         *(name.lower() for name in CRED_HEADERS), "x-bf-direct-key", "x-bf-api-key",
+                         "x-bf-eh-openai-organization", "traceparent", "tracestate", "content-type",
+                         "accept-encoding", "x-bf-send-back-raw-response"})  # fmt: skip
+#: 8 KB values built to trip a backtracking parser: long runs of what a pattern repeats, ended by
+#: what makes it fail (as tests/sidecar/test_hostile_input.py feeds each parser directly).
+HOSTILE_UNITS = ("1", "1.", "0", ".", "e1", "1s", "1.5h", "a=", '"', '\\"', ",", "=", " ", "-",
+                 "sk-", "bearer ", "00-", "@", "max-age=1,", "no-cache ")  # fmt: skip
+HOSTILE_ENDINGS = ("", "x", "!", '"', ".", "e", "_")
+ODD_QUERIES = ("provider=openai%23x", "%23", "%23=provider", "provider=%2523", "provider=%25xx",
+               "provider=%2541zure", "provider=openai&provider=azure",
+               "provider=azure&provider=openai", "provider=openai&provider=openai", "provider=%zz",
+               "limit=5%23&after=%25", "provider=" + "%25" * 2000)  # fmt: skip
+ODD_METHODS = ("BREW", "PATCH", "PUT", "OPTIONS", "TRACE", "HEAD", "get", "DELETE", "POST")
+ADMIN_TOKEN = SIDECAR_SECRETS["SIDECAR_ADMIN_TOKEN"]
+
+
+def every_route(m: Maker) -> list[tuple[str, str]]:
+    """(method, target) of every route the sidecar has, and of some it does not: deletes aim at
+    ids nobody has, so that the upstream's state stays as the other cases expect."""
+    cid, absent = m.containers[0], "cntr_fuzz_absent"
+    routes = []
+    for prefix in ("/openai/v1", "/openai", "/v1"):
+        query = "?provider=openai" if prefix == "/v1" else ""
+        base = f"{prefix}/containers"
+        routes += [("GET", f"{base}/{cid}{query}"), ("GET", base + query), ("POST", base + query),
+                   ("DELETE", f"{base}/{absent}{query}"), ("GET", f"{base}/{cid}/files{query}"),
+                   ("POST", f"{base}/{cid}/files{query}"),
+                   ("GET", f"{base}/{cid}/files/cfile_fuzz{query}"),
+                   ("GET", f"{base}/{cid}/files/cfile_fuzz/content{query}"),
+                   ("DELETE", f"{base}/{cid}/files/cfile_fuzz_absent{query}")]  # fmt: skip
+    routes += [("GET", "/metrics"), ("GET", "/healthz"), ("HEAD", "/healthz"), ("GET", "/readyz"),
+               ("HEAD", "/readyz"), ("GET", "/api/cache/stats"),
+               ("DELETE", "/api/cache/clear/00000000-0000-4000-8000-000000000000"),
+               ("DELETE", f"/api/cache/clear-by-key/{absent}"), ("GET", "/nowhere"),
+               ("POST", "/v1/chat/completions"), ("GET", "/openai/v1/models"), ("GET", "/v1/files"),
+               ("GET", f"/openai/v1/containers/{cid}/nowhere")]  # fmt: skip
+    return routes
+
+
+def hostile(m: Maker) -> bytes:
+    """One 8 KB value of a run and an ending that make a backtracking pattern fail."""
+    unit, end = m.rng.choice(HOSTILE_UNITS), m.rng.choice(HOSTILE_ENDINGS)
+    return ((unit * (8000 // len(unit) + 1))[: 8000 - len(end)] + end).encode()
+
+
+def with_query(target: str, query: str) -> str:
+    return target + ("&" if "?" in target else "?") + query
+
+
+def route_cases(m: Maker) -> None:
+    """Every route under malformed and duplicated headers, hostile values of every header the
+    sidecar parses, odd queries and every method."""
+    for method, target in every_route(m):
+        route_variants(m, method, target)
+    # A hundred 8 KB lines of one control header: each read once, or refused whole.
+    cid = m.containers[0]
+    lines = [(b"x-bf-cache-threshold", b"1" * 7999 + b"x")] * 100
+    for target in (f"/openai/v1/containers/{cid}", "/openai/v1/containers"):
+        m.add(f"100 hostile x-bf-cache-threshold lines on {target[:40]}", target, headers=lines)
+
+
+def route_variants(m: Maker, method: str, target: str) -> None:
+    """The cases of one route."""
+    where = f"{method} {target[:48]}"
+    body, extra = b"", []
+    if method == "POST":
+        creates = target.endswith(("/containers", "=openai"))
+        body = b'{"name":"fz"}' if creates else b'{"file_id":"file_fuzz"}'
+        extra = [(b"Content-Type", b"application/json")]
+
+    def add(name: str, **kwargs: Any) -> None:
+        kwargs.setdefault("method", method)
+        kwargs.setdefault("body", body)
+        kwargs["headers"] = [*extra, *kwargs.get("headers", [])]
+        m.add(f"{name} on {where}", kwargs.pop("target", target), **kwargs)
+
+    add("plain")
+    add("no credential", credential=False)
+    add("the admin token", credential=False,
+        headers=[(b"Authorization", f"Bearer {ADMIN_TOKEN}".encode())])  # fmt: skip
+    add("Authorization twice", credential=False,
+        headers=[m.credential("Authorization"), m.credential("Authorization")])  # fmt: skip
+    add("Authorization and x-api-key", credential=False,
+        headers=[m.credential("Authorization"), m.credential("x-api-key")])  # fmt: skip
+    add("empty Authorization", credential=False, headers=[(b"Authorization", b"")])
+    add("control byte in Authorization", credential=False,
+        headers=[(b"Authorization", b"Bearer " + m.secret().encode() + b"\x01")])  # fmt: skip
+    add("space in a header name", headers=[(b"Cache Control", b"no-cache")])
+    add("Cache-Control twice", headers=[(b"Cache-Control", b"max-age=1"),
+                                        (b"Cache-Control", b"no-cache, only-if-cached")])  # fmt: skip
+    add("Content-Length junk", headers=[(b"Content-Length", b"12abc")], body=b"")
+    identity = {h.lower() for h in CRED_HEADERS}
+    for name in PARSED_HEADERS:
+        value = hostile(m)
+        if name == "authorization" and m.rng.random() < 0.5:
+            value = b"Bearer " + value
+        # A hostile credential is the request's only one; other headers come with a valid one.
+        alone = name in identity or name.startswith("x-bf-")
+        add(f"8 KB {name}: {value[:6]!r}...{value[-2:]!r}", credential=not alone,
+            headers=[(name.encode(), value)])  # fmt: skip
+    for query in ODD_QUERIES:
+        add(f"query {query[:30]!r}", target=with_query(target, query))
+    for odd in ODD_METHODS:
+        if odd != method:
+            add(f"method {odd}", method=odd, body=b"")
+
+
 CATEGORIES: dict[str, Callable[[Maker], None]] = {
     "paths": path_cases,
     "queries": query_cases,
@@ -544,9 +732,11 @@ def send(port: int, case: Case) -> Reply:
 
 @dataclass
 class Verdicts:
-    """What went wrong, per case."""
+    """What went wrong, per case; and how many errors were the sidecar's own, how many relayed."""
 
     problems: list[tuple[str, str]] = field(default_factory=list)
+    own_errors: int = 0
+    relayed_errors: int = 0
 
     def add(self, case: Case, problem: str) -> None:
         self.problems.append((case.name, problem))
@@ -556,25 +746,42 @@ class Verdicts:
         by_kind: dict[str, list[str]] = {}
         for name, problem in self.problems:
             by_kind.setdefault(re.sub(r" *[(].*", "", problem), []).append(f"{name}: {problem}")
-        lines = [f"{len(self.problems)} problems: "
+        lines = [f"{len(self.problems)} problems ({self.own_errors} errors of the sidecar's own, "
+                 f"{self.relayed_errors} relayed): "
                  + ", ".join(f"{kind} x{len(rows)}" for kind, rows in by_kind.items())]  # fmt: skip
         for rows in by_kind.values():
             lines += [f"  {row[:300]}" for row in rows[:4]]
         return "\n".join(lines)
 
 
-def judge(case: Case, reply: Reply, relayed: bool, verdicts: Verdicts) -> None:
+def judge(case: Case, reply: Reply, upstream: list[tuple[int, bytes]], verdicts: Verdicts) -> None:
+    """One answer. ``upstream``: the answers the upstream made while the case ran."""
     if reply.status is None:
         verdicts.add(case, f"no HTTP answer ({reply.problem})")
         return
+    relayed = (reply.status, reply.body) in upstream
+    if reply.status == 500:
+        verdicts.add(case, f"500 ({'relayed' if relayed else 'own'}: {reply.body[:160]!r})")
+    if b"Traceback" in reply.body:
+        verdicts.add(case, f"traceback in the answer ({reply.body[:160]!r})")
     # 505 is the answer RFC 9110 (15.6.6) gives a request in a version the server does not
     # speak (HTTP/2.0 over an HTTP/1 connection), as Go's server (the gateway) answers it.
     prescribed = (reply.status == 504 and case.only_if_cached) or reply.status == 505
     if reply.status >= 500 and not relayed and not prescribed:
         verdicts.add(case, f"5xx for client input ({reply.status}: {reply.body[:160]!r})")
-    if 200 <= reply.status < 300 or case.method == "HEAD" or relayed:
-        if MARKER.encode() in reply.body:
-            verdicts.add(case, "credential echoed in the answer's body")
+    if MARKER.encode() in reply.body:
+        verdicts.add(case, "credential echoed in the answer's body")
+    if reply.status < 400:
+        return
+    if relayed:
+        verdicts.relayed_errors += 1
+    else:
+        verdicts.own_errors += 1
+    if case.method == "HEAD":  # no body to judge; still JSON, as the GET's would be
+        if not relayed and "json" not in reply.headers.get("content-type", ""):
+            verdicts.add(
+                case, f"error not JSON ({reply.status} {reply.headers.get('content-type')})"
+            )
         return
     if "json" not in reply.headers.get("content-type", ""):
         verdicts.add(case, f"error not JSON ({reply.status} {reply.headers.get('content-type')}: "
@@ -588,12 +795,23 @@ def judge(case: Case, reply: Reply, relayed: bool, verdicts: Verdicts) -> None:
     error = document.get("error") if isinstance(document, dict) else None
     if not isinstance(error, dict) or not isinstance(error.get("message"), str):
         verdicts.add(case, f"error without error.message ({reply.body[:160]!r})")
-    elif not relayed and not isinstance(document.get("is_bifrost_error"), bool):
-        verdicts.add(case, f"error without is_bifrost_error ({reply.body[:160]!r})")
-    elif not relayed and document.get("status_code", reply.status) != reply.status:
-        verdicts.add(case, f"status_code {document.get('status_code')} on an HTTP {reply.status}")
-    if MARKER.encode() in reply.body:
-        verdicts.add(case, "credential echoed in the answer's body")
+    elif not relayed:
+        gateway_shape(case, reply.status, document, verdicts)
+
+
+def gateway_shape(case: Case, status: int, document: dict[str, Any], verdicts: Verdicts) -> None:
+    """The gateway's ``BifrostError``: ``is_bifrost_error``, ``status_code`` if given equal to
+    the HTTP status, ``error`` fields as strings, ``extra_fields`` an object."""
+    error = document["error"]
+    if not isinstance(document.get("is_bifrost_error"), bool):
+        verdicts.add(case, f"error without is_bifrost_error ({json.dumps(document)[:160]})")
+    if document.get("status_code", status) != status:
+        verdicts.add(case, f"status_code {document.get('status_code')} on an HTTP {status}")
+    odd = {k: v for k, v in error.items() if v is not None and not isinstance(v, (str, int))}
+    if odd:
+        verdicts.add(case, f"error fields not strings ({odd!r:.160})")
+    if not isinstance(document.get("extra_fields", {}), dict):
+        verdicts.add(case, f"extra_fields not an object ({json.dumps(document)[:160]})")
 
 
 def judge_log(case: Case, text: str, verdicts: Verdicts) -> None:
@@ -607,24 +825,51 @@ def judge_log(case: Case, text: str, verdicts: Verdicts) -> None:
             verdicts.add(case, f"credential in the log ({line.strip()[:200]!r})")
 
 
+def run_cases(stack: Stack, cases: list[Case]) -> Verdicts:
+    """Send each case on its own connection and judge its answer and its log lines."""
+    verdicts = Verdicts()
+    stack.new_log()
+    stack.tap.take()
+    for case in cases:
+        reply = send(stack.sidecar_port, case)
+        judge(case, reply, stack.tap.take(), verdicts)
+        judge_log(case, stack.new_log(settle_s=0.02), verdicts)
+        assert stack.sidecar.poll() is None, f"the sidecar died on {case.name}: {case.data[:200]!r}"
+    time.sleep(0.2)  # the last access-log lines
+    judge_log(cases[-1], stack.new_log(), verdicts)
+    return verdicts
+
+
 @pytest.mark.parametrize("category", list(CATEGORIES))
 def test_whatever_a_client_sends_the_answer_is_gateway_shaped_and_the_log_clean(
     stack: Stack, category: str
 ) -> None:
     maker = Maker(random.Random(f"{SEED}:{category}"), stack.containers)
     CATEGORIES[category](maker)
-    verdicts = Verdicts()
-    stack.new_log()
-    calls = stack.upstream_calls()
-    for case in maker.cases:
-        reply = send(stack.sidecar_port, case)
-        before, calls = calls, stack.upstream_calls()
-        judge(case, reply, relayed=calls > before, verdicts=verdicts)
-        judge_log(case, stack.new_log(settle_s=0.02), verdicts)
-        assert stack.sidecar.poll() is None, f"the sidecar died on {case.name}: {case.data[:200]!r}"
-    time.sleep(0.2)  # the last access-log lines
-    judge_log(maker.cases[-1], stack.new_log(), verdicts)
+    verdicts = run_cases(stack, maker.cases)
     assert not verdicts.problems, f"{category}: {len(maker.cases)} cases\n{verdicts.summary()}"
+    assert verdicts.own_errors > 0, "no error of the sidecar's own was judged"
+
+
+@pytest.fixture(scope="module")
+def openai_stack(
+    redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """The same stack, the sidecar straight against OpenAI (the emulator's ``/v1`` face)."""
+    with run_stack(redis_server, tmp_path_factory.mktemp("fuzz-openai"), "openai") as running:
+        yield running
+
+
+@pytest.mark.parametrize("kind", ["bifrost", "openai"])
+def test_every_route_answers_its_own_errors_in_the_gateway_shape(
+    request: pytest.FixtureRequest, kind: str
+) -> None:
+    running: Stack = request.getfixturevalue("stack" if kind == "bifrost" else "openai_stack")
+    maker = Maker(random.Random(f"{SEED}:routes:{kind}"), running.containers)
+    route_cases(maker)
+    verdicts = run_cases(running, maker.cases)
+    assert not verdicts.problems, f"routes ({kind}): {len(maker.cases)} cases\n{verdicts.summary()}"
+    assert verdicts.own_errors > 0, "no error of the sidecar's own was judged"
 
 
 def test_metric_labels_come_from_closed_sets_whatever_clients_sent(stack: Stack) -> None:
@@ -652,3 +897,27 @@ def test_metric_labels_come_from_closed_sets_whatever_clients_sent(stack: Stack)
         if len(seen) > 40:
             problems.append(f"{name} has {len(seen)} values: not a closed set")
     assert not problems, "\n".join(problems)
+
+
+def test_redis_keys_come_from_closed_sets_whatever_clients_sent(
+    stack: Stack, openai_stack: Stack, redis_server: RedisServer
+) -> None:
+    """After the fuzzing above: no Redis key, and no member of the refresh index, names a
+    provider a client made up (none of them is one the upstream has)."""
+    client = redis_server.client()
+    problems = []
+    for kind in ("bifrost", "openai"):
+        prefix = f"fuzz-{kind}:"
+        for raw in client.scan_iter(match=prefix + "*", count=1000):
+            # Per-container keys are hashed (``{tag}``): only the others could name anything.
+            kind_of, _, named = raw.decode("utf-8", "replace").removeprefix(prefix).partition(":")
+            closed = named in PROVIDERS if kind_of in ("backoff", "sem") else (
+                kind_of.startswith("{") or kind_of in ("changes", "stats", "due", "queue"))  # fmt: skip
+            if not closed:
+                problems.append(f"key {raw[:80]!r}")
+        for raw in cast("list[bytes]", client.zrange(prefix + "due", 0, -1)):
+            provider = raw.decode("utf-8", "replace").partition("/")[0]
+            if provider not in PROVIDERS:
+                problems.append(f"refresh index member {raw[:80]!r}")
+    client.close()
+    assert not problems, f"{len(problems)} keys from client input: {problems[:10]}"

@@ -8,7 +8,15 @@ with a service credential of one project. The oracle is the emulator itself, ask
 with the same credential headers: a 200 from the sidecar must be a 200 from the upstream for
 the same container, and never a container of another project.
 
-Run time is set by the ``tenancy-ci`` profile (derandomized, about 20-30 s);
+Some steps run several operations at once (deletes through the pass-through, lists that seed
+the cache, retrieves with cache controls, by credentials of the owner's and another project),
+the upstream's answers to reads held back on their way (``Holdback``) so that a fill made
+before a delete arrives after it: once a DELETE has been answered
+2xx, nothing is served from the cache for that container again, whatever was under way. A
+newcomer's look at a container another project has cached reads like its look at an id nobody
+has (``Cache-Status`` modulo ``stored``).
+
+Run time is set by the ``tenancy-ci`` profile (derandomized, about 30-40 s on two busy cores);
 ``TENANCY_PROFILE=tenancy-deep`` explores more (random seed, several minutes).
 """
 
@@ -18,6 +26,7 @@ import asyncio
 import http.client
 import json
 import os
+import re
 import threading
 import time
 from collections.abc import Coroutine, Iterable, Iterator, Sequence
@@ -25,9 +34,10 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+import aiohttp
 import pytest
 from aiohttp import web
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     Bundle,
@@ -37,6 +47,7 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
+from yarl import URL
 
 from emulator import EMULATOR_STATE, EmulatorConfig, create_emulator_app
 from sidecar.app import create_app
@@ -83,6 +94,13 @@ SPELLINGS = {
     "x-goog-api-key": ("x-goog-api-key", "X-Goog-Api-Key"),
     "x-bf-vk": ("x-bf-vk", "X-BF-VK"),
 }
+#: Every spelling of every credential header, Authorization most often (as clients send it).
+ALL_SPELLINGS = (*SPELLINGS["authorization"], *(s for v in SPELLINGS.values() for s in v))
+#: What a cache may serve: stale (any age, or up to 10 minutes), from the cache only, or never.
+CACHE_CONTROLS = (None, None, "max-stale", "max-stale=600", "only-if-cached",
+                  "only-if-cached, max-stale=600", "no-cache")  # fmt: skip
+#: The strongest ask for anything stored: a deleted container must not come back even so.
+ANYTHING_STORED = "only-if-cached, max-stale=600"
 RETRIEVE_ROUTES = (
     "/openai/v1/containers/{cid}",
     "/openai/containers/{cid}",
@@ -92,8 +110,8 @@ PREFIXES = ("/openai/v1", "/openai")
 
 settings.register_profile(
     "tenancy-ci",
-    max_examples=35,
-    stateful_step_count=20,
+    max_examples=40,
+    stateful_step_count=25,
     deadline=None,
     derandomize=True,
     database=None,
@@ -148,6 +166,8 @@ class Answer:
     status: int
     body: Any
     raw: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+    """Lower-case names."""
 
 
 _CONNECTIONS: dict[str, http.client.HTTPConnection] = {}
@@ -192,7 +212,85 @@ def request(
         document = json.loads(raw) if raw else None
     except ValueError:
         document = None
-    return Answer(response.status, document, raw)
+    names = {name.lower(): value for name, value in response.getheaders()}
+    return Answer(response.status, document, raw, names)
+
+
+@dataclass
+class Call:
+    """One operation of a concurrent step, as sent; what it was, for the checks and the trail."""
+
+    kind: str  # "delete", "list" or "retrieve"
+    replica: str
+    target: str
+    credential: Credential
+    delay_s: float
+    cache_control: str | None = None
+
+    @property
+    def method(self) -> str:
+        return "DELETE" if self.kind == "delete" else "GET"
+
+
+@dataclass
+class Timed:
+    """A concurrent call's answer, with when it was sent and when its answer was read."""
+
+    call: Call
+    answer: Answer
+    started: float
+    ended: float
+
+
+_HOP_BY_HOP = frozenset({"host", "connection", "keep-alive", "content-length", "transfer-encoding"})
+
+
+class Holdback:
+    """Between the sidecars and the emulator: the upstream's answers to reads (lists and
+    retrieves) are held back ``hold_s`` after the emulator made them, so that an answer made
+    before a delete reaches the sidecar after it (a fill that began before the delete)."""
+
+    def __init__(self, target: str, session: aiohttp.ClientSession) -> None:
+        self.target = target
+        self.session = session
+        self.hold_s = 0.0
+
+    async def forward(self, request: web.Request) -> web.Response:
+        """Relay one request as it came; hold a read's answer back."""
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP]
+        body = await request.read()
+        url = URL(self.target + request.raw_path, encoded=True)
+        async with self.session.request(request.method, url, headers=headers, data=body or None,
+                                        allow_redirects=False) as upstream:  # fmt: skip
+            raw = await upstream.read()
+            status = upstream.status
+            relayed = [(k, v) for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP]
+        if request.method == "GET" and self.hold_s:
+            await asyncio.sleep(self.hold_s)
+        return web.Response(body=raw, status=status, headers=relayed)
+
+
+#: A server stops within milliseconds; longer means a request of its own is stuck.
+STOP_WITHIN_S = 20.0
+
+
+def pending_tasks() -> str:
+    """The running loop's tasks, each with the chain of coroutines it is waiting in."""
+    lines = []
+    for task in asyncio.all_tasks():
+        chain: list[str] = []
+        awaiting: Any = task.get_coro()
+        while awaiting is not None and len(chain) < 12:
+            frame = getattr(awaiting, "cr_frame", None) or getattr(awaiting, "gi_frame", None)
+            if frame is None:
+                chain.append(type(awaiting).__name__)
+                break
+            chain.append(f"{frame.f_code.co_qualname}:{frame.f_lineno}")
+            awaiting = getattr(awaiting, "cr_await", None) or getattr(
+                awaiting, "gi_yieldfrom", None
+            )
+        lines.append(" > ".join(chain))
+    return "\n  ".join(["", *sorted(lines)])
 
 
 class World:
@@ -212,6 +310,8 @@ class World:
         self.emulator_url = ""
         self.sidecars: dict[str, str] = {}
         self.settings: Settings | None = None
+        self.session: aiohttp.ClientSession | None = None
+        self.holdback: Holdback | None = None
 
     def run(self, coro: Coroutine[Any, Any, T], timeout_s: float = 30.0) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
@@ -251,9 +351,14 @@ class World:
         )
         self.emulator_app = create_emulator_app(config)
         self.emulator_url = await self._serve(self.emulator_app)
+        self.session = aiohttp.ClientSession(auto_decompress=False)
+        self.holdback = Holdback(self.emulator_url, self.session)
+        relay = web.Application()
+        relay.router.add_route("*", "/{tail:.*}", self.holdback.forward)
+        upstream_url = await self._serve(relay)
         common: dict[str, Any] = {
             "upstream_kind": "bifrost",
-            "upstream_url": self.emulator_url,
+            "upstream_url": upstream_url,
             "redis_url": self.redis.url,
             "key_secret": "tenancy-property-secret",
             "key_prefix": "prop",
@@ -278,7 +383,47 @@ class World:
 
     async def _stop(self) -> None:
         while self.runners:
-            await self.runners.pop().cleanup()
+            runner = self.runners.pop()
+            cleanup = asyncio.ensure_future(runner.cleanup())
+            if not (await asyncio.wait({cleanup}, timeout=STOP_WITHIN_S))[0]:
+                raise AssertionError(f"a server did not stop within {STOP_WITHIN_S}s (it waits "
+                                     f"for requests in progress): {pending_tasks()}")  # fmt: skip
+        if self.session is not None:
+            await self.session.close()
+
+    def gather(self, calls: Sequence[Call], hold_ms: float) -> list[Timed]:
+        """Send ``calls`` at once (each after its delay), the upstream's answers to reads held
+        back ``hold_ms``, so that what one call starts another overlaps."""
+        assert self.holdback is not None
+        holdback = self.holdback
+
+        async def gather() -> list[Timed]:
+            holdback.hold_s = hold_ms / 1000
+            try:
+                # A session per step: the sidecars' ports change when the world is reset.
+                async with aiohttp.ClientSession() as session:
+                    return await asyncio.gather(*(self._timed(session, call) for call in calls))
+            finally:
+                holdback.hold_s = 0.0
+
+        return self.run(gather())
+
+    async def _timed(self, session: aiohttp.ClientSession, call: Call) -> Timed:
+        await asyncio.sleep(call.delay_s)
+        headers = wire_headers(call.credential)
+        if call.cache_control:
+            headers.append(("Cache-Control", call.cache_control))
+        started = time.monotonic()
+        async with session.request(call.method, self.sidecars[call.replica] + call.target,
+                                   headers=headers) as response:  # fmt: skip
+            raw = await response.read()
+            ended = time.monotonic()
+        try:
+            document = json.loads(raw) if raw else None
+        except ValueError:
+            document = None
+        names = {name.lower(): value for name, value in response.headers.items()}
+        return Timed(call, Answer(response.status, document, raw, names), started, ended)
 
     # Operations on the pieces.
 
@@ -342,6 +487,24 @@ mixed = st.tuples(st.lists(names, min_size=2, max_size=2, unique=True), keys, ke
 credentials = st.one_of(single, single, duplicated, mixed)
 replicas = st.sampled_from(("local", "shared"))
 
+# Concurrent steps: who calls is drawn relative to the container (a key of its owner's project,
+# or of another), resolved when the step runs.
+Who = tuple[str, int, str]
+"""(``owner`` or ``other``, which key of that side, the header's spelling)."""
+whos = st.tuples(
+    st.sampled_from(("owner", "owner", "other")), st.integers(0, 7), st.sampled_from(ALL_SPELLINGS)
+)
+delays = st.sampled_from((0.0, 0.0, 0.01, 0.03, 0.08))
+#: The container API's routes a concurrent step deletes and lists by (the native /v1 one too).
+DELETE_ROUTES = (*(f"{prefix}/containers/{{cid}}" for prefix in PREFIXES),
+                 "/v1/containers/{cid}?provider=openai")  # fmt: skip
+LIST_ROUTES = (*(f"{prefix}/containers?limit=100" for prefix in PREFIXES),
+               "/v1/containers?provider=openai&limit=100")  # fmt: skip
+deleters = st.tuples(whos, st.sampled_from(DELETE_ROUTES), delays)
+readers = st.tuples(whos, replicas, st.sampled_from(RETRIEVE_ROUTES), st.sampled_from(CACHE_CONTROLS),
+                    delays)  # fmt: skip
+listers = st.tuples(whos, replicas, st.sampled_from(LIST_ROUTES), delays)
+
 
 # -- the machine -------------------------------------------------------------------------------
 
@@ -353,6 +516,10 @@ class Model:
     owners: dict[str, str] = field(default_factory=dict)
     deleted: set[str] = field(default_factory=set)
     revoked_at: dict[str, float] = field(default_factory=dict)
+    newcomers: int = 0
+    upstream_failed: bool = False
+    """A call of the sidecar's to the upstream failed (timed out): shielding is expected."""
+    """Credentials made up so far, each a project of its own that never asked anything."""
 
     def in_grace(self, key: str) -> bool:
         """A revoked key may still be served from cache: within its grant's lifetime."""
@@ -380,7 +547,7 @@ class TenancyMachine(RuleBasedStateMachine):
         self.seen.update((spelling.lower(), key) for spelling, key in credential)
 
     def fail(self, message: str) -> None:
-        trail = "\n  ".join(self.trail[-12:])
+        trail = "\n  ".join(self.trail[-24:])
         raise AssertionError(f"{message}\n  last operations:\n  {trail}")
 
     def sidecar(self, replica: str) -> str:
@@ -451,7 +618,7 @@ class TenancyMachine(RuleBasedStateMachine):
         credential=credentials,
         replica=replicas,
         route=st.sampled_from(RETRIEVE_ROUTES),
-        cache_control=st.sampled_from((None, None, "max-stale", "only-if-cached", "no-cache")),
+        cache_control=st.sampled_from(CACHE_CONTROLS),
     )
     def retrieve(
         self, cid: str, credential: Credential, replica: str, route: str, cache_control: str | None
@@ -472,7 +639,7 @@ class TenancyMachine(RuleBasedStateMachine):
         for name, key in sorted(set(credentials)):
             credential = ((name, key),)
             for cid in sorted(self.model.owners):
-                answer = self.read(cid, credential, replica, RETRIEVE_ROUTES[0], "only-if-cached")
+                answer = self.read(cid, credential, replica, RETRIEVE_ROUTES[0], ANYTHING_STORED)
                 self.judge(cid, credential, answer, f"audit via {replica} of [{name}: {key}]: ")
 
     def read(
@@ -485,6 +652,7 @@ class TenancyMachine(RuleBasedStateMachine):
 
     def judge(self, cid: str, credential: Credential, answer: Answer, context: str = "") -> None:
         """A 200 must be what the upstream answers one of the request's credentials."""
+        self.check_scope(answer, context)
         if answer.status != 200:
             return
         debug = (answer.body.get("extra_fields") or {}).get("cache_debug") or {}
@@ -509,6 +677,22 @@ class TenancyMachine(RuleBasedStateMachine):
             f"refuses: {verdicts}"
         )
 
+    def check_scope(self, answer: Answer, context: str) -> None:
+        """The upstream here never fails on its own: an error of the upstream's kind (5xx, 429)
+        is another caller's answer leaking, unless a call of ours did time out on a loaded
+        machine (then the upstream is shielded for everyone, as it should be)."""
+        error = (answer.body or {}).get("error") if isinstance(answer.body, dict) else None
+        code = error.get("code") if isinstance(error, dict) else None
+        if answer.status in (502, 504) and code in ("upstream_timeout", "upstream_unavailable"):
+            self.model.upstream_failed = True
+            return
+        expected = (answer.status == 504 and code == "only_if_cached") or (
+            answer.status == 503 and code == "upstream_backing_off" and self.model.upstream_failed
+        )
+        if (answer.status >= 500 or answer.status == 429) and not expected:
+            self.fail(f"{context}SCOPE: answered {answer.status} {answer.raw[:200]!r}, yet "
+                          "the upstream never failed")  # fmt: skip
+
     def check_projects(self, what: str, owner: str | None, credential: Credential) -> None:
         """A container shown to a request belongs to the project of one of its credentials."""
         projects = {PROJECT_OF[key] for _, key in credential}
@@ -517,6 +701,157 @@ class TenancyMachine(RuleBasedStateMachine):
                 f"LEAK: {what}, a container of project {owner}, to [{describe(credential)}] "
                 f"(projects {sorted(projects)})"
             )
+
+    # Concurrent steps.
+
+    def key_of(self, cid: str, who: Who) -> Credential:
+        """The credential ``who`` names for a step on ``cid``."""
+        side, index, spelling = who
+        owner = self.model.owners.get(cid)
+        mine = [key for key in CALLER_KEYS if PROJECT_OF[key] == owner]
+        others = [key for key in CALLER_KEYS if PROJECT_OF[key] != owner]
+        pool = mine if side == "owner" and mine else others
+        return ((spelling, pool[index % len(pool)]),)
+
+    @rule(
+        cid=containers,
+        deleter=st.one_of(st.none(), deleters),
+        reads=st.lists(readers, min_size=1, max_size=4),
+        lists=st.lists(listers, max_size=2),
+        hold_ms=st.sampled_from((0, 20, 50)),
+    )
+    def interleave(
+        self,
+        cid: str,
+        deleter: tuple[Who, str, float] | None,
+        reads: list[tuple[Who, str, str, str | None, float]],
+        lists: list[tuple[Who, str, str, float]],
+        hold_ms: int,
+    ) -> None:
+        """A delete, lists and retrieves of one container at once; nothing deleted comes back."""
+        calls = [Call("retrieve", replica, route.format(cid=cid), self.key_of(cid, who), delay,
+                      cache_control)
+                 for who, replica, route, cache_control, delay in reads]  # fmt: skip
+        calls += [Call("list", replica, route, self.key_of(cid, who), delay)
+                  for who, replica, route, delay in lists]  # fmt: skip
+        if deleter is not None:
+            who, route, delay = deleter
+            # Through "local", which drops its own copy (see World._start).
+            calls.append(Call("delete", "local", route.format(cid=cid), self.key_of(cid, who),
+                              delay))  # fmt: skip
+        deleted_before = cid in self.model.deleted
+        self.note(f"step of {len(calls)} calls at once on {cid}, reads' answers held {hold_ms} ms:")
+        timed = self.world.gather(calls, hold_ms)
+        for one in sorted(timed, key=lambda t: t.started):
+            call, answer = one.call, one.answer
+            debug = ((answer.body or {}).get("extra_fields") or {}).get("cache_debug") or {}
+            self.note(f"  [{one.started:.3f}-{one.ended:.3f}] {call.kind} {call.target} via "
+                      f"{call.replica} {call.cache_control or ''} [{describe(call.credential)}] -> "
+                      f"{answer.status} hit={debug.get('cache_hit')}", call.credential)  # fmt: skip
+        deleted_at = min((one.ended for one in timed
+                          if one.call.kind == "delete" and 200 <= one.answer.status < 300),
+                         default=None)  # fmt: skip
+        for one in timed:
+            # Which interleavings ran (``--hypothesis-show-statistics``).
+            when = (
+                "no delete"
+                if deleted_at is None
+                else ("after the delete" if one.started > deleted_at else "during the delete")
+            )
+            event(f"concurrent {one.call.kind} {when}: {one.answer.status}")
+            self.check_concurrent(cid, one, deleted_before, deleted_at)
+        if deleted_at is not None:
+            self.model.deleted.add(cid)
+            self.check_gone(cid)
+
+    def check_concurrent(
+        self, cid: str, one: Timed, deleted_before: bool, deleted_at: float | None
+    ) -> None:
+        """What one call of a concurrent step may have been answered."""
+        call, answer = one.call, one.answer
+        what = f"{call.kind} {call.target} via {call.replica} {call.cache_control or ''}"
+        self.check_scope(answer, f"{what}: ")
+        if answer.status != 200:
+            return
+        if call.kind == "delete":
+            self.check_projects(f"{what} succeeded", self.model.owners.get(cid), call.credential)
+        elif call.kind == "list":
+            for item in answer.body.get("data", []):
+                owner = self.model.owners.get(item["id"]) or self.world.owner(item["id"])
+                self.check_projects(f"{what} showed {item['id']}", owner, call.credential)
+        elif deleted_before or (deleted_at is not None and one.started > deleted_at):
+            debug = (answer.body.get("extra_fields") or {}).get("cache_debug") or {}
+            self.fail(f"DELETED: {what} [{describe(call.credential)}] sent after {cid}'s DELETE "
+                      f"was answered got 200, cache_hit={debug.get('cache_hit')}")  # fmt: skip
+        elif deleted_at is not None:
+            # Under way when the delete landed: the upstream may have answered it first.
+            if answer.body.get("id") != cid:
+                self.fail(f"{what}: answered container {answer.body.get('id')!r}")
+            self.check_projects(f"{what} answered {cid}", self.model.owners.get(cid),
+                                call.credential)  # fmt: skip
+        else:
+            self.judge(cid, call.credential, answer, f"{what}: ")
+
+    def check_gone(self, cid: str) -> None:
+        """After a DELETE answered 2xx: no credential, replica or cache control gets it back."""
+        owner = self.model.owners.get(cid)
+        askers = sorted({*(key for key in CALLER_KEYS if PROJECT_OF[key] == owner), BETA[0]})
+        for replica in ("local", "shared"):
+            for cache_control in (ANYTHING_STORED, "max-stale=600", None, "no-cache"):
+                for key in askers:
+                    credential = (("Authorization", key),)
+                    answer = self.read(cid, credential, replica, RETRIEVE_ROUTES[0], cache_control)
+                    self.check_scope(answer, f"after the delete of {cid}: ")
+                    if answer.status == 200:
+                        debug = (answer.body.get("extra_fields") or {}).get("cache_debug") or {}
+                        self.fail(f"DELETED: {cid} served after its DELETE was answered, via "
+                                  f"{replica} {cache_control} [{key}], cache_hit="
+                                  f"{debug.get('cache_hit')}")  # fmt: skip
+
+    @rule(
+        cid=containers,
+        replica=replicas,
+        route=st.sampled_from(RETRIEVE_ROUTES),
+        cache_control=st.sampled_from(CACHE_CONTROLS),
+        spelling=st.sampled_from(ALL_SPELLINGS),
+    )
+    def newcomer(
+        self, cid: str, replica: str, route: str, cache_control: str | None, spelling: str
+    ) -> None:
+        """Whether another project has a container cached does not show to a newcomer."""
+        owner_keys = [key for key in CALLER_KEYS if PROJECT_OF[key] == self.model.owners.get(cid)]
+        if owner_keys:  # its owner has it cached now (unless it is gone)
+            self.read(cid, (("Authorization", owner_keys[0]),), replica, route, None)
+        self.model.newcomers += 1
+        serial = self.model.newcomers
+        # A key the upstream has never seen is a project of its own (see the emulator).
+        credential = ((spelling, f"sk-bf-prop-newcomer-{serial}"),)
+        cached = self.read(cid, credential, replica, route, cache_control)
+        unknown = self.read(f"cntr_never_seen_{serial}", credential, replica, route, cache_control)
+        self.note(f"newcomer {serial} looks at {cid} via {replica} {cache_control or ''} -> "
+                  f"{cached.status}; at a never-seen id -> {unknown.status}")  # fmt: skip
+        self.judge(cid, credential, cached, "newcomer: ")
+        seen = [(answer.status, self.cache_status(answer), self.error_said(answer, named))
+                for answer, named in ((cached, cid), (unknown, f"cntr_never_seen_{serial}"))]  # fmt: skip
+        if seen[0] != seen[1]:
+            self.fail(f"SHOWS: a newcomer's look at {cid} (cached by project "
+                      f"{self.model.owners.get(cid)}) reads {seen[0]}, at an id nobody has "
+                      f"{seen[1]}")  # fmt: skip
+
+    @staticmethod
+    def error_said(answer: Answer, cid: str) -> tuple[object, ...] | None:
+        """What an error answer says, the container id it names left out."""
+        error = (answer.body or {}).get("error") if isinstance(answer.body, dict) else None
+        if not isinstance(error, dict):
+            return None
+        message = str(error.get("message", "")).replace(cid, "<id>")
+        return message, error.get("type"), error.get("code")
+
+    @staticmethod
+    def cache_status(answer: Answer) -> str | None:
+        """An answer's Cache-Status, less ``stored`` (whether a negative was kept)."""
+        value = answer.headers.get("cache-status")
+        return None if value is None else re.sub(r";\s*stored\b", "", value)
 
     # Time, revocation and the workers.
 
