@@ -187,6 +187,20 @@ _ROUTES += (*inference.ROUTES, ("GET", "/realtime", "realtime", "realtime", real
 _GATEWAY_PREFIXES = ("/openai/v1", "/openai")
 
 
+@web.middleware
+async def _unknown_urls(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A URL (or method) no route serves, answered in JSON as OpenAI does ("Invalid URL
+    (GET /v1/x)"): in OpenAI's shape under ``/v1``, elsewhere in the gateway's (which serves
+    every other prefix); a proxy relays it as is."""
+    try:
+        return await handler(request)
+    except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as exc:
+        config = request.app[EMULATOR_STATE].config
+        openai = config.v1_face == "openai" and (request.path + "/").startswith("/v1/")
+        answer = Answer(request, "", config, gateway=not openai)
+        return answer.error(ApiError(exc.status, f"Invalid URL ({request.method} {request.path})"))
+
+
 async def _wake_sleepers(app: web.Application) -> None:
     app[STOPPING].set()
     app[EMULATOR_STATE].streams.changed()
@@ -198,7 +212,7 @@ async def _remove_files(app: web.Application) -> None:
 
 def create_emulator_app(config: EmulatorConfig) -> web.Application:
     """The emulator: OpenAI's container and file routes, the gateway's, and the controls."""
-    app = web.Application()
+    app = web.Application(middlewares=[_unknown_urls])
     state = app[EMULATOR_STATE] = EmulatorState(config)
     app[STOPPING] = asyncio.Event()
     app.on_shutdown.append(_wake_sleepers)

@@ -215,6 +215,8 @@ async def test_v1_can_be_the_gateways_native_face(make_client: MakeClient) -> No
     )  # fmt: skip
     response = await client.get(path + "?provider=openai", headers=bearer(KEY))
     assert (await response.json())["extra_fields"]["request_type"] == "container_retrieve"
+    response = await client.get("/v1/nowhere", headers=bearer(KEY))
+    assert (response.status, (await response.json())["is_bifrost_error"]) == (404, False)
 
 
 async def test_faults_hit_inference_routes_by_name(

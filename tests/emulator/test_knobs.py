@@ -177,3 +177,15 @@ async def test_the_request_log_shows_what_arrived_with_credentials_masked(client
     assert "secret" not in (await response.text())
     await client.post("/_emulator/stats/reset")
     assert state_of(client).requests() == []
+
+
+async def test_an_unknown_url_is_answered_in_json_in_the_shape_of_its_face(client: Client) -> None:
+    response = await client.get("/v1/nowhere", headers=bearer(KEY))
+    assert (response.status, await response.json()) == (404, {"error": {
+        "message": "Invalid URL (GET /v1/nowhere)", "type": "invalid_request_error",
+        "param": None, "code": None,
+    }})  # fmt: skip
+    response = await client.request("PROPFIND", "/openai/v1/containers", headers=bearer(KEY))
+    document = await response.json()
+    assert (response.status, document["is_bifrost_error"]) == (405, False)
+    assert document["error"]["message"] == "Invalid URL (PROPFIND /openai/v1/containers)"
