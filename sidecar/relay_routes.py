@@ -121,13 +121,10 @@ async def keep_cache_right(
         return
     if method not in _UNSAFE:
         return
-    # Straight against OpenAI a container is one whatever ``provider`` says: every filing of it.
-    providers = settings.container_providers if settings.upstream_kind == "openai" else (asked,)
-    for provider in providers:
-        if method == "DELETE" and call.whole:
-            await service.forget(provider, call.container_id)
-        else:
-            await service.revalidate(provider, call.container_id)
+    if method == "DELETE" and call.whole:
+        await service.forget(asked, call.container_id)
+    else:
+        await service.revalidate(asked, call.container_id)
 
 
 async def _seed(

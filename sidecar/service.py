@@ -428,16 +428,24 @@ class ContainerService:
     async def forget(self, provider: str, container_id: str) -> None:
         """Drop a container everywhere: it was deleted upstream through this sidecar, and no
         fill that is still under way may bring it back."""
-        provider = cache_provider(self._settings, provider)
-        self.local.drop(provider, container_id)
-        await self._quietly(self.store.delete(provider, container_id, gone=True))
+        for name in self._names(provider):
+            self.local.drop(name, container_id)
+            await self._quietly(self.store.delete(name, container_id, gone=True))
 
     async def revalidate(self, provider: str, container_id: str) -> None:
         """Drop a container's cached record (not its grants): something changed it upstream
         (a file added, a command run, ``last_active_at`` moved), so the next read asks."""
-        provider = cache_provider(self._settings, provider)
-        self.local.drop(provider, container_id)
-        await self._quietly(self.store.delete(provider, container_id))
+        for name in self._names(provider):
+            self.local.drop(name, container_id)
+            await self._quietly(self.store.delete(name, container_id))
+
+    def _names(self, provider: str) -> set[str]:
+        """Every provider name a container may be cached under besides ``provider``: a container
+        id names one container, whichever name of its upstream (a gateway's custom provider
+        built on openai, say) a change was made through."""
+        settings = self._settings
+        names = {provider, *settings.container_providers}
+        return {cache_provider(settings, name) for name in names}
 
     async def _quietly(self, write: Awaitable[object]) -> bool:
         """Await a store write; Redis trouble is not the caller's problem."""

@@ -10,7 +10,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
-import pytest
 from aiohttp import web
 
 from emulator import EmulatorConfig, create_emulator_app
@@ -123,13 +122,6 @@ async def test_a_list_that_began_before_a_delete_seeds_nothing_after_it(
         await stop_app(upstream)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="in front of a gateway, forget() tombstones and drops only the entry of the DELETE's "
-    "own provider name (sidecar/proxy.py forward -> ContainerService.forget -> "
-    "store.delete(provider, cid, gone=True)); a custom provider built on openai deletes the same "
-    "container upstream, and the 'openai' entry is served as a hit until it dies",
-)
 async def test_a_delete_under_another_name_of_the_same_upstream_drops_the_entry(
     start_sidecar: Callable[..., Any],
     make_settings: Callable[..., Any],

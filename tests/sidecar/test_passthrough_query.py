@@ -20,13 +20,6 @@ from tests.sidecar.test_retrieve import AUTH_A
 #: query short), an escaped '%' (decoded twice: another provider), an escaped '&' and '='.
 QUERIES = ("provider=openai%23eu&limit=5", "provider=%2541zure&limit=5",
            "provider=open%26ai%3D1&limit=5", "limit=5&after=cntr%2523x&provider=openai")  # fmt: skip
-QUERY_FAILS = pytest.mark.xfail(
-    strict=True,
-    reason="sidecar/proxy.py _target (bifrost kind) forwards request.query_string, which yarl "
-    "has already decoded: '%23' becomes '#' and ends the upstream's query, '%25xx' is decoded "
-    "a second time (the upstream sees another provider than the cache files under); "
-    "raw_query_string would keep it as sent",
-)
 
 
 @pytest.fixture
@@ -48,10 +41,7 @@ async def recorder() -> AsyncIterator[tuple[list[MultiDict[str]], Running]]:
     await stop_app(running)
 
 
-@pytest.mark.parametrize(
-    "query",
-    [pytest.param(q, marks=QUERY_FAILS) if "%25" in q or "%23" in q else q for q in QUERIES],
-)
+@pytest.mark.parametrize("query", QUERIES)
 async def test_a_list_reaches_the_upstream_with_the_callers_parameters(
     start_sidecar: Callable[..., Any],
     make_settings: Callable[..., Any],
