@@ -12,12 +12,28 @@ from aiohttp import web
 
 from sidecar.errors import Forbidden, InvalidParameter, MissingCredential, NotFound, RouteNotFound
 from sidecar.middleware import OUTCOME, ROUTE_GROUP
+from sidecar.settings import Settings
 from sidecar.state import SERVICES, Services
 from sidecar.views import parse_container_id
 
-__all__ = ["add_routes"]
+__all__ = ["add_routes", "refuse_admin_token"]
 
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def refuse_admin_token(request: web.Request, settings: Settings) -> None:
+    """Refuse (403) a request that carries the sidecar's admin token anywhere in its headers:
+    it is the sidecar's own and must never be relayed (an admin call with a typo in its path
+    would otherwise reach the upstream with it)."""
+    token = settings.admin_token
+    if token is None:
+        return
+    secret = token.reveal().encode()
+    for value in request.headers.values():
+        scheme, _, rest = value.partition(" ")
+        given = rest if scheme.lower() == "bearer" else value
+        if hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), secret):
+            raise Forbidden("the sidecar's admin token is never sent on: no such admin route")
 
 
 def _authorize(request: web.Request) -> Services:

@@ -67,6 +67,15 @@ def _mask(match: re.Match[str]) -> str:
     return f"{prefix}{_MASK}{groups['at'] or ''}"
 
 
+def printable(text: str, limit: int = 200) -> str:
+    """``text`` cut to ``limit``, every unprintable character escaped (``\\u001b``): a caller's
+    bytes (a decoded path) never forge a log line or drive a terminal."""
+    text = text[:limit]
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in text)
+
+
 def redact(text: str) -> str:
     """``text`` with anything that looks like a credential replaced by ``[REDACTED]``."""
     return _SECRET.sub(_mask, text)

@@ -20,6 +20,7 @@ from sidecar.errors import (
     UpstreamFailure,
     UpstreamReplyError,
 )
+from sidecar.logs import printable
 from sidecar.state import SERVICES
 from sidecar.wire import error_body
 
@@ -105,19 +106,33 @@ def _error_answer(request: web.Request, exc: Exception) -> web.StreamResponse:
         return error_response(error, _provider(request))
     if isinstance(exc, web.HTTPException):
         raise exc
-    log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
+    log.error("unhandled error on %s %s", request.method, printable(request.path), exc_info=exc)
     return error_response(SidecarError("internal error in the sidecar"), _provider(request))
+
+
+#: While the upstream fails, one warning per kind of failure every this many seconds (each
+#: failed request still has its access line): an outage under load is a few lines, not thousands.
+_WARN_EVERY_S = 5.0
 
 
 def _log_error(request: web.Request, exc: SidecarError) -> None:
     """Levels that mean something: our upstream call failing is a warning; the upstream's own
     answers, the caller's mistakes and ``only-if-cached`` misses are normal answers."""
     if isinstance(exc, UpstreamFailure):
-        log.warning("%s %s: %s", request.method, request.path[:200], exc.message)
+        warned, kind, now = request.app[SERVICES].warned, type(exc).__name__, time.monotonic()
+        due, held = warned.get(kind, (0.0, 0))
+        if now < due:
+            warned[kind] = (due, held + 1)
+            return
+        warned[kind] = (now + _WARN_EVERY_S, 0)
+        more = f" ({held} more like it in the last {_WARN_EVERY_S:g}s)" if held else ""
+        log.warning("%s %s: %s%s", request.method, printable(request.path), exc.message, more)
     elif isinstance(exc, (RequestError, NotCached)):
-        log.debug("%s %s: %d %s", request.method, request.path[:200], exc.status, exc.message)
+        log.debug("%s %s: %d %s", request.method, printable(request.path), exc.status, exc.message)
     elif isinstance(exc, UpstreamReplyError) and exc.status >= 500:
-        log.info("%s %s: the upstream answered %d", request.method, request.path[:200], exc.status)
+        log.info(
+            "%s %s: the upstream answered %d", request.method, printable(request.path), exc.status
+        )
 
 
 def _retrieval_label(outcome: Outcome, rules: Rules) -> str:

@@ -26,6 +26,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from sidecar import relay_ws, tracing
+from sidecar.admin import refuse_admin_token
 from sidecar.credentials import Credential, check_forwardable, identity_header
 from sidecar.errors import (
     Overloaded,
@@ -178,16 +179,27 @@ async def handle(request: web.Request) -> web.StreamResponse:
     call = container_call(path)
     websocket = relay_ws.is_upgrade(request)
     identity = relay_ws.identity(request) if websocket else request.headers.items()
+    refuse_admin_token(request, settings)
     credential = services.credentials.read(identity)  # refused here, before anything goes
     kind = settings.upstream_kind
     url = URL(relay.base + target(path, mark, query, call, kind), encoded=True)
     route_family = family(path)
     started = time.perf_counter()
 
+    # A change to one container is in force before the client has its status line (another
+    # replica asked at once must not serve the deleted container); a list or a create seeds
+    # from the answer's body, before the client has the last byte of it.
+    changes_one = call is not None and call.container_id != "" and request.method != "GET"
+
+    async def before(status: int) -> None:
+        if changes_one and 200 <= status < 300:
+            assert call is not None
+            await keep_cache_right(services.service, settings, request.method, call, query,
+                                   credential, None)  # fmt: skip
+
     async def finish(response: web.StreamResponse, body: bytes | None) -> None:
-        # Before the client has the whole answer: a client that deletes a container and reads
-        # it back at once must not get the cached copy, nor a scrape miss the count.
-        if call is not None and 200 <= response.status < 300:
+        # Before the client has the whole answer: nor may a scrape miss the count.
+        if call is not None and not changes_one and 200 <= response.status < 300:
             await keep_cache_right(services.service, settings, request.method, call, query,
                                    credential, body)  # fmt: skip
         label = "bypass" if response.status < 400 else "error"
@@ -206,8 +218,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
                 headers = forward_headers(request.headers, credential, kind)
                 keep = call is not None and not call.container_id and request.method != "DELETE"
                 response = await _forward(
-                    request, relay, url, headers, keep=keep, hold=call is not None, finish=finish
-                )
+                    request, relay, url, headers, keep=keep, hold=call is not None,
+                    before=before, finish=finish,
+                )  # fmt: skip
     except SidecarError:
         relay.count(route_family, None, started)
         raise
@@ -218,12 +231,13 @@ async def handle(request: web.Request) -> web.StreamResponse:
 
 async def _forward(
     request: web.Request, relay: Relay, url: URL, headers: CIMultiDict[str], *, keep: bool,
-    hold: bool, finish: Callable[[web.StreamResponse, bytes | None], Awaitable[None]],
+    hold: bool, before: Callable[[int], Awaitable[None]],
+    finish: Callable[[web.StreamResponse, bytes | None], Awaitable[None]],
 ) -> web.StreamResponse:  # fmt: skip
-    """One exchange: the body streamed up, the answer streamed down, ``finish`` called before
-    its end is sent (with a small 200 answer's body if ``keep``). With ``hold`` the last chunk
-    waits for ``finish`` too: with a Content-Length the client has all it needs at the last
-    byte, and a container it deleted must already be gone from the cache then."""
+    """One exchange: the body streamed up, ``before`` called with the upstream's status before
+    the client has it, the answer streamed down, ``finish`` called before its end is sent (with
+    a small 200 answer's body if ``keep``). With ``hold`` the last chunk waits for ``finish``
+    too: with a Content-Length the client has all it needs at the last byte."""
     stalled: list[bool] = []
     data = _body(request, relay.idle_s, stalled) if request.body_exists else None
     response: web.StreamResponse | None = None
@@ -234,6 +248,8 @@ async def _forward(
         async with relay.session.request(
             request.method, url, headers=headers, data=data, allow_redirects=False
         ) as upstream:
+            # Shielded: a client that leaves now cannot cut what a change upstream means here.
+            await asyncio.shield(before(upstream.status))
             response = web.StreamResponse(
                 status=upstream.status, reason=upstream.reason, headers=end_to_end(upstream.headers)
             )

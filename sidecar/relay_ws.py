@@ -13,7 +13,7 @@ from aiohttp import WSMsgType, web
 from multidict import CIMultiDict
 from yarl import URL
 
-from sidecar.errors import SidecarError, UpstreamTimeout, UpstreamUnavailable
+from sidecar.errors import InvalidParameter, SidecarError, UpstreamTimeout, UpstreamUnavailable
 
 __all__ = ["HANDSHAKE_HEADERS", "identity", "is_upgrade", "no_redirects", "relay"]
 
@@ -67,6 +67,12 @@ async def relay(
 ) -> web.StreamResponse:
     """Open the upstream's websocket with the client's subprotocols, then the client's with the
     one the upstream chose, and relay frames until either side closes or fails."""
+    if not web.WebSocketResponse(protocols=_protocols(request)).can_prepare(request).ok:
+        # Checked before the upstream is called with the caller's credential for nothing.
+        raise InvalidParameter(
+            "not a valid websocket handshake (Sec-WebSocket-Key, -Version, Connection: Upgrade)",
+            param="sec-websocket-key",
+        )
     try:
         upstream = await session.ws_connect(
             url, protocols=_protocols(request), headers=headers, autoclose=False,

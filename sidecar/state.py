@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
@@ -28,6 +28,8 @@ class Services:
     upstream: Upstream
     metrics: Metrics
     stats: FleetStats
+    warned: dict[str, tuple[float, int]] = field(default_factory=dict)
+    """Upstream failures warned of lately: class -> (next warning due, warnings held back)."""
 
 
 @dataclass(slots=True)

@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 
 from sidecar.relay_routes import family
-from tests.conftest import Running, free_port
+from tests.conftest import Running, free_port, start_app, stop_app
 from tests.sidecar.conftest import Upstream
 from tests.sidecar.test_retrieve import AUTH_A, KEY_A, get
 
@@ -353,3 +353,60 @@ async def test_straight_against_openai_every_prefix_is_v1(
         async with http.get(f"{sidecar.url}{prefix}/t/x?a=%2B", headers=AUTH_A) as response:
             assert response.status == 200
     assert [seen[1] for seen in upstream.seen] == ["/v1/t/x?a=%2B"] * 3
+
+
+async def test_the_sidecars_admin_token_is_never_relayed(
+    start_sidecar: Any, make_settings: Any, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    # Found: an admin call with a typo in its path (a trailing slash, another method) reached
+    # the upstream with the sidecar's admin token.
+    sidecar = await start_sidecar(make_settings(upstream_url=upstream.url, admin_token="admintok"))
+    for method, path in [("POST", "/api/cache/stats"), ("GET", "/api/cache/stats/"),
+                         ("GET", "/t/anything"), ("GET", "/metrics/")]:  # fmt: skip
+        headers = {"Authorization": "Bearer admintok"}
+        async with http.request(method, f"{sidecar.url}{path}", headers=headers) as response:
+            assert response.status == 403, path
+            body = await response.json()
+        assert body["error"]["code"] == "forbidden"
+        assert "admintok" not in str(body)
+    assert upstream.seen == []
+
+
+async def test_a_deleted_container_is_gone_from_the_cache_before_the_delete_is_answered(
+    start_sidecar: Any, make_settings: Any, http: aiohttp.ClientSession
+) -> None:
+    # Found: a client that acted on a DELETE's status line, before its body, could be served
+    # the deleted container from the cache by another replica.
+    body_sent = asyncio.Event()
+
+    async def retrieve(request: web.Request) -> web.Response:
+        return web.json_response({"id": request.match_info["cid"], "object": "container",
+                                  "name": "n", "created_at": 1, "status": "running"})  # fmt: skip
+
+    async def delete(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        await body_sent.wait()  # the body comes later: only the status line is out
+        await response.write(b'{"deleted": true}')
+        return response
+
+    app = web.Application()
+    app.router.add_get("/openai/v1/containers/{cid}", retrieve)
+    app.router.add_delete("/openai/v1/containers/{cid}", delete)
+    gateway = await start_app(app)
+    try:
+        sidecar = await start_sidecar(make_settings(upstream_url=gateway.url))
+        other = await start_sidecar(make_settings(upstream_url=gateway.url))
+        url = "/openai/v1/containers/cntr_gone"
+        assert (await get(http, sidecar.url + url))[0] == 200
+        assert (await get(http, other.url + url))[0] == 200
+        async with http.delete(sidecar.url + url, headers=AUTH_A) as response:
+            assert response.status == 200  # the head only
+            cached = {**AUTH_A, "Cache-Control": "only-if-cached, max-stale=600"}
+            for replica in (sidecar, other):
+                assert (await get(http, replica.url + url, cached))[0] == 504
+            body_sent.set()
+            await response.read()
+    finally:
+        body_sent.set()
+        await stop_app(gateway)

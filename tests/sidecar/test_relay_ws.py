@@ -11,6 +11,7 @@ from aiohttp import WSMsgType, web
 
 from tests.conftest import Running
 from tests.sidecar.conftest import Upstream
+from tests.sidecar.test_retrieve import AUTH_A
 
 KEY_PROTOCOL = "openai-insecure-api-key.sk-bf-team-a"
 
@@ -105,3 +106,17 @@ async def test_an_upstream_that_fails_closes_the_clients_websocket(
         message = await ws.receive()
         assert message.type is WSMsgType.CLOSE
         assert message.data == 1011  # the relay's word for a side that failed
+
+
+async def test_a_broken_handshake_is_refused_before_the_upstream_is_called(
+    relay: Running, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    # Found: a bad Sec-WebSocket-Key got aiohttp's plain-text 400, after the upstream's
+    # websocket had been opened with the caller's key.
+    headers = {**AUTH_A, "Upgrade": "websocket", "Connection": "Upgrade",
+               "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "bad"}  # fmt: skip
+    async with http.get(f"{relay.url}/t/socket", headers=headers) as response:
+        assert response.status == 400
+        body = await response.json()
+    assert body["error"]["param"] == "sec-websocket-key"
+    assert upstream.seen == []

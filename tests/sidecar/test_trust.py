@@ -286,3 +286,25 @@ async def _read_some(reader: asyncio.StreamReader) -> bytes | None:
         return await asyncio.wait_for(reader.read(100), 0.1)
     except TimeoutError:
         return None
+
+
+async def test_an_outage_under_load_is_a_few_warnings_and_no_forged_lines(
+    start_sidecar: Any, make_settings: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Found: every failed request wrote a WARNING (4,400 in a 7 s outage), and a decoded path
+    # wrote a raw CR and ESC into text logs.
+    from tests.conftest import free_port
+
+    sidecar = await start_sidecar(make_settings(upstream_url=f"http://127.0.0.1:{free_port()}"))
+    with caplog.at_level(logging.INFO):
+        async with aiohttp.ClientSession() as http:
+            for i in range(20):
+                path = f"/openai/v1/files/f{i}%0d2026 ERROR forged%1b[2K"
+                async with http.post(sidecar.url + path, headers=AUTH_A) as response:
+                    assert response.status == 502
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1
+    assert "more like it" not in warnings[0].getMessage()  # the first: nothing held back yet
+    for record in caplog.records:
+        assert "\r" not in record.getMessage()
+        assert "\x1b" not in record.getMessage()
