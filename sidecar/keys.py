@@ -17,7 +17,7 @@ __all__ = ["KeySpace", "cache_id_for", "compact_id", "member", "parse_member"]
 _CACHE_ID_NAMESPACE = uuid.UUID("5f0d3c6e-8a51-4c43-9a39-0c1f3b1f6a10")
 
 
-@functools.lru_cache(maxsize=65_536)
+@functools.lru_cache(maxsize=16_384)
 def cache_id_for(provider: str, container_id: str) -> str:
     """The stable public id of a cache entry (a UUIDv5; reveals nothing about the key)."""
     return str(uuid.uuid5(_CACHE_ID_NAMESPACE, f"{provider}/{container_id}"))
@@ -29,7 +29,7 @@ def compact_id(cache_id: str) -> str:
     return base64.urlsafe_b64encode(uuid.UUID(cache_id).bytes[:12]).decode()
 
 
-@functools.lru_cache(maxsize=65_536)
+@functools.lru_cache(maxsize=16_384)
 def _tag_of(provider: str, container_id: str) -> str:
     return compact_id(cache_id_for(provider, container_id))
 

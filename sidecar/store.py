@@ -696,8 +696,8 @@ class CacheStore:
         self, provider: str, container_id: str, due_ms: int, until_ms: int
     ) -> bool:
         """Claim a container's due entry for a refresh unless another refresh holds it (its
-        score is past ``due_ms``, when the record read goes stale); True when this refresh may
-        go ahead."""
+        score is past ``due_ms``, when the record read goes stale, and past now: a claim that
+        lapsed holds nothing); True when this refresh may go ahead."""
         claim = self._script(
             "claim_refresh",
             _DUE_LUA
@@ -706,12 +706,13 @@ class CacheStore:
             if not score then return 1 end
             score = tonumber(score)
             local mark = score % marks
-            if (score - mark) / marks > tonumber(ARGV[2]) then return 0 end
+            local held = (score - mark) / marks
+            if held > tonumber(ARGV[2]) and held > tonumber(ARGV[4]) then return 0 end
             redis.call('zadd', KEYS[1], tonumber(ARGV[3]) * marks + mark, ARGV[1])
             return 1
             """,
         )
-        args = [member(provider, container_id), due_ms, until_ms]
+        args = [member(provider, container_id), due_ms, until_ms, now_ms()]
         return bool(await self.call(lambda: claim(keys=[self.keys.due], args=args)))
 
     async def hand_over(self, read: bytes, record: Record) -> bool:

@@ -17,7 +17,7 @@ from arq.connections import create_pool
 from sidecar.queue import enqueue_refresh_job, queue_redis_settings
 from sidecar.settings import load_settings
 from tests.conftest import Emulator, free_port
-from tests.sidecar.test_retrieve import AUTH_A, KEY_A, get
+from tests.support import AUTH_A, KEY_A, get, wait_for
 
 BIN = Path(sys.executable).parent
 FAR_FUTURE_MS = 2**62
@@ -56,13 +56,6 @@ async def enqueue_refresh(redis_url: str, cid: str) -> None:
     await pool.aclose()
 
 
-async def until(predicate: Any, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
-
-
 async def cached_container(sidecar: Any, emulator: Emulator, http: aiohttp.ClientSession) -> str:
     cid = (await emulator.create(KEY_A))["id"]
     await get(http, f"{sidecar.url}/openai/v1/containers/{cid}")
@@ -78,7 +71,7 @@ async def test_sigterm_lets_the_running_refresh_finish_and_exits_0(
     worker = start_worker(env_for(redis_url, emulator), tmp_path / "worker.log")
     try:
         await enqueue_refresh(redis_url, cid)
-        await until(lambda: emulator.retrieves(cid) == 2, 15)  # the refresh is in flight
+        await wait_for(lambda: emulator.retrieves(cid) == 2, 15)  # the refresh is in flight
         worker.send_signal(signal.SIGTERM)
         code = await asyncio.to_thread(worker.wait, 10)
     finally:
@@ -100,13 +93,13 @@ async def test_a_job_whose_worker_was_killed_is_redone_by_another(
     second = None
     try:
         await enqueue_refresh(redis_url, cid)
-        await until(lambda: emulator.retrieves(cid) == 2, 15)
+        await wait_for(lambda: emulator.retrieves(cid) == 2, 15)
         first.kill()  # mid-call: its answer is never written
         await asyncio.to_thread(first.wait, 5)
         emulator.state.set_latency(0)
         second = start_worker({**env, "SIDECAR_WORKER_METRICS_PORT": str(free_port())},
                               tmp_path / "second.log")  # fmt: skip
-        await until(lambda: emulator.retrieves(cid) == 3, 40)
+        await wait_for(lambda: emulator.retrieves(cid) == 3, 40)
         url = f"{sidecar.url}/openai/v1/containers/{cid}"
         headers = {**AUTH_A, "Cache-Control": "only-if-cached"}
 
@@ -149,7 +142,7 @@ async def test_sidecar_sigterm_finishes_in_flight_requests_and_exits_0(
             in_flight = [
                 asyncio.create_task(get(http, f"{base}/openai/v1/containers/{cid}")) for cid in cids
             ]
-            await until(lambda: emulator.retrieves() == 5, 10)
+            await wait_for(lambda: emulator.retrieves() == 5, 10)
             started = time.monotonic()
             process.send_signal(signal.SIGTERM)
             answers = await asyncio.gather(*in_flight)

@@ -152,7 +152,8 @@ async def refresh_batch(
                 ctx["redis"], deps.settings, provider, container_id, due_ms, delay_s, job_try=2
             )
         except REDIS_ERRORS:
-            deps.count("failed")  # the claim lapses, and refresh-ahead plans it again
+            deps.count("failed")  # the claim goes back once Redis is back (WriteBehind retries)
+            await deps.runner.writes.give_back(provider, container_id, due_ms)
             continue
         if queued:
             deps.metrics.refresh_jobs.labels("retried").inc()

@@ -183,7 +183,10 @@ class RefreshRunner:
         try:
             raws = await self.store.read_many([(p, c) for p, c, _ in wave])
         except StoreUnavailable:
-            outcome.results["store-unavailable"] += len(wave)
+            # Redis is away for this worker (its breaker may still be open after a hang): the
+            # wave's claims go to retry jobs that own them, never left to lapse while their
+            # containers are served stale.
+            outcome.retry.extend((renewal, self._settings.redis_retry_after_s) for renewal in wave)
             return []
         calls: list[Awaitable[None]] = []
         for renewal, (raw, failure) in zip(wave, raws, strict=True):

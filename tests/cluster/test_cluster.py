@@ -13,7 +13,7 @@ import pytest
 
 from tests.cluster.conftest import Cluster, Sentinel
 from tests.conftest import Emulator
-from tests.sidecar.test_retrieve import AUTH_A, KEY_A, KEY_B, get
+from tests.support import AUTH_A, KEY_A, KEY_B, get
 from tests.worker.conftest import run_worker_burst
 
 

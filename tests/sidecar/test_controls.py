@@ -11,7 +11,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.controls import Rules, parse_rules
 from tests.conftest import Emulator, Running
-from tests.sidecar.test_retrieve import AUTH_A, KEY_A, get
+from tests.support import AUTH_A, KEY_A, get
 
 
 async def cached(sidecar: Running, emulator: Emulator, http: aiohttp.ClientSession) -> str:

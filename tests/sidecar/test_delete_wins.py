@@ -14,7 +14,7 @@ from aiohttp import web
 
 from emulator import EmulatorConfig, create_emulator_app
 from tests.conftest import Emulator, Running, start_app, stop_app
-from tests.sidecar.test_retrieve import AUTH_A, KEY_A, KEY_A2, get
+from tests.support import AUTH_A, KEY_A, KEY_A2, get
 
 ANYTHING_STORED = "only-if-cached, max-stale=600"
 

@@ -11,7 +11,7 @@ import pytest
 
 from emulator import EmulatorConfig, create_emulator_app
 from tests.conftest import Emulator, Running, start_app
-from tests.sidecar.test_retrieve import AUTH_A, KEY_A, get
+from tests.support import AUTH_A, KEY_A, get
 
 
 @pytest.fixture

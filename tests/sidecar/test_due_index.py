@@ -124,3 +124,15 @@ async def test_a_claim_given_back_after_a_delete_does_not_put_the_entry_back(
     await store.delete("openai", "gone")
     await store.save_many([], store_policy(), {"openai/gone": now + 10_000})  # given back
     assert await _entry(store, "openai/gone") is None
+
+
+async def test_a_lapsed_claim_holds_nothing(store: CacheStore) -> None:
+    # Found: after Redis resumed from a hang, claims taken during it (their refreshes never
+    # happened) kept stale reads' refreshes refused as deduplicated until refresh-ahead planned
+    # the entries again, half a minute later.
+    now = now_ms()
+    due = now - 5_000  # the record went stale 5 s ago
+    await store.redis.zadd(store.keys.due, {"openai/c2": (now - 1) * DUE_MARKS + 1})  # lapsed
+    assert await store.claim_refresh("openai", "c2", due, now + 30_000)
+    # A live claim still holds.
+    assert not await store.claim_refresh("openai", "c2", due, now + 30_000)

@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import Emulator, RedisServer
-from tests.sidecar.test_retrieve import KEY_A, get
+from tests.support import KEY_A, get
 
 
 async def test_requests_are_served_from_upstream_while_redis_is_down(

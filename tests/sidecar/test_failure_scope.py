@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import Emulator, Running, start_app, stop_app
-from tests.sidecar.test_retrieve import AUTH_A, KEY_A, KEY_B, get
+from tests.support import AUTH_A, KEY_A, KEY_B, get
 
 AUTH_B = {"Authorization": f"Bearer {KEY_B}"}
 #: What an upstream error names that only its caller may see (OpenAI's 429s name the org).

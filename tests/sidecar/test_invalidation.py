@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 from sidecar.keys import KeySpace
 from sidecar.state import SERVICES
 from tests.conftest import Emulator, Running, start_app, stop_app
-from tests.sidecar.test_retrieve import AUTH_A, KEY_A, get
+from tests.support import AUTH_A, KEY_A, get
 
 NO_CACHE = {**AUTH_A, "Cache-Control": "no-cache"}
 ONLY_CACHED = {**AUTH_A, "Cache-Control": "only-if-cached, max-stale=600"}

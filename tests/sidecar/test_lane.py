@@ -13,7 +13,7 @@ from yarl import URL
 
 from sidecar.lane import HitAnswer, hit_lane
 from tests.conftest import Emulator, Running
-from tests.sidecar.test_retrieve import KEY_A, KEY_A2, get
+from tests.support import KEY_A, KEY_A2, get
 
 Head = list[tuple[str, str]]
 

@@ -10,7 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Emulator, RedisServer, Running
-from tests.sidecar.test_retrieve import AUTH_A, KEY_A, KEY_B, get
+from tests.support import AUTH_A, KEY_A, KEY_B, get
 
 ROUTE = "/openai/v1/containers/{container_id}"
 ADMIN = {"Authorization": "Bearer admin-secret"}

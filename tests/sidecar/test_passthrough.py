@@ -8,7 +8,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import Emulator, Running
-from tests.sidecar.test_retrieve import AUTH_A, KEY_B, get
+from tests.support import AUTH_A, KEY_B, get
 
 PREFIXES = ["/openai/v1", "/openai", "/v1"]
 

@@ -14,7 +14,7 @@ from multidict import MultiDict
 from yarl import URL
 
 from tests.conftest import Running, start_app, stop_app
-from tests.sidecar.test_retrieve import AUTH_A
+from tests.support import AUTH_A
 
 #: Queries whose parameters a decoding proxy would change: an escaped '#' (it would cut the
 #: query short), an escaped '%' (decoded twice: another provider), an escaped '&' and '='.

@@ -15,7 +15,7 @@ from aiohttp import web
 from sidecar.relay_routes import family
 from tests.conftest import Running, free_port, start_app, stop_app
 from tests.sidecar.conftest import Upstream
-from tests.sidecar.test_retrieve import AUTH_A, KEY_A, get
+from tests.support import AUTH_A, KEY_A, get
 
 
 async def raw(url: str, data: bytes, *, keep_open: bool = False) -> tuple[int, bytes, bytes]:

@@ -11,7 +11,7 @@ from aiohttp import WSMsgType, web
 
 from tests.conftest import Running
 from tests.sidecar.conftest import Upstream
-from tests.sidecar.test_retrieve import AUTH_A
+from tests.support import AUTH_A
 
 KEY_PROTOCOL = "openai-insecure-api-key.sk-bf-team-a"
 

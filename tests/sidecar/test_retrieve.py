@@ -11,18 +11,7 @@ import pytest
 from sidecar.credentials import CredentialReader
 from sidecar.keys import KeySpace
 from tests.conftest import Emulator, Running
-
-KEY_A = "sk-bf-team-a"
-KEY_A2 = "sk-bf-team-a2"  # same project as KEY_A
-KEY_B = "sk-bf-team-b"  # another project
-AUTH_A = {"Authorization": f"Bearer {KEY_A}"}
-
-
-async def get(
-    http: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None
-) -> tuple[int, dict[str, Any], Any]:
-    async with http.get(url, headers=headers if headers is not None else AUTH_A) as response:
-        return response.status, await response.json(), response.headers
+from tests.support import AUTH_A, KEY_A, KEY_B, get
 
 
 async def test_miss_then_hit_in_the_gateways_shape(

@@ -7,8 +7,7 @@ from typing import Any
 import aiohttp
 
 from tests.conftest import Emulator, RedisServer, Running
-from tests.sidecar.test_retrieve import AUTH_A, KEY_A, KEY_A2, KEY_B, get
-from tests.worker.conftest import wait_for
+from tests.support import AUTH_A, KEY_A, KEY_A2, KEY_B, get, wait_for
 
 
 async def test_a_record_is_never_shown_to_a_credential_the_upstream_refuses(

@@ -18,7 +18,7 @@ import pytest
 from sidecar.credentials import ANONYMOUS, CredentialReader
 from sidecar.errors import AmbiguousCredential, MissingCredential
 from tests.conftest import Emulator, RedisServer, Running
-from tests.sidecar.test_retrieve import AUTH_A, KEY_A, KEY_B, get
+from tests.support import AUTH_A, KEY_A, KEY_B, get
 
 
 @pytest.mark.parametrize("method", ["GET", "POST"])

@@ -24,6 +24,7 @@ from sidecar.records import Record, decode_record
 from sidecar.settings import Settings
 from sidecar.store import DUE_MARKS, Breaker, CacheStore, now_ms, read_by_ms
 from tests.conftest import Emulator, free_port
+from tests.support import wait_for
 from worker.main import create_worker
 from worker.queue_worker import QueueWorker
 
@@ -81,14 +82,6 @@ async def running_worker(settings: Settings) -> AsyncIterator[QueueWorker]:
 def queued_jobs(redis_server: Any, queue: str = "test:queue") -> int:
     """Jobs waiting in the arq queue."""
     return int(redis_server.client().zcard(queue))
-
-
-async def wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 class WorkerProcess:

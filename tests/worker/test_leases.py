@@ -8,12 +8,12 @@ from typing import Any
 
 from sidecar.settings import Settings
 from tests.conftest import Emulator
+from tests.support import wait_for
 from tests.worker.conftest import (
     SERVICE_KEY,
     cache_container,
     cached,
     enqueue_refresh,
-    wait_for,
 )
 
 

@@ -12,13 +12,13 @@ from typing import Any
 import aiohttp
 
 from tests.conftest import Emulator, RedisServer
+from tests.support import wait_for
 from tests.worker.conftest import (
     SERVICE_KEY,
     cache_container,
     cached,
     enqueue_refresh,
     scrape,
-    wait_for,
 )
 
 

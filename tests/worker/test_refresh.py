@@ -8,7 +8,7 @@ from typing import Any
 import aiohttp
 
 from tests.conftest import Emulator
-from tests.sidecar.test_retrieve import AUTH_A, KEY_A, get
+from tests.support import AUTH_A, KEY_A, get
 from tests.worker.conftest import queued_jobs, run_worker_burst, running_worker
 
 

@@ -18,7 +18,7 @@ from sidecar.metrics import REFRESH_EVENTS, Metrics
 from sidecar.queue import ArqRefresher
 from tests.cluster.conftest import Cluster
 from tests.conftest import Emulator, start_app
-from tests.sidecar.test_retrieve import KEY_B, get
+from tests.support import KEY_B, get, wait_for
 from tests.worker.conftest import (
     SERVICE_KEY,
     cache_container,
@@ -27,7 +27,6 @@ from tests.worker.conftest import (
     run_worker_burst,
     running_worker,
     scrape,
-    wait_for,
 )
 from worker.embedded import start_embedded_worker
 

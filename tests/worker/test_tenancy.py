@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import Emulator
-from tests.sidecar.test_retrieve import KEY_B, get
+from tests.support import KEY_B, get
 from tests.worker.conftest import (
     SERVICE_KEY,
     cached,

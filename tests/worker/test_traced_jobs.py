@@ -9,7 +9,7 @@ import aiohttp
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from tests.conftest import Emulator
-from tests.sidecar.test_retrieve import get
+from tests.support import get
 from tests.worker.conftest import SERVICE_KEY, run_worker_burst
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
