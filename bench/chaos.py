@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/chaos.py [--phases baseline,redis-kill,...] [--clients 32]
         [--containers 400] [--sidecars 1] [--workers 2] [--latency-ms 50] [--fresh-ttl 5]
-        [--interval 0.05] [--scale 1.0] [--worker-kill-observe 40] [--keep-logs]
+        [--interval 0.05] [--scale 1.0] [--worker-kill-observe 40] [--slow-clients N]
+        [--env SIDECAR_X=V] [--keep-logs]
 
 Everything runs on loopback: a redis-server on a free port, the emulator (``sidecar emulate``,
 standing for OpenAI: it keeps the containers) behind a small pass-through process standing for
@@ -17,12 +18,19 @@ up to 12 s for answers to look like the baseline's again): baseline; redis-kill 
 restarted on the same port, empty); redis-hang (SIGSTOP ~5 s, SIGCONT); worker-kill (a worker
 SIGKILLed while refreshes are in flight, restarted a second later); upstream-5xx (the emulator
 answers 503 to everything); worker-redis (Redis killed under the workers: do they survive and
-resume); upstream-kill (the gateway process SIGKILLed, restarted). Every phase prints one row: requests and errors (non-2xx other than legitimate 404s,
-and connection errors) from the fault's start to the phase's end, latency while the fault
+resume); upstream-kill (the gateway process SIGKILLed, restarted); slow-clients (pass-through
+POSTs announcing 1 MB and sending a byte every 5 s, as many as the sidecar's upstream pool,
+while no-cache retrieves, lists and /readyz are probed); redis-resume (SIGSTOP 6 s: how long
+until every polled container is answered fresh again); lock-holder-kill (an extra sidecar
+SIGKILLed while it holds 32 fetch locks: how long the other sidecar's waiters stall);
+upstream-heal (503 on everything for 11 s: from healing to the first 200 for containers nobody
+has a copy of). Every phase prints one row: requests and errors (non-2xx other than legitimate
+404s, and connection errors) from the fault's start to the phase's end, latency while the fault
 lasts, upstream calls/s as the emulator counts them and call attempts/s as the sidecars and
-workers count them (while the fault lasts), and the time to recover. A whole default run takes
-about three minutes and stops by itself; Ctrl-C stops it early. Processes are cleaned up
-either way; their logs are kept with ``--keep-logs``.
+workers count them (while the fault lasts), and the time to recover; notes below a row give
+the phase's own measurements. A whole default run takes about six minutes and stops by itself;
+Ctrl-C stops it early. Processes are cleaned up either way; their logs are kept with
+``--keep-logs``.
 """
 
 from __future__ import annotations
@@ -51,7 +59,7 @@ from typing import Any
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import BIN, create_containers, free_port
+from bench.common import BIN, create_containers, descendants, free_port
 
 KEYS_A = ("sk-bf-chaos-a1", "sk-bf-chaos-a2", "sk-bf-chaos-a3")
 KEYS_B = ("sk-bf-chaos-b1", "sk-bf-chaos-b2")
@@ -644,8 +652,9 @@ class Chaos:
         results.append((started, self.load.now() - started, status))
 
     async def slow_clients(self, phase: Phase) -> None:
-        """``--slow-clients`` connections (100) each announcing a 1 MB pass-through POST and
-        sending a byte every 5 s, while the clients poll; no-cache retrieves, lists and /readyz probed twice a
+        """``--slow-clients`` connections (default: 100 per serving process of the sidecar, the
+        size of its upstream pool) each announcing a 1 MB pass-through POST and sending a byte
+        every 5 s, while the clients poll; no-cache retrieves, lists and /readyz probed twice a
         second."""
         url = self.stack.sidecar_urls[0]
         host, port = url.removeprefix("http://").split(":")
@@ -686,7 +695,10 @@ class Chaos:
             ready.append((0, "no answer"))
 
         phase.fault_start = self.load.now()
-        conns = [asyncio.ensure_future(slow()) for _ in range(self.args.slow_clients)]
+        # The upstream pool is per serving process: 100 each by default, as many as the pool.
+        processes = max(1, len(descendants(self.stack.sidecars[0].pid or 0)))
+        count = self.args.slow_clients or 100 * processes
+        conns = [asyncio.ensure_future(slow()) for _ in range(count)]
         probes: set[asyncio.Future[None]] = set()
         rng = random.Random(7)
         while self.load.now() - phase.fault_start < self.s(20):
@@ -1187,8 +1199,8 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every phase's durations")
     parser.add_argument("--worker-kill-observe", type=float, default=40,
                         help="seconds watched after the worker kill (a lapsed lease takes ~32s)")  # fmt: skip
-    parser.add_argument("--slow-clients", type=int, default=100,
-                        help="connections of the slow-clients phase")  # fmt: skip
+    parser.add_argument("--slow-clients", type=int, default=0,
+                        help="connections of the slow-clients phase (0: 100 per serving process)")  # fmt: skip
     parser.add_argument("--env", action="append", default=[], metavar="SIDECAR_X=V",
                         help="extra setting for the sidecars and workers (repeatable)")  # fmt: skip
     parser.add_argument("--keep-logs", action="store_true", help="keep the processes' logs")

@@ -36,7 +36,7 @@ from pathlib import Path
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import BIN, emulator, free_port, process, redis_server, wait_http
+from bench.common import BIN, emulator, free_port, process, redis_server, scrape_total, wait_http
 
 
 def rss_mib(pid: int) -> float:
@@ -44,6 +44,11 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def upstream_5xx(url: str) -> float:
+    """Upstream calls the sidecar made that failed with a 5xx (each one enters the memo)."""
+    return scrape_total(url, "sidecar_upstream_requests_total", status_class="5xx")
 
 
 def metrics_size(url: str) -> int:
@@ -261,7 +266,14 @@ async def drive(args: argparse.Namespace, url: str, upstream: str, pid: int, dir
         while after < args.after and soak.done < args.max_requests:
             note = ""
             if "local copies" in reached and "failures" not in reached:
+                # The memo is pruned to the back-offs still running whenever it is full: a
+                # sample after the burst shows what is left, the 5xx count that it filled up.
+                failed = upstream_5xx(url)
                 statuses = await soak.failures(http, owned)
+                if upstream_5xx(url) - failed >= limits["failures"]:
+                    reached["failures"] = taken + 1
+                    print(f"  bound reached: failures ({limits['failures']:,}) during the "
+                          f"burst, RSS {rss_mib(pid):.1f} MiB", flush=True)  # fmt: skip
                 note = f" (no-cache reads of other containers against a 503 upstream: {statuses})"
             else:
                 await soak.step(http, owned)
