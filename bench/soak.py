@@ -32,6 +32,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -115,15 +116,24 @@ def serve_debug(directory: str, trace: bool) -> None:
 def waiting_tasks() -> str:
     """The server's asyncio tasks, grouped by where each waits (innermost frames last)."""
     import collections
+    import gc
 
-    try:
-        tasks = asyncio.all_tasks(asyncio.get_running_loop())
-    except RuntimeError:
+    # A signal handler runs outside the loop's context: find the loop itself.
+    loops = [o for o in gc.get_objects() if isinstance(o, asyncio.AbstractEventLoop)]
+    running = [loop for loop in loops if loop.is_running()]
+    if not running:
         return ""
+    tasks = asyncio.all_tasks(running[0])
     where: collections.Counter[str] = collections.Counter()
     for task in tasks:
-        frames = task.get_stack(limit=12)
-        where[" > ".join(f"{f.f_code.co_name}:{f.f_lineno}" for f in frames)] += 1
+        chain: list[str] = []
+        awaited: Any = task.get_coro()
+        while awaited is not None:  # down the awaits: where the task waits, not only its top
+            frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+            if frame is not None:
+                chain.append(f"{frame.f_code.co_name}:{frame.f_lineno}")
+            awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+        where[" > ".join(chain)] += 1
     return "\n".join(f"{n:>6} {stack}" for stack, n in where.most_common())
 
 
