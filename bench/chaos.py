@@ -28,7 +28,7 @@ has a copy of). Every phase prints one row: requests and errors (non-2xx other t
 404s, and connection errors) from the fault's start to the phase's end, latency while the fault
 lasts, upstream calls/s as the emulator counts them and call attempts/s as the sidecars and
 workers count them (while the fault lasts), and the time to recover; notes below a row give
-the phase's own measurements. A whole default run takes about six minutes and stops by itself;
+the phase's own measurements. A whole default run takes about five minutes and stops by itself;
 Ctrl-C stops it early. Processes are cleaned up either way; their logs are kept with
 ``--keep-logs``.
 """

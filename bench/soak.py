@@ -270,8 +270,8 @@ async def drive(args: argparse.Namespace, url: str, upstream: str, pid: int, dir
     after = 0
     taken = 0
     print("| requests | seconds | sidecar RSS (MiB) | /metrics (bytes) | local copies | "
-          "local grants | credentials | failures | scheduled | cache ids |")  # fmt: skip
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
+          "local grants | credentials | failures | scheduled | cache ids | unanswered |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as http:
         while after < args.after and soak.done < args.max_requests:
             note = ""
@@ -294,7 +294,7 @@ async def drive(args: argparse.Namespace, url: str, upstream: str, pid: int, dir
                   f"{metrics_size(url):,} | {sizes.get('local copies', 0):,} | "
                   f"{sizes.get('local grants', 0):,} | {sizes.get('credentials', 0):,} | "
                   f"{sizes.get('failures', 0):,} | {sizes.get('scheduled renewals', 0):,} | "
-                  f"{sizes.get('cache ids', 0):,} |{note}", flush=True)  # fmt: skip
+                  f"{sizes.get('cache ids', 0):,} | {soak.unanswered} |{note}", flush=True)  # fmt: skip
             for name, bound in limits.items():
                 if name not in reached and sizes.get(name, 0) >= bound:
                     reached[name] = taken
