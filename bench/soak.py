@@ -267,6 +267,7 @@ async def drive(args: argparse.Namespace, url: str, upstream: str, pid: int, dir
     soak = Soak(args, url, upstream, pid)
     reached: dict[str, int] = {}
     sizes: dict[str, int] = {}
+    unanswered = 0
     after = 0
     taken = 0
     print("| requests | seconds | sidecar RSS (MiB) | /metrics (bytes) | local copies | "
@@ -295,6 +296,10 @@ async def drive(args: argparse.Namespace, url: str, upstream: str, pid: int, dir
                   f"{sizes.get('local grants', 0):,} | {sizes.get('credentials', 0):,} | "
                   f"{sizes.get('failures', 0):,} | {sizes.get('scheduled renewals', 0):,} | "
                   f"{sizes.get('cache ids', 0):,} | {soak.unanswered} |{note}", flush=True)  # fmt: skip
+            if soak.unanswered > unanswered:  # where the server holds them, while it does
+                unanswered = soak.unanswered
+                for line in (Path(directory) / "tasks.txt").read_text().splitlines()[:6]:
+                    print(f"  waiting: {line[:300]}", flush=True)
             for name, bound in limits.items():
                 if name not in reached and sizes.get(name, 0) >= bound:
                     reached[name] = taken
