@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/chaos.py [--phases baseline,redis-kill,...] [--clients 32]
         [--containers 400] [--sidecars 1] [--workers 2] [--latency-ms 50] [--fresh-ttl 5]
-        [--interval 0.05] [--scale 1.0] [--worker-kill-observe 40] [--keep-logs]
+        [--interval 0.05] [--scale 1.0] [--worker-kill-observe 40] [--slow-clients N]
+        [--env SIDECAR_X=V] [--keep-logs]
 
 Everything runs on loopback: a redis-server on a free port, the emulator (``sidecar emulate``,
 standing for OpenAI: it keeps the containers) behind a small pass-through process standing for
@@ -17,18 +18,26 @@ up to 12 s for answers to look like the baseline's again): baseline; redis-kill 
 restarted on the same port, empty); redis-hang (SIGSTOP ~5 s, SIGCONT); worker-kill (a worker
 SIGKILLed while refreshes are in flight, restarted a second later); upstream-5xx (the emulator
 answers 503 to everything); worker-redis (Redis killed under the workers: do they survive and
-resume); upstream-kill (the gateway process SIGKILLed, restarted). Every phase prints one row: requests and errors (non-2xx other than legitimate 404s,
-and connection errors) from the fault's start to the phase's end, latency while the fault
+resume); upstream-kill (the gateway process SIGKILLed, restarted); slow-clients (pass-through
+POSTs announcing 1 MB and sending a byte every 5 s, as many as the sidecar's upstream pool,
+while no-cache retrieves, lists and /readyz are probed); redis-resume (SIGSTOP 6 s: how long
+until every polled container is answered fresh again); lock-holder-kill (an extra sidecar
+SIGKILLed while it holds 32 fetch locks: how long the other sidecar's waiters stall);
+upstream-heal (503 on everything for 11 s: from healing to the first 200 for containers nobody
+has a copy of). Every phase prints one row: requests and errors (non-2xx other than legitimate
+404s, and connection errors) from the fault's start to the phase's end, latency while the fault
 lasts, upstream calls/s as the emulator counts them and call attempts/s as the sidecars and
-workers count them (while the fault lasts), and the time to recover. A whole default run takes
-about three minutes and stops by itself; Ctrl-C stops it early. Processes are cleaned up
-either way; their logs are kept with ``--keep-logs``.
+workers count them (while the fault lasts), and the time to recover; notes below a row give
+the phase's own measurements. A whole default run takes about five minutes and stops by itself;
+Ctrl-C stops it early. Processes are cleaned up either way; their logs are kept with
+``--keep-logs``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import ctypes
 import itertools
@@ -50,7 +59,7 @@ from typing import Any
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import BIN, create_containers, free_port
+from bench.common import BIN, create_containers, descendants, free_port
 
 KEYS_A = ("sk-bf-chaos-a1", "sk-bf-chaos-a2", "sk-bf-chaos-a3")
 KEYS_B = ("sk-bf-chaos-b1", "sk-bf-chaos-b2")
@@ -59,7 +68,8 @@ BUCKET_S = 1.0
 # The default order keeps after-effects apart: worker-redis (Redis restarted empty) comes
 # between the two upstream outages, whose failure back-offs would otherwise run into each other.
 PHASES = ("baseline", "redis-kill", "redis-hang", "worker-kill", "upstream-5xx",
-          "worker-redis", "upstream-kill")  # fmt: skip
+          "worker-redis", "upstream-kill", "slow-clients", "redis-resume", "lock-holder-kill",
+          "upstream-heal")  # fmt: skip
 
 
 # -- processes -------------------------------------------------------------------------------------
@@ -170,8 +180,11 @@ class Stack:
             "SIDECAR_HOST": "127.0.0.1",
             **dict(item.split("=", 1) for item in args.env),
         }
+        self.env = env
         self.sidecar_urls = []
         self.sidecars = []
+        self.extras: list[Proc] = []
+        """Processes a phase starts for itself (stopped at the end, never restarted)."""
         for i in range(args.sidecars):
             port = free_port()
             self.sidecar_urls.append(f"http://127.0.0.1:{port}")
@@ -221,6 +234,17 @@ class Stack:
         self.sidecars[i].start()
         await until(lambda: self.answers(f"{self.sidecar_urls[i]}/healthz"), 30, f"sidecar{i}")
 
+    async def start_extra_sidecar(self, name: str) -> tuple[Proc, str]:
+        """Another ``sidecar serve`` on the same Redis and upstream, outside the load."""
+        port = free_port()
+        proc = Proc(name, [str(BIN / "sidecar"), "serve"], {**self.env, "SIDECAR_PORT": str(port)},
+                    self.logs)  # fmt: skip
+        self.extras.append(proc)
+        proc.start()
+        url = f"http://127.0.0.1:{port}"
+        await until(lambda: self.answers(f"{url}/healthz"), 30, name)
+        return proc, url
+
     async def start_worker(self, i: int) -> None:
         self.workers[i].start()
         await until(lambda: self.answers(f"{self.worker_urls[i]}/healthz"), 30, f"worker{i}")
@@ -266,7 +290,7 @@ class Stack:
             await self.http.close()
 
     def stop(self) -> None:
-        for proc in self.all:
+        for proc in [*self.extras, *self.all]:
             proc.stop()
 
 
@@ -289,9 +313,13 @@ def serve_gateway(port: int, target: str) -> None:
         if request.path == "/_gateway/healthz":
             return web.json_response({"status": "ok"})
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP]
+        try:
+            data = await request.read()
+        except ConnectionResetError:  # its caller gave up on a body (slow-clients)
+            return web.Response(status=400)
         async with request.app["session"].request(
             request.method, target + request.raw_path, headers=headers,
-            data=await request.read() or None, allow_redirects=False,
+            data=data or None, allow_redirects=False,
         ) as upstream:  # fmt: skip
             body = await upstream.read()
             kept = [(k, v) for k, v in upstream.headers.items() if k.lower() not in _HOP]
@@ -403,14 +431,15 @@ class Sampler:
     def __init__(self, stack: Stack, load: Load) -> None:
         self.stack = stack
         self.load = load
-        self.names = ("attempts", "attempts_sidecar", "attempts_worker", "refreshed")
+        self.names = ("attempts", "attempts_sidecar", "attempts_worker", "refreshed",
+                      "deduplicated_worker", "failed_worker")  # fmt: skip
         self.series: dict[str, list[tuple[float, float]]] = {
             n: [] for n in ("emulator", *self.names)
         }
         self._last: dict[tuple[str, str], float] = {}
         self._total: dict[str, float] = dict.fromkeys(self.names, 0.0)
 
-    async def scrape(self, url: str) -> dict[str, float]:
+    async def scrape(self, url: str, worker: bool = False) -> dict[str, float]:
         from prometheus_client.parser import text_string_to_metric_families
 
         _, text = await self.stack.get(f"{url}/metrics", timeout_s=0.5)
@@ -422,9 +451,12 @@ class Sampler:
                     caller = sample.labels.get("caller")
                     if caller in ("sidecar", "worker"):
                         values[f"attempts_{caller}"] += sample.value
-                elif (sample.name == "sidecar_refresh_jobs_total"
-                      and sample.labels.get("event") == "succeeded"):  # fmt: skip
-                    values["refreshed"] += sample.value
+                elif sample.name == "sidecar_refresh_jobs_total":
+                    event = sample.labels.get("event")
+                    if event == "succeeded":
+                        values["refreshed"] += sample.value
+                    elif worker and event in ("deduplicated", "failed"):
+                        values[f"{event}_worker"] += sample.value
         return values
 
     def add(self, source: str, name: str, value: float) -> None:
@@ -441,7 +473,8 @@ class Sampler:
                 self.series["emulator"].append((now, float(stats["total"])))
             for source in [*self.stack.sidecar_urls, *self.stack.worker_urls]:
                 with contextlib.suppress(Exception):
-                    for name, value in (await self.scrape(source)).items():
+                    scraped = await self.scrape(source, source in self.stack.worker_urls)
+                    for name, value in scraped.items():
                         self.add(source, name, value)
             for name in self.names:
                 self.series[name].append((now, self._total[name]))
@@ -489,7 +522,7 @@ class Chaos:
         self.stack, self.load, self.sampler, self.args = stack, load, sampler, args
 
     def s(self, seconds: float) -> float:
-        return seconds * self.args.scale
+        return float(seconds * self.args.scale)
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(self.s(seconds))
@@ -601,6 +634,227 @@ class Chaos:
         )
         phase.notes.append(f"worker PIDs survived: {survived}; refreshes resumed {resumed_text}")
 
+    # -- the second round's phases (issue 15) -----------------------------------------------------
+
+    async def probe(
+        self, url: str, results: list[tuple[float, float, int]], **headers: str
+    ) -> None:
+        """One GET; ``(started, seconds, status)`` appended (status 0: no answer in 15 s)."""
+        assert self.stack.http is not None
+        started = self.load.now()
+        status = 0
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+            async with self.stack.http.get(
+                url, headers=headers, timeout=aiohttp.ClientTimeout(total=15)
+            ) as response:
+                await response.read()
+                status = response.status
+        results.append((started, self.load.now() - started, status))
+
+    async def slow_clients(self, phase: Phase) -> None:
+        """``--slow-clients`` connections (default: 100 per serving process of the sidecar, the
+        size of its upstream pool) each announcing a 1 MB pass-through POST and sending a byte
+        every 5 s, while the clients poll; no-cache retrieves, lists and /readyz probed twice a
+        second."""
+        url = self.stack.sidecar_urls[0]
+        host, port = url.removeprefix("http://").split(":")
+        auth = {"Authorization": f"Bearer {KEYS_A[0]}"}
+        head = (f"POST /openai/v1/containers HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                f"Authorization: Bearer {KEYS_A[0]}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: 1000000\r\n\r\n{{").encode()  # fmt: skip
+        ended: list[float] = []  # when the sidecar answered or closed a slow connection
+
+        async def slow() -> None:
+            reader, writer = await asyncio.open_connection(host, int(port))
+            started = self.load.now()
+            answered: asyncio.Future[bytes] | None = None
+            try:
+                writer.write(head)
+                answered = asyncio.ensure_future(reader.read(1))
+                while not answered.done():
+                    await asyncio.wait([answered], timeout=5)
+                    writer.write(b" ")
+                    await writer.drain()
+                ended.append(self.load.now() - started)
+            except (OSError, asyncio.IncompleteReadError):
+                ended.append(self.load.now() - started)
+            finally:
+                if answered is not None:
+                    answered.cancel()
+                writer.close()
+
+        retrieves: list[tuple[float, float, int]] = []
+        lists: list[tuple[float, float, int]] = []
+        ready: list[tuple[int, str]] = []
+
+        async def readyz() -> None:
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
+                status, body = await self.stack.get(f"{url}/readyz", timeout_s=5)
+                ready.append((status, str(json.loads(body).get("upstream"))))
+                return
+            ready.append((0, "no answer"))
+
+        phase.fault_start = self.load.now()
+        # The upstream pool is per serving process: 100 each by default, as many as the pool.
+        processes = max(1, len(descendants(self.stack.sidecars[0].pid or 0)))
+        count = self.args.slow_clients or 100 * processes
+        conns = [asyncio.ensure_future(slow()) for _ in range(count)]
+        probes: set[asyncio.Future[None]] = set()
+        rng = random.Random(7)
+        while self.load.now() - phase.fault_start < self.s(20):
+            cid = rng.choice(self.load.containers["A"])
+            for probe in (
+                self.probe(
+                    f"{url}/openai/v1/containers/{cid}",
+                    retrieves,
+                    **auth,
+                    **{"Cache-Control": "no-cache"},
+                ),
+                self.probe(f"{url}/openai/v1/containers?limit=5", lists, **auth),
+                readyz(),
+            ):
+                task = asyncio.ensure_future(probe)
+                probes.add(task)
+                task.add_done_callback(probes.discard)
+            await asyncio.sleep(0.5)
+        phase.fault_end = self.load.now()
+        for conn in conns:
+            conn.cancel()
+        await asyncio.gather(*conns, return_exceptions=True)
+        await asyncio.gather(*probes, return_exceptions=True)
+        for name, results in (("no-cache retrieves", retrieves), ("lists", lists)):
+            took = [t * 1000 for _, t, _ in results]
+            codes = collections.Counter(code for _, _, code in results)
+            phase.notes.append(
+                f"{name} during it: {len(results)}, statuses {dict(sorted(codes.items()))}, "
+                f"p50 {pct(took, 0.5):.0f} ms, max {max(took, default=0):.0f} ms"
+            )
+        not_ready = sum(status != 200 for status, _ in ready)
+        failing = sum(upstream != "ok" for _, upstream in ready)
+        phase.notes.append(
+            f"/readyz: {len(ready) - not_ready} of {len(ready)} ready, upstream said failing "
+            f"{failing} times; slow connections the sidecar answered or closed: {len(ended)} of "
+            f"{len(conns)}" + (f" (after {min(ended):.1f}-{max(ended):.1f}s)" if ended else "")
+        )
+        phase.extra["probes_ok"] = all(code == 200 for _, _, code in retrieves + lists)
+        phase.extra["ready_ok"] = not_ready == 0 and failing == 0
+        await self.sleep(4)
+
+    async def lock_holder_kill(self, phase: Phase) -> None:
+        """An extra sidecar SIGKILLed while it holds the fetch locks of 32 cold containers
+        (their upstream calls hang); the same credential's no-cache reads of them, waiting on
+        the other sidecar: how long after the kill are they answered."""
+        cids = await asyncio.to_thread(create_containers, self.stack.emulator_url, KEYS_A[0], 32)
+        victim, victim_url = await self.stack.start_extra_sidecar("sidecar-victim")
+        for cid in cids:  # each container's first call hangs: the victim's
+            await self.stack.emulator_control("POST", "/_emulator/faults",
+                                              {"kind": "timeout", "container_id": cid, "count": 1})  # fmt: skip
+        headers = {"Authorization": f"Bearer {KEYS_A[0]}", "Cache-Control": "no-cache"}
+        held: list[tuple[float, float, int]] = []
+        holders = [asyncio.ensure_future(self.probe(f"{victim_url}/openai/v1/containers/{cid}",
+                                                    held, **headers)) for cid in cids]  # fmt: skip
+        locks = await self.count_keys("*:l:*", at_least=len(cids), within_s=5)
+        waited: list[tuple[float, float, int]] = []
+        waiters = [asyncio.ensure_future(self.probe(
+            f"{self.stack.sidecar_urls[0]}/openai/v1/containers/{cid}", waited, **headers))
+            for cid in cids]  # fmt: skip
+        await asyncio.sleep(0.5)  # the waiters wait on the victim's locks
+        phase.fault_start = self.load.now()
+        victim.kill()
+        await asyncio.gather(*waiters, *holders, return_exceptions=True)
+        phase.fault_end = self.load.now()
+        stalls = [started + took - phase.fault_start for started, took, _ in waited]
+        codes = collections.Counter(code for _, _, code in waited)
+        phase.extra["stalls"] = stalls
+        phase.notes.append(
+            f"fetch locks held at the kill: {locks}; {len(waited)} waiters on the other sidecar "
+            f"answered {dict(sorted(codes.items()))} {pct(stalls, 0.5):.2f}s (p50) and "
+            f"{max(stalls, default=float('nan')):.2f}s (max) after the kill, their own upstream "
+            f"call ({self.args.latency_ms:.0f} ms) included"
+        )
+        await self.stack.emulator_control("DELETE", "/_emulator/faults")
+        await self.sleep(3)
+
+    async def count_keys(self, pattern: str, at_least: int, within_s: float) -> int:
+        """How many Redis keys match, once there are ``at_least`` or ``within_s`` passed."""
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis.from_url(self.stack.redis_url, socket_timeout=1)
+        deadline = time.monotonic() + within_s
+        found = 0
+        try:
+            while True:
+                found = len([k async for k in client.scan_iter(match=pattern, count=1000)])
+                if found >= at_least or time.monotonic() > deadline:
+                    return found
+                await asyncio.sleep(0.05)
+        finally:
+            await client.aclose()
+
+    async def redis_resume(self, phase: Phase) -> None:
+        """Redis SIGSTOPped 6 s (past every client timeout), SIGCONT; watched 36 s: how long
+        until every polled container is answered fresh again."""
+        phase.fault_start = self.load.now()
+        self.stack.redis.signal(signal.SIGSTOP)
+        await self.sleep(6)
+        self.stack.redis.signal(signal.SIGCONT)
+        phase.fault_end = self.load.now()
+        phase.extra["fresh_ttl"] = self.args.fresh_ttl
+        await self.sleep(36)
+        dedup = self.sampler.rate("deduplicated_worker", phase.fault_end, self.load.now())
+        failed = self.sampler.rate("failed_worker", phase.fault_start, self.load.now())
+        span = self.load.now() - phase.fault_start
+        if dedup is not None and failed is not None:
+            phase.notes.append(
+                f"worker refreshes after SIGCONT: {dedup * (self.load.now() - phase.fault_end):.0f}"
+                f" refused as deduplicated; failed from the hang on: {failed * span:.0f}"
+            )
+
+    async def upstream_heal(self, phase: Phase) -> None:
+        """The upstream answers 503 to everything for 11 s, then heals; 16 containers nobody
+        has read yet polled every 0.25 s from the outage on (their first reads 5 s apart in
+        all, so the heal meets their back-offs at every point): when is each answered 200."""
+        cids = await asyncio.to_thread(create_containers, self.stack.emulator_url, KEYS_A[0], 16)
+        url = self.stack.sidecar_urls[0]
+        answers: list[tuple[float, float, int, str]] = []
+
+        async def poll(cid: str, delay_s: float) -> None:
+            results: list[tuple[float, float, int]] = []
+            await asyncio.sleep(delay_s)  # first reads spread over a back-off's length
+            while self.load.running:
+                await self.probe(f"{url}/openai/v1/containers/{cid}", results,
+                                 Authorization=f"Bearer {KEYS_A[1]}")  # fmt: skip
+                started, took, status = results[-1]
+                answers.append((started, took, status, cid))
+                await asyncio.sleep(0.25)
+
+        await self.stack.emulator_control("POST", "/_emulator/faults",
+                                          {"kind": "status", "status": 503, "route": "*"})  # fmt: skip
+        phase.fault_start = self.load.now()
+        pollers = [
+            asyncio.ensure_future(poll(cid, i * 5 / len(cids))) for i, cid in enumerate(cids)
+        ]
+        await self.sleep(11)
+        await self.stack.emulator_control("DELETE", "/_emulator/faults")
+        phase.fault_end = self.load.now()
+        await self.sleep(8)
+        for poller in pollers:
+            poller.cancel()
+        await asyncio.gather(*pollers, return_exceptions=True)
+        first: dict[str, float] = {}
+        for started, took, status, cid in sorted(answers):
+            if status == 200 and started >= phase.fault_end and cid not in first:
+                first[cid] = started + took - phase.fault_end
+        during = collections.Counter(s for t, _, s, _ in answers if t < phase.fault_end)
+        phase.extra["first_200"] = [first.get(cid) for cid in cids]
+        waits = list(first.values())
+        phase.notes.append(
+            f"{len(cids)} containers with no cached copy, polled every 0.25 s: during the "
+            f"outage {dict(sorted(during.items()))}; after healing, first 200 for "
+            f"{len(first)} of {len(cids)}: p50 {pct(waits, 0.5):.1f}s, max "
+            f"{max(waits, default=float('nan')):.1f}s"
+        )
+
 
 TARGETS = {
     "baseline": "reference",
@@ -610,6 +864,10 @@ TARGETS = {
     "upstream-kill": "attempts/s <= baseline calls/s",
     "worker-kill": "recovered <= 5s",
     "worker-redis": "workers survive; refresh resumes",
+    "slow-clients": "0 errors; probes 200; ready",
+    "redis-resume": "all fresh again <= 2 fresh TTLs",
+    "lock-holder-kill": "waiters answered < 1s after",
+    "upstream-heal": "first 200 <= 5s after healing",
 }
 
 
@@ -739,6 +997,19 @@ def analyse(phase: Phase, load: Load, sampler: Sampler, base: dict[str, float]) 
     if phase.name == "worker-redis":
         row["recover"] = phase.extra.get("resumed_s")
         return row
+    if phase.name == "lock-holder-kill":
+        stalls = phase.extra.get("stalls", [])
+        row["recover"] = max(stalls) if stalls else None
+        return row
+    if phase.name == "upstream-heal":
+        first = phase.extra.get("first_200", [])
+        done = [t for t in first if t is not None]
+        row["recover"] = (
+            max(done) if first and len(done) == len(first) else f">{phase.end - during_end:.0f}"
+        )
+        return row
+    if phase.name == "redis-resume":
+        return resumed(phase, load, row)
     good = [healthy(b, base) for b in after]
     for i in range(len(good) - 1):
         if good[i] and good[i + 1]:
@@ -752,6 +1023,31 @@ def analyse(phase: Phase, load: Load, sampler: Sampler, base: dict[str, float]) 
             phase.notes.append(
                 f"after SIGCONT: p99 {pct(later, 0.99):.0f} ms, max {max(later):.0f} ms"
             )
+    return row
+
+
+def resumed(phase: Phase, load: Load, row: dict[str, Any]) -> dict[str, Any]:
+    """After Redis resumed: per container answered stale from then on, how long until it was
+    answered fresh again (to the end of the phase while it still is not)."""
+    resume = phase.fault_end
+    waits: list[float] = []
+    still = 0
+    for _, start, end in stale_runs([a for a in load.answers if a.started < phase.end]):
+        if end is not None and end <= resume:
+            continue
+        if end is None:
+            still += 1
+        waits.append((end if end is not None else phase.end) - max(resume, start)
+                     + max(0.0, start - resume))  # fmt: skip
+    limit = 2 * phase.extra["fresh_ttl"]
+    row["recover"] = max(waits) if not still else f">{phase.end - resume:.0f}"
+    after = [a for a in load.answers if a.started >= resume and a.started < phase.end]
+    phase.notes.append(
+        f"containers answered stale after SIGCONT: {len(waits)}; fresh again in p50 "
+        f"{pct(waits, 0.5):.1f}s, max {max(waits, default=0):.1f}s; stale longer than 2 fresh "
+        f"TTLs ({limit:.0f}s): {sum(w > limit for w in waits)}; max Age after SIGCONT "
+        f"{max((a.age_s for a in after), default=0):.0f}s"
+    )
     return row
 
 
@@ -770,6 +1066,14 @@ def verdict(phase: Phase, row: dict[str, Any], base: dict[str, float]) -> str:
     elif phase.name == "upstream-kill":
         ok = row["attempts"] is not None and row["attempts"] <= base["calls"] * 1.05
     elif phase.name == "worker-kill":
+        ok = recovered_in is not None and recovered_in <= 5
+    elif phase.name == "slow-clients":
+        ok = row["errors"] == 0 and phase.extra["probes_ok"] and phase.extra["ready_ok"]
+    elif phase.name == "redis-resume":
+        ok = recovered_in is not None and recovered_in <= 2 * phase.extra["fresh_ttl"]
+    elif phase.name == "lock-holder-kill":
+        ok = recovered_in is not None and recovered_in < 1.0
+    elif phase.name == "upstream-heal":
         ok = recovered_in is not None and recovered_in <= 5
     else:
         ok = all(phase.extra.get("workers_alive", [False])) and recovered_in is not None
@@ -895,6 +1199,8 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every phase's durations")
     parser.add_argument("--worker-kill-observe", type=float, default=40,
                         help="seconds watched after the worker kill (a lapsed lease takes ~32s)")  # fmt: skip
+    parser.add_argument("--slow-clients", type=int, default=0,
+                        help="connections of the slow-clients phase (0: 100 per serving process)")  # fmt: skip
     parser.add_argument("--env", action="append", default=[], metavar="SIDECAR_X=V",
                         help="extra setting for the sidecars and workers (repeatable)")  # fmt: skip
     parser.add_argument("--keep-logs", action="store_true", help="keep the processes' logs")
@@ -908,7 +1214,7 @@ def main() -> None:
     logs = Path(tempfile.mkdtemp(prefix="chaos-"))
     stack = Stack(args, logs)
     signal.signal(signal.SIGTERM, _interrupt)
-    budget_s = (200 + args.worker_kill_observe) * args.scale + 90
+    budget_s = (350 + args.worker_kill_observe) * args.scale + 120
     try:
         asyncio.run(asyncio.wait_for(_run_and_close(args, stack), budget_s))
     except KeyboardInterrupt:
