@@ -347,7 +347,7 @@ def main() -> None:
         env = {
             "SIDECAR_UPSTREAM_URL": upstream, "SIDECAR_REDIS_URL": redis_url,
             "SIDECAR_KEY_SECRET": "soak", "SIDECAR_ACCESS_LOG": "false",
-            "SIDECAR_SERVE_PROCESSES": "1", "SIDECAR_PORT": str(port),
+            "SIDECAR_PORT": str(port),
             "SIDECAR_HOST": "127.0.0.1",
         }  # fmt: skip
         command = [str(BIN / "python"), __file__, "--serve-debug", directory]
