@@ -64,7 +64,7 @@ def bounds() -> dict[str, int]:
     local = Settings().local_max_entries
     return {
         "local copies": local, "local grants": local, "credentials": credentials._CACHE_MAX,
-        "failures": service._MAX_FAILURES, "scheduled renewals": service._MAX_SCHEDULED,
+        "failures": service._MAX_FAILURES,
         "cache ids": keys.cache_id_for.cache_info().maxsize or 0,
         "key tags": keys._tag_of.cache_info().maxsize or 0,
     }  # fmt: skip
@@ -96,7 +96,7 @@ def serve_debug(directory: str, trace: bool) -> None:
             if isinstance(obj, ContainerService):
                 sizes |= {"local copies": len(obj.local._records),
                           "local grants": len(obj.local._grants),
-                          "failures": len(obj._failures), "scheduled renewals": len(obj._scheduled),
+                          "failures": len(obj._failures),
                           "throttle providers": len(obj.throttle._known)}  # fmt: skip
             elif isinstance(obj, CredentialReader):
                 sizes["credentials"] = len(obj._known)
@@ -271,8 +271,8 @@ async def drive(args: argparse.Namespace, url: str, upstream: str, pid: int, dir
     after = 0
     taken = 0
     print("| requests | seconds | sidecar RSS (MiB) | /metrics (bytes) | local copies | "
-          "local grants | credentials | failures | scheduled | cache ids | unanswered |")  # fmt: skip
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
+          "local grants | credentials | failures | cache ids | unanswered |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as http:
         while after < args.after and soak.done < args.max_requests:
             note = ""
@@ -294,7 +294,7 @@ async def drive(args: argparse.Namespace, url: str, upstream: str, pid: int, dir
             print(f"| {soak.done:,} | {time.monotonic() - soak.started:.0f} | {rss:.1f} | "
                   f"{metrics_size(url):,} | {sizes.get('local copies', 0):,} | "
                   f"{sizes.get('local grants', 0):,} | {sizes.get('credentials', 0):,} | "
-                  f"{sizes.get('failures', 0):,} | {sizes.get('scheduled renewals', 0):,} | "
+                  f"{sizes.get('failures', 0):,} | "
                   f"{sizes.get('cache ids', 0):,} | {soak.unanswered} |{note}", flush=True)  # fmt: skip
             if soak.unanswered > unanswered:  # where the server holds them, while it does
                 unanswered = soak.unanswered
@@ -305,7 +305,7 @@ async def drive(args: argparse.Namespace, url: str, upstream: str, pid: int, dir
                     reached[name] = taken
                     print(f"  bound reached: {name} ({bound:,}) at {soak.done:,} requests, "
                           f"RSS {rss:.1f} MiB", flush=True)  # fmt: skip
-            if all(name in reached for name in limits if name != "scheduled renewals"):
+            if all(name in reached for name in limits):
                 after += 1
                 reached.setdefault("all", taken)
     print(f"requests not answered within 30 s: {soak.unanswered}")

@@ -89,8 +89,10 @@ async def _demo(port: int, once: bool, log_settings: Settings | None) -> None:
         print(f"  curl -s -H 'Authorization: Bearer {DEMO_KEY}' {url}")
         print(f"  curl -s -H 'Authorization: Bearer sk-bf-someone-else' {url}   # 404")
         print(f"  curl -s '{base}/v1/containers/{container_id}'   # 401: no credential")
-        chat = '{"model": "gpt-4o-mini", "stream": true, "messages": [{"role": "user", "content": ' \
-            '"hi"}]}'
+        chat = (
+            '{"model": "gpt-4o-mini", "stream": true, '
+            '"messages": [{"role": "user", "content": "hi"}]}'
+        )
         print(f"  curl -sN -H 'Authorization: Bearer {DEMO_KEY}' "
               f"-H 'Content-Type: application/json' -d '{chat}' "
               f"{base}/openai/v1/chat/completions   # relayed, streamed")  # fmt: skip
