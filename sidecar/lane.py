@@ -16,15 +16,15 @@ Off while tracing is on (a span per request is the point there).
 
 from __future__ import annotations
 
+import email.utils
 import time
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
 
 from aiohttp import HttpVersion11, web
-from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE
-from aiohttp.web_request import BaseRequest
+from aiohttp.web import BaseRequest
 
 from sidecar.controls import parse_rules
 from sidecar.errors import SidecarError
@@ -48,6 +48,15 @@ Handler = Callable[[BaseRequest], Awaitable[web.StreamResponse]]
 _PROVIDER_QUERY = "provider="
 _STATUS_LINES: dict[int, str] = {}
 _SERVER = f"\r\nServer: {SERVER_SOFTWARE}\r\n\r\n"
+_dates: list[tuple[int, str]] = [(0, "")]
+
+
+def _http_date() -> str:
+    """Now as an IMF-fixdate (RFC 9110 5.6.7), made once a second."""
+    second = int(time.time())
+    if _dates[0][0] != second:
+        _dates[0] = (second, email.utils.formatdate(second, usegmt=True))
+    return _dates[0][1]
 
 
 class HitAnswer:
@@ -141,7 +150,7 @@ def hit_lane(app: web.Application, handler: Handler) -> Handler:
         )
         head.append("Content-Type: application/json")
         head.append(f"Content-Length: {len(body)}")
-        head.append(f"Date: {rfc822_formatted_time()}")
+        head.append(f"Date: {_http_date()}")
         data = ("\r\n".join(head) + _SERVER).encode() + body
         count_answer(services, template, outcome, rules, time.perf_counter() - started)
         return HitAnswer(data, record.status_code, len(body), template, (outcome, rules))

@@ -14,8 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import HttpVersion11, http_exceptions, web
-from aiohttp.web_protocol import RequestHandler
-from aiohttp.web_request import BaseRequest
+from aiohttp.web import BaseRequest, RequestHandler
 
 from sidecar import tracing
 from sidecar.app import SETTINGS
