@@ -51,7 +51,7 @@ COUNTED: web.ResponseKey[bool] = web.ResponseKey("counted", bool)
 ROUTE_GROUP: web.RequestKey[str] = web.RequestKey("route_group", str)
 #: The route an access line names for an answer whose route has no template of its own
 #: (the relay's ``relay:<family>``).
-ACCESS_ROUTE: web.ResponseKey[str] = web.ResponseKey("access_route", str)
+ACCESS_ROUTE: web.RequestKey[str] = web.RequestKey("access_route", str)
 
 log = logging.getLogger(__name__)
 

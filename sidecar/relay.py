@@ -176,6 +176,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
     settings = services.settings
     raw = request.raw_path if request.raw_path.startswith("/") else request.rel_url.raw_path_qs
     path, mark, query = raw.partition("?")
+    route_family = family(path)
+    request[ACCESS_ROUTE] = f"relay:{route_family}"  # its own answers and its errors alike
     call = container_call(path)
     websocket = relay_ws.is_upgrade(request)
     identity = relay_ws.identity(request) if websocket else request.headers.items()
@@ -183,7 +185,6 @@ async def handle(request: web.Request) -> web.StreamResponse:
     credential = services.credentials.read(identity)  # refused here, before anything goes
     kind = settings.upstream_kind
     url = URL(relay.base + target(path, mark, query, call, kind), encoded=True)
-    route_family = family(path)
     started = time.perf_counter()
 
     # A change to one container is in force before the client has its status line (another
@@ -204,7 +205,6 @@ async def handle(request: web.Request) -> web.StreamResponse:
                                    credential, body)  # fmt: skip
         label = "bypass" if response.status < 400 else "error"
         response[OUTCOME], response[COUNTED] = label, True
-        response[ACCESS_ROUTE] = f"relay:{route_family}"
         count_route(services, "passthrough", label, time.perf_counter() - started)
         relay.count(route_family, response.status, started)
 

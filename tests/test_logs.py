@@ -145,9 +145,15 @@ async def test_a_relayed_request_gets_one_access_line_naming_its_family(
     async with http.post(f"{base}/openai/v1/chat/completions?secret-ish=x", json={},
                          headers=AUTH) as response:  # fmt: skip
         await response.read()
-    (line,) = logs.access()
+    # The relay's own error (an ambiguous credential, refused before anything goes) names the
+    # same family.
+    twice = [("Authorization", AUTH["Authorization"]), ("Authorization", "Bearer sk-bf-other")]
+    async with http.post(f"{base}/openai/v1/chat/completions", json={}, headers=twice) as refused:
+        assert refused.status == 400
+    line, own_error = logs.access()
     assert (line["method"], line["route"]) == ("POST", "relay:chat")
     assert line["status"] == response.status
+    assert (own_error["route"], own_error["status"]) == ("relay:chat", 400)
     assert "secret-ish" not in logs.text  # a family, never the path
 
 
