@@ -22,7 +22,7 @@ from sidecar.errors import (
 )
 from sidecar.logs import printable
 from sidecar.state import SERVICES
-from sidecar.wire import error_body
+from sidecar.wire import REQUEST_TYPE, error_body
 
 if TYPE_CHECKING:
     from sidecar.controls import Rules
@@ -56,15 +56,20 @@ ACCESS_ROUTE: web.RequestKey[str] = web.RequestKey("access_route", str)
 log = logging.getLogger(__name__)
 
 
-def error_response(exc: SidecarError, provider: str) -> web.Response:
-    """The gateway-shaped answer for ``exc``."""
+def error_response(
+    exc: SidecarError, provider: str, request_type: str = REQUEST_TYPE
+) -> web.Response:
+    """The gateway-shaped answer for ``exc`` (``request_type``: what the request was, as the
+    gateway names it; empty, and so left out, for requests that are not retrievals)."""
     if isinstance(exc, UpstreamReplyError):
         response = web.Response(body=exc.body, status=exc.status, content_type="application/json")
         if exc.retry_after:
             response.headers["Retry-After"] = exc.retry_after
         return response
     response = web.Response(
-        body=error_body(exc, provider), status=exc.status, content_type="application/json"
+        body=error_body(exc, provider, request_type),
+        status=exc.status,
+        content_type="application/json",
     )
     if exc.retry_after:
         response.headers["Retry-After"] = exc.retry_after
@@ -93,9 +98,11 @@ async def answer_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 
 def _error_answer(request: web.Request, exc: Exception) -> web.StreamResponse:
+    # Relayed and admin requests say which group they are: they are no container_retrieve.
+    kind = "" if ROUTE_GROUP in request else REQUEST_TYPE
     if isinstance(exc, SidecarError):
         _log_error(request, exc)
-        return error_response(exc, _provider(request))
+        return error_response(exc, _provider(request), kind)
     if isinstance(exc, web.HTTPException) and exc.status in (404, 405):
         route = f"{request.method} {request.path[:200]}"
         error: SidecarError = (
@@ -103,11 +110,11 @@ def _error_answer(request: web.Request, exc: Exception) -> web.StreamResponse:
             if exc.status == 405
             else RouteNotFound(f"no route for {route}")
         )
-        return error_response(error, _provider(request))
+        return error_response(error, _provider(request), kind)
     if isinstance(exc, web.HTTPException):
         raise exc
     log.error("unhandled error on %s %s", request.method, printable(request.path), exc_info=exc)
-    return error_response(SidecarError("internal error in the sidecar"), _provider(request))
+    return error_response(SidecarError("internal error in the sidecar"), _provider(request), kind)
 
 
 #: While the upstream fails, one warning per kind of failure every this many seconds (each

@@ -368,6 +368,7 @@ async def test_the_sidecars_admin_token_is_never_relayed(
             assert response.status == 403, path
             body = await response.json()
         assert body["error"]["code"] == "forbidden"
+        assert "request_type" not in body["extra_fields"]  # it is no container_retrieve
         assert "admintok" not in str(body)
     assert upstream.seen == []
 
