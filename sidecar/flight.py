@@ -7,11 +7,14 @@ never cancels it; :meth:`SingleFlight.close` cancels and awaits what is left at 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
 
-__all__ = ["BackgroundTasks", "SingleFlight"]
+from sidecar.errors import Overloaded
+
+__all__ = ["BackgroundTasks", "ConnectionSlots", "SingleFlight"]
 
 log = logging.getLogger(__name__)
 
@@ -81,3 +84,28 @@ class BackgroundTasks:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class ConnectionSlots:
+    """A pool's connections, counted: waiting for one past ``wait_s`` is the sidecar's own
+    exhaustion (``Overloaded``, a 503), never taken for an upstream failure."""
+
+    def __init__(self, limit: int, wait_s: float, what: str) -> None:
+        self._free = asyncio.Semaphore(limit)
+        self._wait_s = wait_s
+        self._what = what
+
+    @contextlib.asynccontextmanager
+    async def hold(self) -> AsyncIterator[None]:
+        """One connection for the block's duration."""
+        try:
+            async with asyncio.timeout(self._wait_s):
+                await self._free.acquire()
+        except TimeoutError:
+            raise Overloaded(
+                f"every {self._what} connection of this sidecar stayed busy for {self._wait_s:g}s"
+            ) from None
+        try:
+            yield
+        finally:
+            self._free.release()

@@ -35,6 +35,7 @@ from sidecar.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from sidecar.flight import ConnectionSlots
 from sidecar.metrics import Metrics, status_class
 from sidecar.middleware import ACCESS_ROUTE, COUNTED, OUTCOME, ROUTE_GROUP, count_route
 from sidecar.relay_routes import container_call, family, keep_cache_right, target
@@ -112,28 +113,19 @@ class Relay:
         )
         self.base = upstream_base(settings)
         self.watcher = Watcher()
-        self._slots = asyncio.Semaphore(settings.relay_max_connections)
-        self._queue_s = settings.relay_queue_timeout_s
+        self._slots = ConnectionSlots(
+            settings.relay_max_connections, settings.relay_queue_timeout_s, "relay"
+        )
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
         """One of the pool's connections, waited for at most ``relay_queue_timeout_s``."""
-        if self._slots.locked():
-            try:
-                async with asyncio.timeout(self._queue_s):
-                    await self._slots.acquire()
-            except TimeoutError:
-                log.warning("relay: all %d connections busy", self.settings.relay_max_connections)
-                raise Overloaded(
-                    f"the sidecar's {self.settings.relay_max_connections} relay connections "
-                    f"stayed busy for {self._queue_s:g}s"
-                ) from None
-        else:
-            await self._slots.acquire()
         try:
-            yield
-        finally:
-            self._slots.release()
+            async with self._slots.hold():
+                yield
+        except Overloaded:
+            log.warning("relay: all %d connections busy", self.settings.relay_max_connections)
+            raise
 
     def count(self, route_family: str, status: int | None, started: float) -> None:
         """Count one relayed exchange, once, with its whole duration."""

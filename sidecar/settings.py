@@ -261,7 +261,7 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Set
         elif name == "SIDECAR_SERVE_PROCESSES":
             raise SettingsError(
                 f"{name}: removed: the sidecar serves with one process per container; scale "
-                "it with replicas (see README, 'Processes')"
+                "it with replicas (see README, 'Running it')"
             )
         else:
             raise SettingsError(f"{name}: unknown setting (see README, 'Configuration')")

@@ -7,7 +7,6 @@ whose body is already a gateway ``BifrostError``.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Iterable
@@ -17,7 +16,8 @@ import msgspec
 from multidict import CIMultiDict
 
 from sidecar import __version__
-from sidecar.errors import Overloaded, UpstreamMalformed, UpstreamTimeout, UpstreamUnavailable
+from sidecar.errors import UpstreamMalformed, UpstreamTimeout, UpstreamUnavailable
+from sidecar.flight import ConnectionSlots
 from sidecar.metrics import Metrics, status_class
 from sidecar.records import Record
 from sidecar.settings import Settings, upstream_base
@@ -107,8 +107,9 @@ class Upstream:
         self._timeout_s = settings.upstream_timeout_s
         # The session's pool, counted here: a call that cannot get a connection in time is the
         # sidecar's own exhaustion (Overloaded), never taken for an upstream failure.
-        self._slots = asyncio.Semaphore(settings.upstream_max_connections)
-        self._slot_wait_s = settings.upstream_connect_timeout_s
+        self._slots = ConnectionSlots(
+            settings.upstream_max_connections, settings.upstream_connect_timeout_s, "upstream"
+        )
         self._base = upstream_base(settings)
         self._metrics = metrics
         self._caller = caller
@@ -131,32 +132,25 @@ class Upstream:
         # A multidict: each header once, exactly as given (the caller's Credential has no
         # duplicates); a dict built from repeated headers would silently keep the last.
         headers = CIMultiDict(credential_headers)
-        try:
-            async with asyncio.timeout(self._slot_wait_s):
-                await self._slots.acquire()
-        except TimeoutError:
-            raise Overloaded(
-                "every upstream connection of this sidecar is in use; try again shortly"
-            ) from None
-        try:
-            # Never a redirect: the caller's credential goes to the configured upstream only.
-            async with self.session.get(url, headers=headers, allow_redirects=False) as response:
-                raw = await response.read()
-                status = response.status
-                retry_after = response.headers.get("Retry-After")
-        except TimeoutError as exc:
-            raise UpstreamTimeout(
-                f"the upstream did not answer within {self._timeout_s:g}s"
-            ) from exc
-        except aiohttp.ClientError as exc:
-            # The exception's text names the upstream's address: logged, never answered.
-            log.info("upstream call for %s failed: %s: %s", provider, type(exc).__name__, exc)
-            raise UpstreamUnavailable(
-                f"the upstream is unreachable ({type(exc).__name__})"
-            ) from exc
-        finally:
-            self._slots.release()
-            self.observe(provider, status, time.perf_counter() - started)
+        async with self._slots.hold():  # Overloaded when none comes free: no call, not counted
+            try:
+                # Never a redirect: the caller's credential goes to the configured upstream only.
+                async with self.session.get(url, headers=headers, allow_redirects=False) as got:
+                    raw = await got.read()
+                    status = got.status
+                    retry_after = got.headers.get("Retry-After")
+            except TimeoutError as exc:
+                raise UpstreamTimeout(
+                    f"the upstream did not answer within {self._timeout_s:g}s"
+                ) from exc
+            except aiohttp.ClientError as exc:
+                # The exception's text names the upstream's address: logged, never answered.
+                log.info("upstream call for %s failed: %s: %s", provider, type(exc).__name__, exc)
+                raise UpstreamUnavailable(
+                    f"the upstream is unreachable ({type(exc).__name__})"
+                ) from exc
+            finally:
+                self.observe(provider, status, time.perf_counter() - started)
         if 300 <= status < 400:
             raise UpstreamMalformed(
                 f"the upstream answered a redirect (HTTP {status}); redirects are not followed"
