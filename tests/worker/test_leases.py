@@ -33,13 +33,14 @@ async def refreshed_within(
 async def test_a_stale_reads_refresh_lost_with_its_worker_is_redone_within_seconds(
     refresh_settings: Any, emulator: Emulator, worker_process: Any
 ) -> None:
-    settings = refresh_settings()
+    # Fresh for 3 s once refreshed: refresh-ahead does not renew it again before the count.
+    settings = refresh_settings(fresh_ttl_s=3.0)
     cid = (await emulator.create(SERVICE_KEY))["id"]
-    record = await cache_container(settings, cid, age_s=1)
+    record = await cache_container(settings, cid, age_s=4)
     first = worker_process(settings)
     await first.ready()
     emulator.state.set_latency(1500)
-    await enqueue_refresh(settings, cid, record.fetched_at_ms + 300)
+    await enqueue_refresh(settings, cid, record.fetched_at_ms + 3000)
     await wait_for(lambda: emulator.retrieves(cid) == 1, 10)  # the call is in flight
     first.process.kill()
     first.process.wait(5)
@@ -54,9 +55,9 @@ async def test_a_stale_reads_refresh_lost_with_its_worker_is_redone_within_secon
 async def test_a_refresh_ahead_batch_lost_with_its_worker_is_redone_within_seconds(
     refresh_settings: Any, emulator: Emulator, worker_process: Any
 ) -> None:
-    settings = refresh_settings(fresh_ttl_s=2.0)
+    settings = refresh_settings(fresh_ttl_s=4.0)  # renewed again no sooner than 2.7 s later
     ids = [(await emulator.create(SERVICE_KEY))["id"] for _ in range(5)]
-    records = [await cache_container(settings, cid, age_s=1.9, read=True) for cid in ids]
+    records = [await cache_container(settings, cid, age_s=3.9, read=True) for cid in ids]
     emulator.state.set_latency(1500)
     first = worker_process(settings)  # plans the renewals at its first tick, then calls
     await wait_for(lambda: all(emulator.retrieves(cid) == 1 for cid in ids), 10)
