@@ -11,7 +11,8 @@ call to the last, on each path:
   plans them all at its first tick and renews them with batch jobs (one job, 100 containers).
   (The table's CPU is the worker's; the emulator and Redis share the machine: on a machine that
   is busy with other work, their answers slow down and so does the rate.)
-- ``single``: a stale read's. One queued refresh job per container.
+- ``single``: a stale read's. Each container claimed and queued as a batch of one, as a sidecar
+  does on a stale read.
 
 At 50 ms a call, 3,000 refreshes a second need 150 calls in flight: more than the default
 connection pool (``SIDECAR_UPSTREAM_MAX_CONNECTIONS``, 100), hence ``--connections``.
@@ -41,8 +42,9 @@ from bench.common import (
     worker_process,
 )  # fmt: skip
 from sidecar.keys import KeySpace
+from sidecar.metrics import Metrics
 from sidecar.policy import Policy
-from sidecar.queue import enqueue_refresh_job, queue_redis_settings
+from sidecar.queue import Batch, enqueue_batch, queue_redis_settings, refresh_stale
 from sidecar.records import Record
 from sidecar.settings import load_settings
 from sidecar.store import Breaker, CacheStore
@@ -51,7 +53,8 @@ KEY = "sk-bf-bench-service"
 
 
 async def prepare(redis_url: str, ids: list[str], path: str) -> None:
-    """Stale records for every container: read recently (batch), or each with a job (single)."""
+    """Stale records for every container: read recently (batch), or each with a stale read's
+    job (single)."""
     import redis.asyncio as aioredis
 
     settings = load_settings({}, redis_url=redis_url, upstream_kind="openai")
@@ -71,8 +74,14 @@ async def prepare(redis_url: str, ids: list[str], path: str) -> None:
     if path == "single":
         pool = await create_pool(queue_redis_settings(settings))
         due_ms = old + int(settings.fresh_ttl_s * 1000)
+        metrics = Metrics("bench")
+
+        async def enqueue(batch: Batch, carrier: object) -> bool:
+            await enqueue_batch(pool, settings, batch)
+            return True
+
         for cid in ids:
-            await enqueue_refresh_job(pool, settings, "openai", cid, due_ms)
+            await refresh_stale(store, settings, metrics, enqueue, ("openai", cid, due_ms))
         await pool.aclose()
     await store.close()
     await client.aclose()

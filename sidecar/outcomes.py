@@ -60,8 +60,9 @@ class Outcome(msgspec.Struct, frozen=True, gc=False):
 class Refresher(Protocol):
     """Schedules background refreshes (the arq queue); absent when there is no service key."""
 
-    async def enqueue_refresh(self, provider: str, container_id: str, due_ms: int) -> None:
-        """Ask a worker to refresh a container whose freshness ended at ``due_ms``."""
+    async def refresh_stale(self, store: Any, renewal: tuple[str, str, int]) -> None:
+        """Have a worker renew ``(provider, container_id, due_ms)``, read stale (``store``: the
+        cache store, where the renewal is claimed)."""
 
     async def backlog(self) -> int | None:
         """Refresh jobs waiting, if known."""

@@ -1,10 +1,11 @@
-"""The refresh queue: job names (defined once), how to enqueue, and the backlog.
+"""The refresh queue: its one job (a batch of claimed renewals), how to enqueue it, the backlog.
 
-The sidecar only enqueues; the workers (``worker/``) run the jobs. A stale read asks for a job
-of its container's own (at most one at a time: arq ``_job_id``, results not kept; each process
-sends at most one enqueue per container per second), so a thousand stale reads make one job.
-Refresh-ahead (in the workers) renews many containers with one batch job. The queue holds
-refresh jobs only, so its backlog is a count of them.
+Every refresh is a renewal in the due set (``store.py``): whoever plans it claims the container's
+entry there first (refresh-ahead a whole tick's worth, a stale read its own container), then
+queues one ``refresh_batch`` job for the workers (``worker/``). The claim is the one guard against
+a refresh running twice, and a lease: the running batch renews it, and a claim whose batch died
+lapses within seconds, when refresh-ahead plans the container again. The queue holds refresh
+jobs only, so its backlog is a count of them.
 """
 
 from __future__ import annotations
@@ -14,49 +15,59 @@ import dataclasses
 import logging
 import secrets
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, NamedTuple
 
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from redis.exceptions import RedisError
 
 from sidecar import tracing
 from sidecar.connections import close_redis, parse_sentinel_url
+from sidecar.errors import StoreUnavailable
 from sidecar.metrics import Metrics
 from sidecar.settings import Settings, SettingsError
+from sidecar.store import CacheStore, now_ms
 
 __all__ = [
-    "BATCH_JOB_PREFIX",
     "POLL_S",
     "REFRESH_BATCH_JOB",
-    "REFRESH_JOB",
     "ArqRefresher",
+    "Batch",
     "Renewal",
+    "claim_ms",
     "create_queue_pool",
-    "enqueue_refresh_batch",
-    "enqueue_refresh_job",
+    "enqueue_batch",
     "queue_redis_settings",
     "refresh_backlog",
-    "refresh_job_id",
+    "refresh_stale",
 ]
 
 log = logging.getLogger(__name__)
 
-REFRESH_JOB = "refresh_container"
 REFRESH_BATCH_JOB = "refresh_batch"
-_ENQUEUE_DEDUP_S = 1.0
 #: How often a worker polls the queue (arq's ``poll_delay``); a batch is enqueued this much early.
 POLL_S = 0.05
-#: The job id prefix of batch jobs (workers recognise them by it).
-BATCH_JOB_PREFIX = "refresh-batch:"
 
-#: One renewal of a batch: ``(provider, container_id, due_ms)``, plain data for arq's pickle.
+#: One renewal: ``(provider, container_id, due_ms)``, due when the record read goes stale; plain
+#: data for arq's pickle.
 Renewal = tuple[str, str, int]
 
 
-def refresh_job_id(provider: str, container_id: str) -> str:
-    """The one job id a container's refresh has while it is queued or running."""
-    return f"refresh:{provider}:{container_id}"
+class Batch(NamedTuple):
+    """One ``refresh_batch`` job: renewals each made ``lead_ms`` before it goes stale (the first
+    at ``start_ms``, unix ms), their claims held until ``held_until_ms``."""
+
+    start_ms: int
+    lead_ms: int
+    renewals: list[Renewal]
+    held_until_ms: int
+
+
+def claim_ms(settings: Settings) -> int:
+    """How long a claim holds: two seconds past refresh-ahead's planning horizon (a tick and a
+    lead ahead), so that a batch's start, and each renewal by the running batch (every second),
+    comes before it lapses."""
+    return int((settings.refresh_tick_s + settings.refresh_lead_s + 2) * 1000)
 
 
 def queue_redis_settings(settings: Settings) -> RedisSettings:
@@ -86,62 +97,50 @@ def queue_redis_settings(settings: Settings) -> RedisSettings:
     )
 
 
-async def enqueue_refresh_job(
-    pool: ArqRedis,
-    settings: Settings,
-    provider: str,
-    container_id: str,
-    due_ms: int,
-    delay_s: float = 0.0,
-    job_try: int | None = None,
-    carrier: Mapping[str, str] | None = None,
-) -> bool:
-    """Queue a container's refresh unless one is queued or running; True when queued.
-
-    ``job_try`` above 1 hands the job a renewal a batch started (and claimed) but could not
-    finish: it retries without claiming again. ``carrier`` is the trace context of the request
-    that asked (the job's trace links to it).
-    """
-    traced: dict[str, Any] = {"carrier": dict(carrier)} if carrier else {}
-    job = await pool.enqueue_job(
-        REFRESH_JOB,
-        provider,
-        container_id,
-        due_ms,
-        **traced,
-        _job_id=refresh_job_id(provider, container_id),
-        _queue_name=settings.queue_name,
-        _defer_by=delay_s or None,
-        # A refresh nobody ran in time is no longer worth running: stale reads enqueue anew.
-        _expires=delay_s + max(settings.max_stale_s, 30.0),
-        _job_try=job_try,
-    )
-    return job is not None
-
-
-async def enqueue_refresh_batch(
-    pool: ArqRedis,
-    settings: Settings,
-    renewals: Sequence[Renewal],
-    start_ms: int,
-    lead_ms: int,
-    *,
-    expires_s: float,
+async def enqueue_batch(
+    pool: ArqRedis, settings: Settings, batch: Batch, carrier: Mapping[str, str] | None = None
 ) -> None:
-    """Queue one job renewing ``renewals`` (each ``lead_ms`` before it goes stale, the first at
-    ``start_ms``, unix ms), dropped if not started within ``expires_s`` (refresh-ahead plans
-    the renewals again by then)."""
+    """Queue one ``refresh_batch`` job; ``carrier`` is the trace context of the request that
+    asked (the job's trace links to it). A job nobody started before its claims lapsed is
+    dropped: the renewals are planned again by then."""
     # Workers poll the queue every 50 ms: the job starts that much early, its renewals on time.
-    delay_s = max(0.0, start_ms / 1000 - time.time() - POLL_S)
+    delay_s = max(0.0, batch.start_ms / 1000 - time.time() - POLL_S)
+    traced: dict[str, Any] = {"carrier": dict(carrier)} if carrier else {}
     await pool.enqueue_job(
         REFRESH_BATCH_JOB,
-        list(renewals),
-        lead_ms,
-        _job_id=f"{BATCH_JOB_PREFIX}{secrets.token_hex(8)}",
+        batch.renewals,
+        batch.lead_ms,
+        batch.held_until_ms,
+        **traced,
+        _job_id=f"refresh:{secrets.token_hex(8)}",
         _queue_name=settings.queue_name,
         _defer_by=delay_s or None,
-        _expires=delay_s + expires_s,
+        _expires=max(1.0, batch.held_until_ms / 1000 - time.time()),
     )
+
+
+async def refresh_stale(
+    store: CacheStore,
+    settings: Settings,
+    metrics: Metrics,
+    enqueue: Callable[[Batch, Mapping[str, str] | None], Awaitable[bool]],
+    renewal: Renewal,
+) -> None:
+    """A stale read's refresh: claim the container's due entry, then queue a batch of one
+    (linked to the reading request's trace). Another refresh holding the claim, or one that
+    made the entry fresh meanwhile, makes this one a duplicate."""
+    provider, container_id, due_ms = renewal
+    now = now_ms()
+    until = now + claim_ms(settings)
+    try:
+        claimed = await store.claim_refresh(provider, container_id, due_ms, until)
+    except StoreUnavailable:
+        return
+    if not claimed:
+        metrics.refresh_jobs.labels("deduplicated").inc()
+        return
+    if await enqueue(Batch(now, 0, [renewal], until), tracing.current_carrier()):
+        metrics.refresh_jobs.labels("enqueued").inc()
 
 
 async def refresh_backlog(pool: ArqRedis, settings: Settings) -> int:
@@ -155,7 +154,7 @@ async def create_queue_pool(settings: Settings) -> ArqRedis:
 
 
 class ArqRefresher:
-    """Enqueues refresh jobs for the workers; connects to the queue on first use.
+    """Queues refresh batches for the workers; connects to the queue on first use.
 
     A queue that cannot be reached costs nothing but the refresh: stale entries keep being
     served (and revalidated once they leave the stale window), and the outage is logged once.
@@ -163,11 +162,10 @@ class ArqRefresher:
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self._settings = settings
-        self._jobs = metrics.refresh_jobs
+        self._metrics = metrics
         self._pool: ArqRedis | None = None
         self._retry_at = 0.0
         self._connecting = asyncio.Lock()
-        self._recent: dict[tuple[str, str], float] = {}
 
     async def close(self) -> None:
         """Close the queue connection."""
@@ -196,25 +194,18 @@ class ArqRefresher:
                     log.warning("refresh queue unreachable (%s); retrying in 5s", exc)
         return self._pool
 
-    async def enqueue_refresh(self, provider: str, container_id: str, due_ms: int) -> None:
-        """Ask a worker to refresh a container whose freshness ends at ``due_ms``."""
-        now = time.monotonic()
-        key = (provider, container_id)
-        if self._recent.get(key, 0.0) > now:
-            self._jobs.labels("deduplicated").inc()
-            return
-        if len(self._recent) > 10_000:
-            self._recent = {k: v for k, v in self._recent.items() if v > now}
-        self._recent[key] = now + _ENQUEUE_DEDUP_S
+    async def enqueue(self, batch: Batch, carrier: Mapping[str, str] | None = None) -> bool:
+        """Queue a batch; False when the queue cannot be reached (its claims lapse)."""
         pool = await self._queue()
         if pool is None:
-            return
+            return False
         try:
-            queued = await enqueue_refresh_job(
-                pool, self._settings, provider, container_id, due_ms,
-                carrier=tracing.current_carrier(),
-            )  # fmt: skip
+            await enqueue_batch(pool, self._settings, batch, carrier)
         except (OSError, RedisError) as exc:
-            log.debug("enqueue of %s/%s failed: %s", provider, container_id, exc)
-            return
-        self._jobs.labels("enqueued" if queued else "deduplicated").inc()
+            log.debug("enqueue of a refresh batch failed: %s", exc)
+            return False
+        return True
+
+    async def refresh_stale(self, store: CacheStore, renewal: Renewal) -> None:
+        """Claim a stale read's renewal and queue it (:func:`refresh_stale`)."""
+        await refresh_stale(store, self._settings, self._metrics, self.enqueue, renewal)

@@ -240,7 +240,7 @@ class ContainerService:
         """Ask for a background refresh, without waiting; a slow queue only loses refreshes."""
         if len(self._background) >= _MAX_BACKGROUND or self.refresher is None:
             return
-        enqueue = self.refresher.enqueue_refresh(provider, container_id, due_ms)
+        enqueue = self.refresher.refresh_stale(self.store, (provider, container_id, due_ms))
         self._background.spawn(asyncio.wait_for(enqueue, _ENQUEUE_TIMEOUT_S))
 
     async def _fetch(

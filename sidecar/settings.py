@@ -7,6 +7,7 @@ the variable. Secrets are wrapped in :class:`Secret`, whose repr never shows the
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -180,8 +181,6 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Back-off after a 429 without Retry-After."""
     retry_after_max_s: Seconds = 120.0
     """The longest wait an upstream's ``Retry-After`` may impose (longer ones are cut to it)."""
-    refresh_max_tries: Positive = 4
-    """Attempts of one refresh job on 5xx or timeouts (exponential back-off with jitter)."""
     worker_max_jobs: Positive = 500
     """Concurrent jobs per worker process."""
     worker_metrics_port: Port = 9090
@@ -258,6 +257,10 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Set
             name.endswith("_PORT") and value.startswith(("tcp://", "udp://", "sctp://"))
         ):
             continue
+        elif name == "SIDECAR_REFRESH_MAX_TRIES":
+            # Harmless to leave set: a failed refresh is now retried after the fleet-wide
+            # back-off for as long as callers read the container.
+            logging.getLogger("sidecar").warning("%s: no longer used (ignored)", name)
         elif name == "SIDECAR_SERVE_PROCESSES":
             raise SettingsError(
                 f"{name}: removed: the sidecar serves with one process per container; scale "

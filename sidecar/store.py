@@ -664,9 +664,9 @@ class CacheStore:
             await self.call(op)
 
     async def claim_due(self, entries: list[tuple[str, int]], until_ms: int) -> list[str]:
-        """Claim due-set members still due when they were read (``(member, due_ms)``): they
-        become due at ``until_ms`` (read marks kept). The members claimed (the others changed
-        meanwhile)."""
+        """Claim due-set members whose due time is still the one given (``(member, due_ms)``):
+        they become due at ``until_ms`` (read marks kept). The members claimed (the others
+        changed meanwhile). A claim is renewed the same way, from its expiry."""
         claim = self._script(
             "claim_due",
             _DUE_LUA
@@ -695,24 +695,27 @@ class CacheStore:
     async def claim_refresh(
         self, provider: str, container_id: str, due_ms: int, until_ms: int
     ) -> bool:
-        """Claim a container's due entry for a refresh unless another refresh holds it (its
-        score is past ``due_ms``, when the record read goes stale, and past now: a claim that
-        lapsed holds nothing); True when this refresh may go ahead."""
+        """Claim a container's due entry until ``until_ms`` for a stale read's refresh, unless
+        another refresh holds it or made it fresh (its score is past ``due_ms``, when the record
+        read goes stale, and past now: a claim that lapsed holds nothing). The entry is marked
+        read now (added if it was not there), so that refresh-ahead plans it again should this
+        refresh be lost. True when this refresh may go ahead."""
         claim = self._script(
             "claim_refresh",
             _DUE_LUA
             + """
             local score = redis.call('zscore', KEYS[1], ARGV[1])
-            if not score then return 1 end
-            score = tonumber(score)
-            local mark = score % marks
-            local held = (score - mark) / marks
-            if held > tonumber(ARGV[2]) and held > tonumber(ARGV[4]) then return 0 end
-            redis.call('zadd', KEYS[1], tonumber(ARGV[3]) * marks + mark, ARGV[1])
+            if score then
+              score = tonumber(score)
+              local held = (score - score % marks) / marks
+              if held > tonumber(ARGV[2]) and held > tonumber(ARGV[4]) then return 0 end
+            end
+            redis.call('zadd', KEYS[1], tonumber(ARGV[3]) * marks + tonumber(ARGV[5]), ARGV[1])
             return 1
             """,
         )
-        args = [member(provider, container_id), due_ms, until_ms, now_ms()]
+        now = now_ms()
+        args = [member(provider, container_id), due_ms, until_ms, now, read_mark(now)]
         return bool(await self.call(lambda: claim(keys=[self.keys.due], args=args)))
 
     async def hand_over(self, read: bytes, record: Record) -> bool:

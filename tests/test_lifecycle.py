@@ -1,4 +1,4 @@
-"""Real processes: the worker and the sidecar stop gracefully; a crashed worker's job is redone."""
+"""Real processes: the worker and the sidecar stop gracefully; a crashed worker's refresh is redone."""
 
 from __future__ import annotations
 
@@ -9,18 +9,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import aiohttp
-from arq.connections import create_pool
 
-from sidecar.queue import enqueue_refresh_job, queue_redis_settings
-from sidecar.settings import load_settings
+from sidecar.settings import Settings, load_settings
 from tests.conftest import Emulator, free_port
-from tests.support import AUTH_A, KEY_A, get, wait_for
+from tests.support import KEY_A, get, request_refresh, wait_for
+from tests.worker.conftest import cache_container, cached
 
 BIN = Path(sys.executable).parent
-FAR_FUTURE_MS = 2**62
 
 
 def env_for(redis_url: str, emulator: Emulator, **extra: str) -> dict[str, str]:
@@ -48,66 +45,59 @@ def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     return spawn([str(BIN / "sidecar-worker")], env, log)
 
 
-async def enqueue_refresh(redis_url: str, cid: str) -> None:
+async def stale_container(emulator: Emulator, redis_url: str) -> tuple[Settings, str]:
+    """A container cached stale whose refresh is asked for (claimed and queued, as a stale read
+    does); the upstream has it expired since, which the refresh must pick up."""
     settings = load_settings({}, redis_url=redis_url, queue_name="test:queue",
                              upstream_kind="openai")  # fmt: skip
-    pool = await create_pool(queue_redis_settings(settings))
-    assert await enqueue_refresh_job(pool, settings, "openai", cid, FAR_FUTURE_MS)
-    await pool.aclose()
-
-
-async def cached_container(sidecar: Any, emulator: Emulator, http: aiohttp.ClientSession) -> str:
     cid = (await emulator.create(KEY_A))["id"]
-    await get(http, f"{sidecar.url}/openai/v1/containers/{cid}")
-    emulator.state.update_container(cid, status="expired")  # what the refresh must pick up
-    return cid
+    record = await cache_container(settings, cid, age_s=settings.fresh_ttl_s + 1)
+    emulator.state.update_container(cid, status="expired")
+    due_ms = record.fetched_at_ms + int(settings.fresh_ttl_s * 1000)
+    assert await request_refresh(settings, cid, due_ms)
+    return settings, cid
+
+
+async def expired_in_cache(settings: Settings, cid: str) -> bool:
+    record = await cached(settings, cid)
+    return record is not None and record.status == "expired"
 
 
 async def test_sigterm_lets_the_running_refresh_finish_and_exits_0(
-    sidecar: Any, emulator: Emulator, http: aiohttp.ClientSession, redis_url: str, tmp_path: Path
+    emulator: Emulator, redis_url: str, tmp_path: Path
 ) -> None:
-    cid = await cached_container(sidecar, emulator, http)
+    settings, cid = await stale_container(emulator, redis_url)
     emulator.state.set_latency(800)
     worker = start_worker(env_for(redis_url, emulator), tmp_path / "worker.log")
     try:
-        await enqueue_refresh(redis_url, cid)
-        await wait_for(lambda: emulator.retrieves(cid) == 2, 15)  # the refresh is in flight
+        await wait_for(lambda: emulator.retrieves(cid) == 1, 15)  # the refresh is in flight
         worker.send_signal(signal.SIGTERM)
         code = await asyncio.to_thread(worker.wait, 10)
     finally:
         worker.kill()
     assert code == 0, (tmp_path / "worker.log").read_text()[-3000:]
-    emulator.state.set_latency(0)
-    _, body, _ = await get(http, f"{sidecar.url}/openai/v1/containers/{cid}",
-                           {**AUTH_A, "Cache-Control": "only-if-cached"})  # fmt: skip
-    assert body["status"] == "expired"  # written by the refresh that SIGTERM let finish
+    assert await expired_in_cache(settings, cid)  # written by the refresh SIGTERM let finish
 
 
-async def test_a_job_whose_worker_was_killed_is_redone_by_another(
-    sidecar: Any, emulator: Emulator, http: aiohttp.ClientSession, redis_url: str, tmp_path: Path
+async def test_a_refresh_whose_worker_was_killed_is_redone_by_another(
+    emulator: Emulator, redis_url: str, tmp_path: Path
 ) -> None:
-    cid = await cached_container(sidecar, emulator, http)
+    settings, cid = await stale_container(emulator, redis_url)
     emulator.state.set_latency(700)
     env = env_for(redis_url, emulator, SIDECAR_UPSTREAM_TIMEOUT_S="0.8")
     first = start_worker(env, tmp_path / "first.log")
     second = None
     try:
-        await enqueue_refresh(redis_url, cid)
-        await wait_for(lambda: emulator.retrieves(cid) == 2, 15)
+        await wait_for(lambda: emulator.retrieves(cid) == 1, 15)
         first.kill()  # mid-call: its answer is never written
         await asyncio.to_thread(first.wait, 5)
         emulator.state.set_latency(0)
         second = start_worker({**env, "SIDECAR_WORKER_METRICS_PORT": str(free_port())},
                               tmp_path / "second.log")  # fmt: skip
-        await wait_for(lambda: emulator.retrieves(cid) == 3, 40)
-        url = f"{sidecar.url}/openai/v1/containers/{cid}"
-        headers = {**AUTH_A, "Cache-Control": "only-if-cached"}
-
-        async def refreshed() -> bool:
-            return (await get(http, url, headers))[1].get("status") == "expired"
-
+        # Its claim lapses unrenewed, and the second worker's refresh-ahead plans it again.
+        await wait_for(lambda: emulator.retrieves(cid) == 2, 20)
         deadline = time.monotonic() + 5
-        while not await refreshed():
+        while not await expired_in_cache(settings, cid):
             assert time.monotonic() < deadline
             await asyncio.sleep(0.05)
     finally:

@@ -3,8 +3,9 @@
 Every ``SIDECAR_REFRESH_TICK_S`` (on the wall clock's tick boundaries) one worker of the fleet
 takes the tick (``SET NX`` on the queue's Redis) and plans: the entries read within the hot
 window whose freshness ends before the next tick, each claimed in the due set (so no other plan
-or stale-read job takes it), grouped by when each should be renewed into batch jobs. Any worker
-runs the batches. It is quiet: nothing is logged unless something goes wrong.
+or stale read's refresh takes it), grouped by when each should be renewed into batch jobs. Any
+worker runs the batches. A renewal whose batch was lost is planned again once its claim lapses.
+It is quiet: nothing is logged unless something goes wrong.
 
 A renewal starts as late as the upstream's recent call times allow (``RefreshRunner.lead_ms``,
 at most ``SIDECAR_REFRESH_LEAD_S`` before the entry goes stale): each early call shortens the
@@ -24,23 +25,18 @@ from typing import Any
 from sidecar.errors import StoreUnavailable
 from sidecar.keys import member
 from sidecar.metrics import Metrics
-from sidecar.queue import Renewal
+from sidecar.queue import Batch, Renewal, claim_ms
 from sidecar.settings import Settings
 from sidecar.store import REDIS_ERRORS, CacheStore, now_ms
 from sidecar.throttle import Throttle
-from worker.refresh import claim_ms
 
-__all__ = ["BATCH_SIZE", "Batch", "RefreshPlanner", "run_refresh_ahead"]
+__all__ = ["BATCH_SIZE", "RefreshPlanner", "run_refresh_ahead"]
 
 log = logging.getLogger(__name__)
 
 #: Renewals per batch job, and how far apart their start times may be.
 BATCH_SIZE = 100
 BATCH_SPAN_MS = 250
-
-#: ``(start_ms, lead_ms, renewals)``: one batch job, its renewals each ``lead_ms`` before their
-#: entry goes stale, the first at ``start_ms``.
-Batch = tuple[int, int, list[Renewal]]
 
 
 class RefreshPlanner:
@@ -78,7 +74,8 @@ class RefreshPlanner:
             # Rate limited providers are renewed once the back-off is over (stale meanwhile).
             wanted = [(p, c, d) for p, c, d in due if p not in throttled]
             names = [(member(p, c), d) for p, c, d in wanted]
-            claimed = set(await self.store.claim_due(names, now + self.claim_ms) if names else ())
+            until = now + self.claim_ms
+            claimed = set(await self.store.claim_due(names, until) if names else ())
         except StoreUnavailable:
             return [], 0
         starts = [
@@ -87,17 +84,21 @@ class RefreshPlanner:
             if member(provider, container_id) in claimed
         ]
         starts.sort()
-        return batches(starts, lead_ms), len(wanted) - len(claimed)
+        return batches(starts, lead_ms, until), len(wanted) - len(claimed)
 
 
-def batches(starts: Sequence[tuple[int, Renewal]], lead_ms: int) -> list[Batch]:
-    """Renewals sorted by start time, cut into batches of at most ``BATCH_SIZE`` renewals
-    starting within ``BATCH_SPAN_MS`` of each other."""
+def batches(starts: Sequence[tuple[int, Renewal]], lead_ms: int, until_ms: int) -> list[Batch]:
+    """Renewals sorted by start time (claimed until ``until_ms``), cut into batches of at most
+    ``BATCH_SIZE`` renewals starting within ``BATCH_SPAN_MS`` of each other."""
     out: list[Batch] = []
     for start, renewal in starts:
-        if not out or len(out[-1][2]) >= BATCH_SIZE or start - out[-1][0] > BATCH_SPAN_MS:
-            out.append((start, lead_ms, []))
-        out[-1][2].append(renewal)
+        if (
+            not out
+            or len(out[-1].renewals) >= BATCH_SIZE
+            or start - out[-1].start_ms > BATCH_SPAN_MS
+        ):
+            out.append(Batch(start, lead_ms, [], until_ms))
+        out[-1].renewals.append(renewal)
     return out
 
 
@@ -120,7 +121,7 @@ async def run_refresh_ahead(
                 plan, held = await planner.plan()
                 jobs.labels("deduplicated").inc(held)
                 await asyncio.gather(*(enqueue(batch) for batch in plan))
-                jobs.labels("enqueued").inc(sum(len(renewals) for _, _, renewals in plan))
+                jobs.labels("enqueued").inc(sum(len(batch.renewals) for batch in plan))
         except REDIS_ERRORS as exc:
             # The queue is unreachable: the worker's poll loop says so; the claims lapse.
             log.debug("refresh-ahead skipped a tick: %s: %s", type(exc).__name__, exc)

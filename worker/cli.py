@@ -5,21 +5,33 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from arq.worker import async_check_health
 
 from sidecar import __version__, tracing
 from sidecar.logs import configure_logging
 from sidecar.queue import queue_redis_settings
-from sidecar.settings import SettingsError, load_settings
-from worker.main import create_worker
-from worker.queue_worker import QuietJobStarts
+from sidecar.settings import Settings, SettingsError, load_settings
+from worker.main import run_worker
 
 __all__ = ["main"]
 
 log = logging.getLogger("worker")
+
+
+class QuietJobStarts(logging.Filter):
+    """Drops arq's job-start lines (``→ job(...)``): the end line says what happened and how
+    long it took, one line a job. Kept at DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """False for a job-start line, unless DEBUG logging is on."""
+        if record.levelno == logging.INFO and str(record.msg).startswith("%6.2fs → "):
+            return logging.getLogger("worker").isEnabledFor(logging.DEBUG)
+        return True
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,23 +76,32 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    _use_uvloop()
     if tracing.setup_tracing(tracing.WORKER_SERVICE):
         tracing.instrument_redis()
     try:
-        create_worker(settings, burst=args.burst).run()
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(_run(settings, args.burst))
     finally:
         tracing.shutdown_tracing()
     return 0
 
 
-def _use_uvloop() -> None:
-    """Run on uvloop where it is installed (a third less CPU a refresh)."""
+async def _run(settings: Settings, burst: bool) -> None:
+    """Run the worker until SIGTERM or SIGINT, then stop gracefully."""
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    await run_worker(settings, burst=burst, stopping=stopping)
+
+
+def _loop_factory() -> Any:
+    """uvloop where it is installed (a third less CPU a refresh)."""
     try:
         import uvloop
     except ImportError:  # pragma: no cover
-        return
-    asyncio.set_event_loop(uvloop.new_event_loop())
+        return None
+    return uvloop.new_event_loop
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,27 +1,27 @@
 """The workers' jobs inside the sidecar process, for the embedded default (no Redis server).
 
-The same refresh and refresh-ahead code as the arq worker runs here on asyncio tasks: arq itself
-needs a real Redis server, which the embedded store is not.
+The same refresh path as the arq worker runs here on asyncio tasks (arq itself needs a real Redis
+server, which the embedded store is not): refresh-ahead plans claimed batches, a stale read
+claims a batch of its own, and each batch runs as a task.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
 
 from sidecar import tracing
-from sidecar.errors import StoreUnavailable
 from sidecar.flight import BackgroundTasks
 from sidecar.metrics import Metrics
-from sidecar.queue import REFRESH_JOB
+from sidecar.queue import REFRESH_BATCH_JOB, Batch, Renewal, refresh_stale
 from sidecar.settings import Settings
-from sidecar.store import now_ms
-from worker.ahead import Batch, run_refresh_ahead
+from sidecar.store import CacheStore, now_ms
+from worker.ahead import run_refresh_ahead
 from worker.main import WorkerDeps, build_deps
-from worker.refresh import RetryLater
 
 __all__ = ["EmbeddedWorker", "start_embedded_worker"]
 
@@ -29,90 +29,55 @@ log = logging.getLogger(__name__)
 
 
 class EmbeddedWorker:
-    """Runs refreshes in-process, one at a time per container, with the arq worker's retries."""
+    """Runs refresh batches in-process."""
 
     def __init__(self, deps: WorkerDeps) -> None:
         self._deps = deps
         self._tasks = BackgroundTasks()
-        self._queued: set[tuple[str, str]] = set()
+        self._running = 0
 
     def start(self) -> None:
         """Start refresh-ahead."""
         deps = self._deps
         self._tasks.spawn(
-            run_refresh_ahead(deps.settings, deps.planner, deps.metrics, deps.redis, self._batch)
+            run_refresh_ahead(deps.settings, deps.planner, deps.metrics, deps.redis, self.enqueue)
         )
 
     async def close(self) -> None:
-        """Stop refresh-ahead and the refreshes still running; finish the saves under way."""
+        """Stop refresh-ahead and the batches still running; finish the saves under way."""
         await self._tasks.close()
         await self._deps.runner.close()
         await self._deps.store.close()
 
     async def backlog(self) -> int | None:
-        """Refreshes queued or running in this process."""
-        return len(self._queued)
+        """Batches waiting or running in this process."""
+        return self._running
 
-    async def enqueue_refresh(
-        self, provider: str, container_id: str, due_ms: int, delay_s: float = 0.0
-    ) -> None:
-        """Refresh a container (unless one is already queued for it)."""
-        await self._enqueue(provider, container_id, due_ms, delay_s, 1)
+    async def refresh_stale(self, store: CacheStore, renewal: Renewal) -> None:
+        """Claim a stale read's renewal and run it (``sidecar.queue.refresh_stale``)."""
+        deps = self._deps
+        await refresh_stale(store, deps.settings, deps.metrics, self.enqueue, renewal)
 
-    async def _enqueue(
-        self, provider: str, container_id: str, due_ms: int, delay_s: float, attempt: int
-    ) -> bool:
-        key = (provider, container_id)
-        jobs = self._deps.metrics.refresh_jobs
-        if key in self._queued:
-            jobs.labels("deduplicated").inc()
-            return False
-        jobs.labels("enqueued").inc()
-        self._queued.add(key)
-        self._tasks.spawn(self._refresh(key, due_ms, delay_s, attempt))
+    async def enqueue(self, batch: Batch, carrier: Mapping[str, str] | None = None) -> bool:
+        """Run a batch in a task of its own, from its start time."""
+        self._running += 1
+        self._tasks.spawn(self._run(batch, carrier))
         return True
 
-    async def _refresh(
-        self, key: tuple[str, str], due_ms: int, delay_s: float, first_attempt: int
-    ) -> None:
-        # The task was made by the request that asked: its trace context is the one to link.
-        attributes = {"bifrost.provider": key[0], "bifrost.container_id": key[1]}
-        with tracing.job_span(REFRESH_JOB, tracing.current_carrier(), attributes):
-            await self._run_refresh(key, due_ms, delay_s, first_attempt)
-
-    async def _run_refresh(
-        self, key: tuple[str, str], due_ms: int, delay_s: float, first_attempt: int
-    ) -> None:
+    async def _run(self, batch: Batch, carrier: Mapping[str, str] | None) -> None:
         try:
-            await asyncio.sleep(delay_s)
+            await asyncio.sleep(max(0.0, (batch.start_ms - now_ms()) / 1000))
             deps = self._deps
-            for attempt in range(first_attempt, deps.settings.refresh_max_tries + 1):
-                try:
-                    deps.count(await deps.runner.refresh(*key, due_ms, attempt))
-                    return
-                except RetryLater as exc:
-                    deps.metrics.refresh_jobs.labels("retried").inc()
-                    await asyncio.sleep(exc.delay_s)
-                except StoreUnavailable:
-                    deps.count("store-unavailable")
-                    return
-            deps.count("failed")
+            with tracing.job_span(
+                REFRESH_BATCH_JOB, carrier, {"bifrost.renewals": len(batch.renewals)}
+            ):
+                results = await deps.runner.refresh_batch(
+                    batch.renewals, batch.lead_ms, batch.held_until_ms
+                )
+            for result, times in results.items():
+                deps.count(result, times)
         finally:
-            self._queued.discard(key)
-
-    async def _batch(self, batch: Batch) -> None:
-        self._tasks.spawn(self._run_batch(batch))
-
-    async def _run_batch(self, batch: Batch) -> None:
-        start_ms, lead_ms, renewals = batch
-        await asyncio.sleep(max(0.0, (start_ms - now_ms()) / 1000))
-        deps = self._deps
-        outcome = await deps.runner.refresh_batch(renewals, lead_ms)
-        for result, times in outcome.results.items():
-            deps.count(result, times)
-        for (provider, container_id, due_ms), delay_s in outcome.retry:
-            if not await self._enqueue(provider, container_id, due_ms, delay_s, 2):
-                await deps.runner.writes.give_back(provider, container_id, due_ms)
+            self._running -= 1
 
 
 def start_embedded_worker(

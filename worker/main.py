@@ -1,16 +1,17 @@
-"""The arq worker: refresh jobs, refresh-ahead, and the resources they share."""
+"""The arq worker: the refresh job, refresh-ahead, and the resources they share."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import signal
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-from arq import Retry
-from arq.worker import func
+from arq.worker import Worker, func
 
 from sidecar import tracing
 from sidecar.connections import close_redis, create_redis
@@ -20,10 +21,10 @@ from sidecar.metrics import Metrics
 from sidecar.queue import (
     POLL_S,
     REFRESH_BATCH_JOB,
-    REFRESH_JOB,
+    Batch,
     Renewal,
-    enqueue_refresh_batch,
-    enqueue_refresh_job,
+    create_queue_pool,
+    enqueue_batch,
     queue_redis_settings,
 )
 from sidecar.reads import flush_every
@@ -31,22 +32,50 @@ from sidecar.settings import Settings
 from sidecar.stats import FleetStats
 from sidecar.store import REDIS_ERRORS, Breaker, CacheStore
 from sidecar.upstream import Upstream, create_session
-from worker.ahead import Batch, RefreshPlanner, run_refresh_ahead
+from worker.ahead import RefreshPlanner, run_refresh_ahead
 from worker.http import start_worker_http
 from worker.limits import ProviderLimiter
-from worker.queue_worker import QueueWorker
-from worker.refresh import RefreshRunner, RetryLater, event_of
+from worker.refresh import RefreshRunner, event_of, summary
 
 __all__ = [
+    "Outage",
     "WorkerDeps",
     "build_deps",
-    "create_worker",
     "refresh_batch",
-    "refresh_container",
+    "run_worker",
     "worker_options",
 ]
 
 log = logging.getLogger(__name__)
+
+
+class Outage:
+    """An outage of something the worker needs: logged once when it starts and once when it
+    ends; the delay before each retry doubles from ``base_s`` to ``cap_s``."""
+
+    def __init__(self, what: str, base_s: float = 0.1, cap_s: float = 2.0) -> None:
+        self._what = what
+        self._base_s = base_s
+        self._cap_s = cap_s
+        self._since: float | None = None
+        self._delay_s = base_s
+
+    def failed(self, exc: BaseException) -> float:
+        """Note a failure; how long to wait before trying again."""
+        if self._since is None:
+            self._since = time.monotonic()
+            self._delay_s = self._base_s
+            log.warning("%s unreachable (%s: %s): waiting for it, jobs resume when it is back",
+                        self._what, type(exc).__name__, exc)  # fmt: skip
+            return self._delay_s
+        self._delay_s = min(self._cap_s, self._delay_s * 2)
+        return self._delay_s
+
+    def recovered(self) -> None:
+        """Note a success; the end of an outage is logged."""
+        if self._since is not None:
+            log.info("%s reachable again after %.1fs", self._what, time.monotonic() - self._since)
+            self._since = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,100 +133,26 @@ def build_deps(
     )
 
 
-async def refresh_container(
+async def refresh_batch(
     ctx: dict[str, Any],
-    provider: str,
-    container_id: str,
-    due_ms: int,
+    renewals: list[Renewal],
+    lead_ms: int,
+    held_until_ms: int,
     carrier: dict[str, str] | None = None,
 ) -> str:
-    """Job: refresh one container with the service credential (a stale read asked); its trace
-    links to the request's (``carrier``)."""
-    attributes = {"bifrost.provider": provider, "bifrost.container_id": container_id}
-    with tracing.job_span(REFRESH_JOB, carrier, attributes):
-        return await _refresh_container(ctx, provider, container_id, due_ms)
-
-
-async def _refresh_container(
-    ctx: dict[str, Any], provider: str, container_id: str, due_ms: int
-) -> str:
+    """Job: renew claimed containers, each ``lead_ms`` before it goes stale; a stale read's
+    batch carries its request's trace context (``carrier``: the job's trace links to it)."""
     deps: WorkerDeps = ctx["deps"]
-    attempt = int(ctx.get("job_try", 1))
-    try:
-        return deps.count(await deps.runner.refresh(provider, container_id, due_ms, attempt))
-    except StoreUnavailable:
-        return deps.count("store-unavailable")
-    except RetryLater as exc:
-        if attempt >= deps.settings.refresh_max_tries:
-            log.warning("refresh of %s/%s failed %d times: %s", provider, container_id,
-                        attempt, exc)  # fmt: skip
-            return deps.count("failed")
-        deps.metrics.refresh_jobs.labels("retried").inc()
-        raise Retry(defer=exc.delay_s) from exc
-
-
-async def refresh_batch(
-    ctx: dict[str, Any], renewals: list[Renewal], lead_ms: int | None = None
-) -> str:
-    """Job: renew the containers refresh-ahead planned, each ``lead_ms`` before it goes stale;
-    upstream failures are retried by jobs of their own (which take over the renewal's claim)."""
-    deps: WorkerDeps = ctx["deps"]
-    with tracing.job_span("refresh_batch", None, {"bifrost.renewals": len(renewals)}):
-        outcome = await deps.runner.refresh_batch([(p, c, int(d)) for p, c, d in renewals], lead_ms)
-    for result, times in outcome.results.items():
-        deps.count(result, times)
-    for (provider, container_id, due_ms), delay_s in outcome.retry:
-        try:
-            queued = await enqueue_refresh_job(
-                ctx["redis"], deps.settings, provider, container_id, due_ms, delay_s, job_try=2
-            )
-        except REDIS_ERRORS:
-            deps.count("failed")  # the claim goes back once Redis is back (WriteBehind retries)
-            await deps.runner.writes.give_back(provider, container_id, due_ms)
-            continue
-        if queued:
-            deps.metrics.refresh_jobs.labels("retried").inc()
-        else:  # a stale read's job is queued: let it claim the renewal
-            await deps.runner.writes.give_back(provider, container_id, due_ms)
-            deps.metrics.refresh_jobs.labels("deduplicated").inc()
-    return outcome.summary()
-
-
-async def _startup(ctx: dict[str, Any]) -> None:
-    settings: Settings = ctx["settings"]
-    redis = create_redis(settings)
-    session = create_session(settings, tracing.client_trace_configs())
-    deps = build_deps(settings, redis, session, _metrics(settings))
-    ctx["deps"] = deps
-    queue = ctx["redis"]
-    tasks = [
-        asyncio.ensure_future(flush_every(1.0, deps.stats.flush)),
-        asyncio.ensure_future(_remove_retired(deps.store)),
-    ]
-    if ctx.get("refresh_ahead", True):
-
-        async def enqueue(batch: Batch) -> None:
-            start_ms, lead_ms, renewals = batch
-            expires_s = deps.planner.claim_ms / 1000
-            await enqueue_refresh_batch(
-                queue, settings, renewals, start_ms, lead_ms, expires_s=expires_s
-            )
-
-        tasks.append(
-            asyncio.ensure_future(
-                run_refresh_ahead(settings, deps.planner, deps.metrics, queue, enqueue)
-            )
+    attributes: dict[str, Any] = {"bifrost.renewals": len(renewals)}
+    if len(renewals) == 1:
+        attributes |= {"bifrost.provider": renewals[0][0], "bifrost.container_id": renewals[0][1]}
+    with tracing.job_span(REFRESH_BATCH_JOB, carrier, attributes):
+        results = await deps.runner.refresh_batch(
+            [(p, c, int(d)) for p, c, d in renewals], lead_ms, held_until_ms
         )
-    ctx["tasks"] = tasks
-    ctx["http"] = await start_worker_http(deps, queue)
-    log.info(
-        "worker ready: queue %r, %d concurrent jobs, refresh-ahead every %ds for entries read "
-        "in the last %.0fs",
-        settings.queue_name,
-        settings.worker_max_jobs,
-        settings.refresh_tick_s,
-        settings.hot_window_s,
-    )
+    for result, times in results.items():
+        deps.count(result, times)
+    return summary(results)
 
 
 async def _remove_retired(store: CacheStore) -> None:
@@ -210,60 +165,144 @@ def _metrics(settings: Settings) -> Metrics:
     return Metrics("worker", providers=settings.container_providers)
 
 
-async def _shutdown(ctx: dict[str, Any]) -> None:
-    deps: WorkerDeps | None = ctx.get("deps")
-    if deps is None:
-        return
-    if ctx.get("http") is not None:
-        await ctx["http"].cleanup()
-    for task in ctx["tasks"]:
-        task.cancel()
-    for task in ctx["tasks"]:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    await deps.close()
+def worker_options(settings: Settings, ctx: dict[str, Any], outage: Outage) -> dict[str, Any]:
+    """Keyword arguments of ``arq.Worker`` for these settings: one function, the batch job."""
+    # A renewal waits at most one upstream timeout for a provider slot, then makes one call; a
+    # batch also waits its turn for one of this process's connections. This bounds a job that
+    # hangs. A job lost with its worker is not run again (``max_tries=1``): its claims lapse and
+    # refresh-ahead plans its renewals again, within seconds instead of arq's lease.
+    timeout_s = settings.upstream_timeout_s * 4 + 10
 
+    async def connected(ctx: dict[str, Any]) -> None:
+        outage.recovered()
+        if not ctx.setdefault("ready", False):
+            ctx["ready"] = True
+            log.info(
+                "worker ready: queue %r, %d concurrent jobs, refresh-ahead every %ds for entries "
+                "read in the last %.0fs",
+                settings.queue_name,
+                settings.worker_max_jobs,
+                settings.refresh_tick_s,
+                settings.hot_window_s,
+            )
 
-def worker_options(settings: Settings, *, refresh_ahead: bool = True) -> dict[str, Any]:
-    """Keyword arguments of :class:`QueueWorker` (an ``arq.Worker``) for these settings;
-    without ``refresh_ahead`` it runs queued jobs only (a burst worker)."""
-    # A refresh waits at most one upstream timeout for a provider slot, then makes one call; a
-    # batch also waits its turn for one of this process's connections. These bound a job that
-    # hangs: a job whose worker died is run again once its lease (3 s, renewed) lapses.
-    job_timeout_s = settings.upstream_timeout_s * 2 + 2
-    batch_timeout_s = settings.upstream_timeout_s * 4 + 10
     return {
         "functions": [
             func(
-                refresh_container,
-                name=REFRESH_JOB,
-                keep_result=0,
-                max_tries=settings.refresh_max_tries + 1,
-                timeout=job_timeout_s,
-            ),
-            func(
-                refresh_batch,
-                name=REFRESH_BATCH_JOB,
-                keep_result=0,
-                max_tries=3,  # runs again only when its worker died
-                timeout=batch_timeout_s,
+                refresh_batch, name=REFRESH_BATCH_JOB, keep_result=0, max_tries=1, timeout=timeout_s
             ),
         ],
         "redis_settings": queue_redis_settings(settings),
         "queue_name": settings.queue_name,
         "max_jobs": settings.worker_max_jobs,
-        "job_timeout": job_timeout_s,
+        "job_timeout": timeout_s,
         "keep_result": 0,
         "poll_delay": POLL_S,
         "job_completion_wait": int(settings.shutdown_timeout_s),
         "health_check_interval": 10,
-        "on_startup": _startup,
-        "on_shutdown": _shutdown,
-        "ctx": {"settings": settings, "refresh_ahead": refresh_ahead},
+        "handle_signals": False,
+        "on_startup": connected,
+        "ctx": ctx,
     }
 
 
-def create_worker(settings: Settings, **options: Any) -> QueueWorker:
-    """The worker for these settings; ``options`` override :func:`worker_options`'."""
-    refresh_ahead = not options.get("burst", False)
-    return QueueWorker(**{**worker_options(settings, refresh_ahead=refresh_ahead), **options})
+async def run_worker(
+    settings: Settings,
+    *,
+    burst: bool = False,
+    stopping: asyncio.Event | None = None,
+    metrics: Metrics | None = None,
+) -> int:
+    """Run a worker until ``stopping`` is set (then the jobs under way finish, within
+    ``SIDECAR_SHUTDOWN_TIMEOUT_S``); ``burst``: run the jobs queued now, then return (no
+    refresh-ahead). The number of jobs it ran.
+
+    arq's worker exits at the first Redis error. Here that is an outage: logged once when it
+    starts and once when it ends, and a new ``arq.Worker`` polls again after a back-off (0.1 s
+    doubling to 2 s).
+    """
+    stopping = stopping or asyncio.Event()
+    outage = Outage("refresh queue (redis)")
+    queue = await _connect(settings, outage, stopping)
+    if queue is None:
+        return 0
+    redis = create_redis(settings)
+    session = create_session(settings, tracing.client_trace_configs())
+    deps = build_deps(settings, redis, session, metrics or _metrics(settings))
+    jobs = 0
+    tasks = [
+        asyncio.ensure_future(flush_every(1.0, deps.stats.flush)),
+        asyncio.ensure_future(_remove_retired(deps.store)),
+    ]
+    if not burst:
+
+        async def enqueue(batch: Batch) -> None:
+            await enqueue_batch(queue, settings, batch)
+
+        planner = run_refresh_ahead(settings, deps.planner, deps.metrics, queue, enqueue)
+        tasks.append(asyncio.ensure_future(planner))
+    http = await start_worker_http(deps, queue)
+    ctx: dict[str, Any] = {"deps": deps}
+    try:
+        while not stopping.is_set():
+            worker = Worker(**worker_options(settings, ctx, outage), burst=burst)
+            try:
+                await _poll_until_stopped(worker, stopping)
+                break  # stopped, or a burst is done
+            except REDIS_ERRORS as exc:
+                delay_s = outage.failed(exc)
+            finally:
+                await _close(worker)
+                jobs += worker.jobs_complete + worker.jobs_failed
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), delay_s)
+    finally:
+        if http is not None:
+            await http.cleanup()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await deps.close()
+        await close_redis(queue)
+    return jobs
+
+
+async def _connect(settings: Settings, outage: Outage, stopping: asyncio.Event) -> Any:
+    """The queue's Redis, once it answers (None: stopped before it did)."""
+    while not stopping.is_set():
+        try:
+            queue = await create_queue_pool(settings)
+        except REDIS_ERRORS as exc:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), outage.failed(exc))
+        else:
+            outage.recovered()
+            return queue
+    return None
+
+
+async def _poll_until_stopped(worker: Worker, stopping: asyncio.Event) -> None:
+    """Run ``worker`` until it returns (a burst is done), fails, or ``stopping`` is set: then
+    it takes no more jobs and lets those under way finish (arq's graceful stop)."""
+    running = asyncio.ensure_future(worker.async_run())
+    stop = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait({running, stop}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+    if not running.done():
+        worker.handle_sig_wait_for_completion(signal.SIGTERM)
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        return
+    running.result()
+
+
+async def _close(worker: Worker) -> None:
+    """arq's close, bounded (a Redis that is down or hung does not hold up the exit), and the
+    Sentinel clients arq leaves open closed."""
+    pool = worker.pool
+    with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError, *REDIS_ERRORS):
+        await asyncio.wait_for(worker.close(), 5.0)
+        if pool is not None:
+            await close_redis(pool)

@@ -1,13 +1,17 @@
 """What a refresh does: one upstream call with the service credential, and the record rewritten.
 
-A stale read's job refreshes one container (:meth:`RefreshRunner.refresh`); refresh-ahead renews
-many with one job (:meth:`RefreshRunner.refresh_batch`): one pipeline reads their records, the
-calls run concurrently under the provider cap, and the answers are saved in pipelines as they
-come in (``worker.writes``). Used by the arq jobs (``worker.main``) and the embedded worker.
+Every refresh is a renewal of a batch (``refresh_batch``, the workers' one job): refresh-ahead
+plans batches of the entries callers read, a stale read a batch of its own container. One pipeline
+reads a wave's records just before its calls, the calls run concurrently under the provider cap,
+and the answers are saved in pipelines as they come in (``worker.writes``). Used by the arq jobs
+(``worker.main``) and the embedded worker.
 
-A refresh claims its container's entry in the due set first (refresh-ahead claims a whole plan
-at once), so a stale read's job and a refresh-ahead batch never call the upstream for the same
-container together; the save of the refreshed record gives the entry back.
+A batch holds the due-set claims its planner took (:class:`Claims`): it renews them while it
+runs, and the save of a refreshed record gives each back. A batch lost with its worker stops
+renewing: its claims lapse within seconds and refresh-ahead plans those containers again. An
+upstream failure is noted for everyone (``CacheStore.upstream_failed``) and the claim is given
+back for when the back-off ends: refresh-ahead retries the container then, if callers still
+read it.
 
 A container the service credential cannot see (401, 403, 404: another project's) is never
 deleted: its callers may still see it. The record is handed over to them (``inline_refresh``,
@@ -17,18 +21,19 @@ same freshness and expiry), and the workers leave it alone from then on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Sequence
-from dataclasses import dataclass, field
 
 import msgspec
 
 from sidecar.errors import StoreUnavailable, UpstreamFailure
+from sidecar.keys import member
 from sidecar.policy import Policy
-from sidecar.queue import Renewal
+from sidecar.queue import Renewal, claim_ms
 from sidecar.records import Record, decode_record
 from sidecar.settings import Settings
 from sidecar.store import CacheStore, Failure, now_ms
@@ -37,18 +42,14 @@ from sidecar.upstream import Upstream, UpstreamReply
 from worker.limits import ProviderLimiter
 from worker.writes import WriteBehind
 
-__all__ = [
-    "BatchOutcome",
-    "RefreshRunner",
-    "RetryLater",
-    "event_of",
-]
+__all__ = ["Claims", "RefreshRunner", "event_of", "summary"]
 
 log = logging.getLogger(__name__)
 
 #: The ``sidecar_refresh_jobs_total`` events the workers count, and no others.
 _EVENTS = {"refreshed": "succeeded", "failed": "failed", "refused": "failed",
-           "store-unavailable": "failed", "deduplicated": "deduplicated"}  # fmt: skip
+           "store-unavailable": "failed", "deduplicated": "deduplicated",
+           "retried": "retried"}  # fmt: skip
 # Whatever else a refresh ends with (lapsed, terminal, inline, handed-over, already-fresh,
 # throttled, no-service-key) is "skipped": nothing needed doing, or someone else does it.
 
@@ -68,27 +69,52 @@ def event_of(result: str) -> str:
     return _EVENTS.get(result, "skipped")
 
 
-class RetryLater(Exception):
-    """The upstream failed (5xx, timeout): try again after ``delay_s``."""
-
-    def __init__(self, reason: str, delay_s: float) -> None:
-        super().__init__(reason)
-        self.delay_s = delay_s
+def summary(results: Counter[str]) -> str:
+    """``"118 refreshed, 2 already-fresh"`` (for a batch's log line)."""
+    return ", ".join(f"{n} {word}" for word, n in sorted(results.items())) or "nothing"
 
 
-@dataclass
-class BatchOutcome:
-    """What a batch did: a count per result word, and the renewals to retry (with a delay)."""
+class Claims:
+    """The due-set claims a batch holds (``member -> expiry``): renewed every second while the
+    batch runs (a lease outlasts refresh-ahead's planning horizon by two seconds). A renewal
+    whose claim lapsed meanwhile (another refresh may hold it now) is not made."""
 
-    results: Counter[str] = field(default_factory=Counter)
-    retry: list[tuple[Renewal, float]] = field(default_factory=list)
+    def __init__(
+        self, store: CacheStore, renewals: Sequence[Renewal], until_ms: int, lease_ms: int
+    ) -> None:
+        self._store = store
+        self._lease_ms = lease_ms
+        self._until = {member(p, c): until_ms for p, c, _ in renewals}
 
-    def summary(self) -> str:
-        """``"118 refreshed, 2 already-fresh"`` (for the job's log line)."""
-        words = [f"{n} {word}" for word, n in sorted(self.results.items())]
-        if self.retry:
-            words.append(f"{len(self.retry)} to retry")
-        return ", ".join(words) or "nothing"
+    async def keep(self, renewals: Sequence[Renewal]) -> list[Renewal]:
+        """Renew these renewals' claims; the renewals still held. Raises StoreUnavailable."""
+        held = await self._renew([member(p, c) for p, c, _ in renewals])
+        return [renewal for renewal in renewals if member(*renewal[:2]) in held]
+
+    def release(self, renewal: Renewal) -> None:
+        """Stop renewing a claim (its renewal is over: the save or give-back rescored it)."""
+        self._until.pop(member(*renewal[:2]), None)
+
+    async def hold(self) -> None:
+        """Renew every claim still held, every second (cancel to stop)."""
+        while True:
+            await asyncio.sleep(1.0)
+            # Renewed next time, or lapsed: then refresh-ahead plans them again.
+            with contextlib.suppress(StoreUnavailable):
+                await self._renew(list(self._until))
+
+    async def _renew(self, names: list[str]) -> set[str]:
+        entries = [(name, self._until[name]) for name in names if name in self._until]
+        if not entries:
+            return set()
+        until = now_ms() + self._lease_ms
+        held = set(await self._store.claim_due(entries, until))
+        for name, _ in entries:
+            if name in held:
+                self._until[name] = until
+            else:
+                self._until.pop(name, None)
+        return held
 
 
 class RefreshRunner:
@@ -111,41 +137,6 @@ class RefreshRunner:
         self._throttled: dict[str, bool] = {}
         self._checking: set[str] = set()
 
-    async def refresh(self, provider: str, container_id: str, due_ms: int, attempt: int) -> str:
-        """Refresh a container (a stale read's job) unless it is no longer needed or another
-        refresh holds it; raises RetryLater on upstream failures. Attempts after the first own
-        the claim the first took (or a batch handed over)."""
-        if self._settings.service_key_for(provider) is None:
-            return "no-service-key"
-        raw, failure = (await self.store.read_many([(provider, container_id)]))[0]
-        record = decode_record(raw) if raw is not None else None
-        if raw is None or record is None:
-            return "lapsed"
-        skip = self._skip(record, due_ms, failure)
-        if skip is not None:
-            return skip
-        if await self._backing_off(provider):
-            return "throttled"
-        natural_due = self.policy.due_ms(record)
-        if attempt == 1 and natural_due is not None:
-            until = max(now_ms(), natural_due) + self.claim_ms
-            if not await self.store.claim_refresh(provider, container_id, natural_due, until):
-                return "deduplicated"
-        try:
-            reply = await self._call(provider, container_id)
-        except UpstreamFailure as exc:
-            delay_s = await self._failed(provider, container_id, exc.status)
-            raise RetryLater(exc.message, delay_s) from exc
-        if reply.status >= 500:
-            delay_s = await self._failed(provider, container_id, reply.status)
-            raise RetryLater(f"upstream answered {reply.status}", delay_s)
-        result = await self._absorb(reply, record, raw, failure is not None)
-        if result in ("throttled", "store-unavailable"):
-            # Renewed by refresh-ahead once the back-off is over, or by the next stale read once
-            # Redis is back: the claim must not outlive this refresh (WriteBehind retries it).
-            await self.writes.give_back(provider, container_id, due_ms)
-        return result
-
     def lead_ms(self) -> int:
         """How long before an entry goes stale refresh-ahead should renew it: long enough for
         the call to be over by then (twice the p95 of the recent calls' time), no longer (an
@@ -157,43 +148,50 @@ class RefreshRunner:
         return min(self._max_lead_ms, max(_MIN_LEAD_MS, int(2 * p95_ms)))
 
     async def refresh_batch(
-        self, renewals: Sequence[Renewal], lead_ms: int | None = None
-    ) -> BatchOutcome:
-        """Renew containers refresh-ahead planned (and claimed), each ``lead_ms`` before it
-        goes stale: in waves of those due together, each wave one read of its records just
-        before its calls (a caller's refresh meanwhile is seen), the calls concurrent, the saves
-        in pipelines. Upstream failures come back to retry."""
-        lead_ms = self._max_lead_ms if lead_ms is None else lead_ms
-        outcome = BatchOutcome()
+        self, renewals: Sequence[Renewal], lead_ms: int, held_until_ms: int
+    ) -> Counter[str]:
+        """Renew claimed containers, each ``lead_ms`` before it goes stale: in waves of those
+        due together, each wave's claims renewed and its records read just before its calls (a
+        caller's refresh meanwhile is seen), the calls concurrent, the saves in pipelines. A
+        count per result word."""
+        results: Counter[str] = Counter()
+        claims = Claims(self.store, renewals, held_until_ms, self.claim_ms)
+        holding = asyncio.ensure_future(claims.hold())
         calls: list[asyncio.Future[None]] = []
         try:
             for wave in _waves(renewals):
                 wait_ms = wave[0][2] - lead_ms - now_ms()
                 if wait_ms > 5:
                     await asyncio.sleep(wait_ms / 1000)
-                calls += [asyncio.ensure_future(call) for call in await self._wave(wave, outcome)]
+                calls += [
+                    asyncio.ensure_future(call) for call in await self._wave(wave, claims, results)
+                ]
             await asyncio.gather(*calls)
         finally:
+            holding.cancel()
             for call in calls:  # cancelled (the job timed out): so are its calls
                 call.cancel()
-        return outcome
+        return results
 
-    async def _wave(self, wave: list[Renewal], outcome: BatchOutcome) -> list[Awaitable[None]]:
-        """Read a wave's records; the calls (and claims given back) to make."""
+    async def _wave(
+        self, wave: list[Renewal], claims: Claims, results: Counter[str]
+    ) -> list[Awaitable[None]]:
+        """Renew a wave's claims and read its records; the calls (and give-backs) to make."""
         try:
-            raws = await self.store.read_many([(p, c) for p, c, _ in wave])
+            held = await claims.keep(wave)
+            raws = await self.store.read_many([(p, c) for p, c, _ in held])
         except StoreUnavailable:
             # Redis is away for this worker (its breaker may still be open after a hang): the
-            # wave's claims go to retry jobs that own them, never left to lapse while their
-            # containers are served stale.
-            outcome.retry.extend((renewal, self._settings.redis_retry_after_s) for renewal in wave)
+            # claims lapse within a lease, and refresh-ahead plans the renewals again.
+            results["store-unavailable"] += len(wave)
             return []
+        results["deduplicated"] += len(wave) - len(held)
         calls: list[Awaitable[None]] = []
-        for renewal, (raw, failure) in zip(wave, raws, strict=True):
+        for renewal, (raw, failure) in zip(held, raws, strict=True):
             provider, _, due_ms = renewal
             record = decode_record(raw) if raw is not None else None
             if raw is None or record is None:
-                outcome.results["lapsed"] += 1
+                results["lapsed"] += 1
                 continue
             if self._settings.service_key_for(provider) is None:
                 skip: str | None = "no-service-key"
@@ -202,47 +200,60 @@ class RefreshRunner:
             due = self.policy.due_ms(record)
             if skip == "already-fresh" and due is not None:
                 # Refreshed meanwhile (a caller's revalidation): its due entry is its own again.
-                calls.append(self._give_back(renewal, due, outcome, skip))
+                calls.append(self._give_back(renewal, due, claims, results, skip))
             elif skip == "failing" and failure is not None:  # planned again when it is over
-                calls.append(self._give_back(renewal, failure.until_ms, outcome, skip))
+                calls.append(self._give_back(renewal, failure.until_ms, claims, results, skip))
             elif skip is not None:
-                outcome.results[skip] += 1
+                results[skip] += 1
             else:
-                calls.append(self._renew(renewal, record, raw, failure is not None, outcome))
+                calls.append(
+                    self._renew(renewal, record, raw, failure is not None, claims, results)
+                )
         return calls
 
     async def _renew(
-        self, renewal: Renewal, record: Record, raw: bytes, failing: bool, outcome: BatchOutcome
+        self,
+        renewal: Renewal,
+        record: Record,
+        raw: bytes,
+        failing: bool,
+        claims: Claims,
+        results: Counter[str],
     ) -> None:
         provider, container_id, due_ms = renewal
         if await self._backing_off(provider):
-            await self._give_back(renewal, due_ms, outcome, "throttled")
+            await self._give_back(renewal, due_ms, claims, results, "throttled")
             return
+        reply: UpstreamReply | None = None
         try:
             reply = await self._call(provider, container_id)
+            status = reply.status
         except UpstreamFailure as exc:
-            delay_s = await self._failed(provider, container_id, exc.status)
-            outcome.retry.append((renewal, delay_s))
-            return
-        if reply.status >= 500:
-            delay_s = await self._failed(provider, container_id, reply.status)
-            outcome.retry.append((renewal, delay_s))
+            status = exc.status
+        if reply is None or status >= 500:
+            # Retried by refresh-ahead once the fleet-wide back-off ends (if still read).
+            until_ms = await self._failed(provider, container_id, status)
+            await self._give_back(renewal, until_ms, claims, results, "retried")
             return
         try:
             result = await self._absorb(reply, record, raw, failing)
         except StoreUnavailable:
             result = "store-unavailable"
-        if result in ("throttled", "store-unavailable"):  # as in refresh(): the claim goes back
-            await self._give_back(renewal, due_ms, outcome, result)
+        if result in ("throttled", "store-unavailable"):
+            # Renewed by refresh-ahead once the back-off is over, or once Redis is back: the
+            # claim must not outlive this refresh (WriteBehind retries the give-back).
+            await self._give_back(renewal, due_ms, claims, results, result)
             return
-        outcome.results[result] += 1
+        claims.release(renewal)
+        results[result] += 1
 
     async def _give_back(
-        self, renewal: Renewal, due_ms: int, outcome: BatchOutcome, result: str
+        self, renewal: Renewal, due_ms: int, claims: Claims, results: Counter[str], result: str
     ) -> None:
         provider, container_id, _ = renewal
+        claims.release(renewal)
         written = await self.writes.give_back(provider, container_id, due_ms)
-        outcome.results[result if written else "store-unavailable"] += 1
+        results[result if written else "store-unavailable"] += 1
 
     async def _backing_off(self, provider: str) -> bool:
         """Whether the provider's 429 back-off runs. ``Throttle`` asks Redis now and then:
@@ -317,10 +328,10 @@ class RefreshRunner:
             status,
         )
 
-    async def _failed(self, provider: str, container_id: str, status: int) -> float:
+    async def _failed(self, provider: str, container_id: str, status: int) -> int:
         """Note an upstream failure for everyone (sidecars and workers of every replica): nobody
-        calls the upstream for this container until its back-off ends, this refresh's retry
-        included. The seconds to wait before retrying."""
+        calls the upstream for this container until its back-off ends. When it ends (unix ms,
+        with a little jitter so that a fleet's retries spread out)."""
         settings = self._settings
         try:
             backoff_ms = await self.store.upstream_failed(
@@ -330,12 +341,8 @@ class RefreshRunner:
                 keep_ms=int(settings.stale_if_error_s * 1000),
             )  # fmt: skip
         except StoreUnavailable:
-            return self._backoff_s(1)
-        return backoff_ms / 1000 * random.uniform(1.0, 1.1)
-
-    def _backoff_s(self, attempt: int) -> float:
-        """Exponential back-off with full jitter: 0.5 s, 1 s, 2 s ... capped at 30 s."""
-        return random.uniform(0.5, 1.0) * min(30.0, 0.5 * 2.0 ** (attempt - 1))
+            backoff_ms = int(settings.error_backoff_s * 1000)
+        return now_ms() + int(backoff_ms * random.uniform(1.0, 1.1))
 
     async def close(self) -> None:
         """Finish the saves under way."""
@@ -350,9 +357,3 @@ def _waves(renewals: Sequence[Renewal]) -> list[list[Renewal]]:
             waves.append([])
         waves[-1].append(renewal)
     return waves
-
-
-def claim_ms(settings: Settings) -> int:
-    """How long a claim on a due entry holds: past any batch's wait and run (a refresh that
-    dies with its worker is redone by arq's lease long before: the claim only stops others)."""
-    return int((settings.refresh_tick_s + 2 * settings.upstream_timeout_s + 10) * 1000)

@@ -15,18 +15,16 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from arq.connections import create_pool
 
 from sidecar.keys import KeySpace, member
+from sidecar.metrics import Metrics
 from sidecar.policy import Policy
-from sidecar.queue import enqueue_refresh_job, queue_redis_settings
 from sidecar.records import Record, decode_record
 from sidecar.settings import Settings
 from sidecar.store import DUE_MARKS, Breaker, CacheStore, now_ms, read_by_ms
 from tests.conftest import Emulator, free_port
-from tests.support import wait_for
-from worker.main import create_worker
-from worker.queue_worker import QueueWorker
+from tests.support import request_refresh, wait_for
+from worker.main import run_worker
 
 BIN = Path(sys.executable).parent
 
@@ -52,31 +50,31 @@ def refresh_settings(make_settings: Callable[..., Settings]) -> Callable[..., Se
     return make
 
 
-async def run_worker_burst(settings: Settings) -> QueueWorker:
-    """A real arq worker: run the refresh jobs queued now, then stop (no refresh-ahead)."""
-    worker = create_worker(settings, burst=True, handle_signals=False)
-    try:
-        await worker.main()
-    finally:
-        manager = getattr(worker.pool.connection_pool, "sentinel_manager", None)
-        await worker.close()
-        for sentinel in manager.sentinels if manager is not None else ():
-            await sentinel.aclose()  # arq leaves its Sentinel clients open
-    return worker
+async def run_worker_burst(settings: Settings, metrics: Metrics | None = None) -> int:
+    """A real arq worker: run the refresh jobs queued now, then stop (no refresh-ahead); the
+    number of jobs it ran."""
+    return await run_worker(settings, burst=True, metrics=metrics)
+
+
+class RunningWorker:
+    """A worker running in a test; ``jobs``: the jobs it ran (known once it stopped)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.metrics = Metrics("worker", providers=settings.container_providers)
+        self.jobs = 0
 
 
 @contextlib.asynccontextmanager
-async def running_worker(settings: Settings) -> AsyncIterator[QueueWorker]:
+async def running_worker(settings: Settings) -> AsyncIterator[RunningWorker]:
     """A real arq worker running in the background of the test, refresh-ahead included."""
-    worker = create_worker(settings, handle_signals=False)
-    task = asyncio.create_task(worker.main())
+    stopping = asyncio.Event()
+    running = RunningWorker(settings)
+    task = asyncio.create_task(run_worker(settings, stopping=stopping, metrics=running.metrics))
     try:
-        yield worker
+        yield running
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await worker.close()
+        stopping.set()
+        running.jobs = await asyncio.wait_for(task, 15)
 
 
 def queued_jobs(redis_server: Any, queue: str = "test:queue") -> int:
@@ -192,12 +190,8 @@ async def indexed(settings: Settings, container_id: str) -> tuple[int | None, in
 
 
 async def enqueue_refresh(settings: Settings, container_id: str, due_ms: int) -> None:
-    """Queue a stale read's refresh job, as a sidecar does."""
-    pool = await create_pool(queue_redis_settings(settings))
-    try:
-        assert await enqueue_refresh_job(pool, settings, "openai", container_id, due_ms)
-    finally:
-        await pool.aclose()
+    """A stale read's refresh, as a sidecar asks for it."""
+    assert await request_refresh(settings, container_id, due_ms)
 
 
 async def scrape(url: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:

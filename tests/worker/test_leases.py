@@ -37,17 +37,17 @@ async def test_a_stale_reads_refresh_lost_with_its_worker_is_redone_within_secon
     settings = refresh_settings(fresh_ttl_s=3.0)
     cid = (await emulator.create(SERVICE_KEY))["id"]
     record = await cache_container(settings, cid, age_s=4)
-    first = worker_process(settings)
-    await first.ready()
     emulator.state.set_latency(1500)
-    await enqueue_refresh(settings, cid, record.fetched_at_ms + 3000)
+    await enqueue_refresh(settings, cid, record.fetched_at_ms + 3000)  # claimed and queued
+    first = worker_process(settings)
     await wait_for(lambda: emulator.retrieves(cid) == 1, 10)  # the call is in flight
     first.process.kill()
     first.process.wait(5)
     emulator.state.set_latency(0)
     worker_process(settings)  # another worker, started now
 
-    # arq's own lease would hold the job for its timeout plus 10 s (16 s here).
+    # The batch stopped renewing its claim: it lapses, and refresh-ahead plans the container
+    # again (arq's own lease would hold the job for its timeout plus 10 s, 16 s here).
     assert await refreshed_within(settings, [cid], record.fetched_at_ms, 15) < 6
     assert emulator.retrieves(cid) == 2
 

@@ -104,9 +104,7 @@ async def test_a_429_stops_refreshes_until_retry_after_while_stale_is_served(
 async def test_stale_if_error_then_the_upstreams_error(
     start_sidecar: Any, refresh_settings: Any, emulator: Emulator, http: aiohttp.ClientSession
 ) -> None:
-    settings = refresh_settings(
-        fresh_ttl_s=0.2, max_stale_s=0.3, stale_if_error_s=0.6, refresh_max_tries=1
-    )
+    settings = refresh_settings(fresh_ttl_s=0.2, max_stale_s=0.3, stale_if_error_s=0.6)
     sidecar = await start_sidecar(settings)
     cid = (await emulator.create(KEY_A))["id"]
     url = f"{sidecar.url}/openai/v1/containers/{cid}"

@@ -16,14 +16,16 @@ import pytest
 from sidecar.app import create_app
 from sidecar.metrics import REFRESH_EVENTS, Metrics
 from sidecar.queue import ArqRefresher
+from sidecar.store import now_ms
 from tests.cluster.conftest import Cluster
 from tests.conftest import Emulator, start_app
-from tests.support import KEY_B, get, wait_for
+from tests.support import KEY_B, get, request_refresh, wait_for
 from tests.worker.conftest import (
     SERVICE_KEY,
     cache_container,
     cached,
     enqueue_refresh,
+    indexed,
     run_worker_burst,
     running_worker,
     scrape,
@@ -47,7 +49,7 @@ async def test_refresh_ahead_renews_many_containers_with_a_few_jobs_once_per_int
                 _, body, _ = await get(http, f"{sidecar.url}/openai/v1/containers/{cid}")
                 similarities.append(body["extra_fields"]["cache_debug"].get("similarity", 1.0))
             await asyncio.sleep(0.1)
-        jobs = worker.jobs_complete
+    jobs = worker.jobs
     calls = [emulator.retrieves(cid) for cid in ids]
     assert min(similarities) == 1.0  # never served stale
     # A renewal every fresh TTL less the lead (and its jitter): about 4 in 4.5 s, and the
@@ -93,12 +95,16 @@ async def test_the_workers_refresh_job_events_are_the_documented_ones(
         await enqueue_refresh(settings, cid, record.fetched_at_ms + 300)
     await enqueue_refresh(settings, gone, 0)  # nothing cached: lapsed
     emulator.state.add_fault(kind="status", status=503, container_id=failing, count=1)
-    worker = await run_worker_burst(settings)
-    events = {k: c.value for k, c in worker.ctx["deps"].metrics.refresh_jobs.children.items()}
+    metrics = Metrics("worker")
+    await run_worker_burst(settings, metrics)
+    events = {k: c.value for k, c in metrics.refresh_jobs.children.items()}
     assert {key[0] for key in events} == set(REFRESH_EVENTS)  # each there from the start, no others
-    assert events[("succeeded",)] == 2  # ok, then failing on its retry
-    assert events[("retried",)] == 1
+    assert events[("succeeded",)] == 1  # ok
+    assert events[("retried",)] == 1  # failing: due again when its back-off ends
     assert events[("skipped",)] == 2  # lapsed, and theirs handed over
+    due_ms, _ = await indexed(settings, failing)
+    assert due_ms is not None
+    assert 0 < due_ms - now_ms() <= settings.error_backoff_s * 1100
 
 
 @pytest.fixture
@@ -167,7 +173,8 @@ async def test_a_stale_reads_job_and_a_batch_never_refresh_a_container_together(
     emulator.state.set_latency(300)
     async with running_worker(settings):
         await wait_for(lambda: emulator.retrieves(cid) == 1, 3)  # refresh-ahead's call
-        await enqueue_refresh(settings, cid, record.fetched_at_ms + 2000)  # meanwhile, stale
+        # Meanwhile a stale read asks: the batch holds the container's claim, nothing is queued.
+        assert not await request_refresh(settings, cid, record.fetched_at_ms + 2000)
         await asyncio.sleep(0.8)
     assert emulator.retrieves(cid) == 1
     refreshed = await cached(settings, cid)

@@ -77,7 +77,7 @@ async def test_refresh_ahead_hands_another_projects_containers_over_after_one_ca
             await get(http, f"{sidecar.url}/openai/v1/containers/{mine}")
             await get(http, f"{sidecar.url}/openai/v1/containers/{theirs}", AUTH_B)
             await asyncio.sleep(0.2)
-        calls = {k: c.value for k, c in worker.ctx["deps"].metrics.upstream.children.items()}
+        calls = {k: c.value for k, c in worker.metrics.upstream.children.items()}
     by_worker = {key[1]: n for key, n in calls.items() if key[2] == "worker" and n}
     assert by_worker.get("4xx") == 1  # one 404 for their container, then never again
     assert by_worker.get("2xx", 0) >= 3  # mine kept fresh meanwhile

@@ -35,7 +35,7 @@ async def test_a_stale_reads_refresh_job_links_to_the_callers_trace(
     await asyncio.sleep(0.2)  # the enqueue runs in the background
     await run_worker_burst(settings)
     assert emulator.retrieves(cid) == 2
-    job = next(span for span in spans.get_finished_spans() if span.name == "refresh_container")
+    job = next(span for span in spans.get_finished_spans() if span.name == "refresh_batch")
     assert job.parent is None  # a trace of its own...
     (link,) = job.links  # ...linked to the request's, which continued the caller's
     assert f"{link.context.trace_id:032x}" == TRACE_ID
