@@ -295,7 +295,9 @@ async def test_concurrent_cold_requests_make_one_upstream_call(
 async def test_replicas_sharing_redis_make_one_upstream_call(
     start_sidecar: Any, make_settings: Any, emulator: Emulator, http: aiohttp.ClientSession
 ) -> None:
-    replicas = [await start_sidecar(make_settings()) for _ in range(3)]
+    # A loaded machine must not make Redis look hung (a timeout sends reads upstream by design).
+    settings = make_settings(redis_socket_timeout_s=5, redis_connect_timeout_s=5)
+    replicas = [await start_sidecar(settings) for _ in range(3)]
     cid = (await emulator.create(KEY_A))["id"]
     emulator.state.set_latency(100)
     results = await asyncio.gather(
