@@ -125,9 +125,9 @@ async def test_a_refresh_job_runs_in_a_span_linked_to_the_request(
         carrier = tracing.current_carrier()
         assert tracing.current_trace_id() == f"{request.get_span_context().trace_id:032x}"
     assert set(carrier) >= {"traceparent"}
-    with tracing.job_span("refresh_container", carrier, {"container.id": "cntr_1"}):
+    with tracing.job_span("refresh_batch", carrier, {"container.id": "cntr_1"}):
         assert tracing.current_carrier()["traceparent"] != carrier["traceparent"]
-    job = next(span for span in spans.get_finished_spans() if span.name == "refresh_container")
+    job = next(span for span in spans.get_finished_spans() if span.name == "refresh_batch")
     assert job.kind == SpanKind.CONSUMER
     assert job.parent is None  # a trace of its own
     assert job.attributes is not None
@@ -149,7 +149,7 @@ async def test_redis_commands_are_traced_only_inside_a_request_or_job(
     client = redis.asyncio.Redis.from_url(redis_url)
     try:
         await client.set("polled", "1")  # like a queue poll or a periodic flush
-        with tracing.job_span("refresh_container", None):
+        with tracing.job_span("refresh_batch", None):
             await client.get("polled")
     finally:
         await client.aclose()
@@ -217,7 +217,7 @@ def test_with_nothing_configured_tracing_is_a_no_op_that_imports_nothing() -> No
         "assert tracing.server_middlewares() == []\n"
         "assert tracing.client_trace_configs() == []\n"
         "assert tracing.current_carrier() == {} and tracing.current_trace_id() == ''\n"
-        "with tracing.job_span('refresh_container', {'traceparent': '00-' + '1' * 32 + '-' + "
+        "with tracing.job_span('refresh_batch', {'traceparent': '00-' + '1' * 32 + '-' + "
         "'2' * 16 + '-01'}):\n"
         "    pass\n"
         "create_app(load_settings({}, upstream_url='http://gw:8080'))\n"
@@ -233,14 +233,14 @@ def test_standard_variables_name_the_service_and_choose_the_exporter() -> None:
     result = _python(
         "from sidecar import tracing\n"
         "assert tracing.setup_tracing('bifrost-container-sidecar')\n"
-        "with tracing.job_span('refresh_container', None):\n"
+        "with tracing.job_span('refresh_batch', None):\n"
         "    pass\n"
         "tracing.shutdown_tracing()\n",
         OTEL_TRACES_EXPORTER="console",
         OTEL_SERVICE_NAME="team-a-sidecar",
     )
     assert result.returncode == 0, result.stderr
-    assert '"name": "refresh_container"' in result.stdout
+    assert '"name": "refresh_batch"' in result.stdout
     assert '"service.name": "team-a-sidecar"' in result.stdout
 
 
