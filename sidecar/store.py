@@ -613,16 +613,18 @@ class CacheStore:
         self,
         records: list[Record],
         policy: Policy,
-        due: dict[str, int] | None = None,
+        due: dict[str, int | None] | None = None,
         failing: set[str] | None = None,
     ) -> None:
         """Store refreshed records as :meth:`save` does (no grants), in one pipeline; ``due``
-        sets other entries' due scores (claims given back). Only the failure markers of the
+        sets other entries' due scores (claims given back; None takes the entry out of the set).
+        Only the failure markers of the
         ``failing`` containers (``provider/container_id``; None: all) are cleared."""
         keys = self.keys
         stored = [(record, encode_record(record)) for record in records]
-        scores = {name: (name, due_ms, "g") for name, due_ms in (due or {}).items()}
-        dropped = []
+        given = (due or {}).items()
+        scores = {name: (name, due_ms, "g") for name, due_ms in given if due_ms is not None}
+        dropped = [name for name, due_ms in given if due_ms is None]
         for record, _ in stored:
             name = member(record.provider, record.container_id)
             due_ms = None if record.inline_refresh else policy.due_ms(record)

@@ -183,6 +183,8 @@ class RefreshRunner:
         except StoreUnavailable:
             # Redis is away for this worker (its breaker may still be open after a hang): the
             # claims lapse within a lease, and refresh-ahead plans the renewals again.
+            for renewal in wave:
+                claims.release(renewal)
             results["store-unavailable"] += len(wave)
             return []
         results["deduplicated"] += len(wave) - len(held)
@@ -191,6 +193,7 @@ class RefreshRunner:
             provider, _, due_ms = renewal
             record = decode_record(raw) if raw is not None else None
             if raw is None or record is None:
+                claims.release(renewal)
                 results["lapsed"] += 1
                 continue
             if self._settings.service_key_for(provider) is None:
@@ -203,7 +206,10 @@ class RefreshRunner:
                 calls.append(self._give_back(renewal, due, claims, results, skip))
             elif skip == "failing" and failure is not None:  # planned again when it is over
                 calls.append(self._give_back(renewal, failure.until_ms, claims, results, skip))
-            elif skip is not None:
+            elif skip in ("terminal", "no-service-key"):  # never renewed: out of the set
+                calls.append(self._give_back(renewal, None, claims, results, skip))
+            elif skip is not None:  # renewed by its callers: the claim lapses unrenewed
+                claims.release(renewal)
                 results[skip] += 1
             else:
                 calls.append(
@@ -248,7 +254,12 @@ class RefreshRunner:
         results[result] += 1
 
     async def _give_back(
-        self, renewal: Renewal, due_ms: int, claims: Claims, results: Counter[str], result: str
+        self,
+        renewal: Renewal,
+        due_ms: int | None,
+        claims: Claims,
+        results: Counter[str],
+        result: str,
     ) -> None:
         provider, container_id, _ = renewal
         claims.release(renewal)

@@ -32,7 +32,7 @@ class WriteBehind:
         self._policy = policy
         self._delay_s = delay_s
         self._records: list[Record] = []
-        self._due: dict[str, int] = {}
+        self._due: dict[str, int | None] = {}
         self._failing: set[str] = set()
         self._flushed: asyncio.Future[bool] | None = None
         self._flushes: set[asyncio.Task[None]] = set()
@@ -46,8 +46,9 @@ class WriteBehind:
             self._failing.add(member(record.provider, record.container_id))
         return await asyncio.shield(self._next_flush())
 
-    async def give_back(self, provider: str, container_id: str, due_ms: int) -> bool:
-        """Put a claimed entry back in the due set at ``due_ms`` (its refresh did not happen)."""
+    async def give_back(self, provider: str, container_id: str, due_ms: int | None) -> bool:
+        """Put a claimed entry back in the due set at ``due_ms`` (its refresh did not happen),
+        or take it out (None: there is nothing for the workers to renew)."""
         self._due[member(provider, container_id)] = due_ms
         return await asyncio.shield(self._next_flush())
 
