@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import time
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+from arq.connections import RedisSettings, create_pool
 from arq.worker import Worker, func
 
 from sidecar import tracing
@@ -23,7 +25,6 @@ from sidecar.queue import (
     REFRESH_BATCH_JOB,
     Batch,
     Renewal,
-    create_queue_pool,
     enqueue_batch,
     queue_redis_settings,
 )
@@ -192,7 +193,7 @@ def worker_options(settings: Settings, ctx: dict[str, Any], outage: Outage) -> d
                 refresh_batch, name=REFRESH_BATCH_JOB, keep_result=0, max_tries=1, timeout=timeout_s
             ),
         ],
-        "redis_settings": queue_redis_settings(settings),
+        "redis_settings": _queue_settings(settings),
         "queue_name": settings.queue_name,
         "max_jobs": settings.worker_max_jobs,
         "job_timeout": timeout_s,
@@ -267,11 +268,19 @@ async def run_worker(
     return jobs
 
 
+def _queue_settings(settings: Settings) -> RedisSettings:
+    """The queue's connection settings, with no retries of arq's own: the waiting (and its one
+    log line an outage) is the worker's."""
+    return dataclasses.replace(queue_redis_settings(settings), conn_retries=0)
+
+
 async def _connect(settings: Settings, outage: Outage, stopping: asyncio.Event) -> Any:
     """The queue's Redis, once it answers (None: stopped before it did)."""
     while not stopping.is_set():
         try:
-            queue = await create_queue_pool(settings)
+            queue = await create_pool(
+                _queue_settings(settings), default_queue_name=settings.queue_name
+            )
         except REDIS_ERRORS as exc:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), outage.failed(exc))
