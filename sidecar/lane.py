@@ -6,7 +6,8 @@ generic machinery (route resolution over every proxied path, the middleware chai
 The lane takes the request as aiohttp's server hands it over, recognises the common shape of a
 retrieval (GET over HTTP/1.1 keep-alive, one of the three routes, a plain container id, no
 query but ``provider``, no cache-control header) and, when ``ContainerService.local_hit`` has
-the answer, writes the whole response in one piece: the same status, headers and body as the
+the answer, writes the whole response in one piece (``HitAnswer``, a ``StreamResponse`` whose
+public ``prepare`` writes bytes serialised once): the same status, headers and body as the
 routed path, counted the same way. Anything else, and every miss, goes the routed way
 unchanged, so the lane can only make an answer faster, never different (tests/sidecar/
 test_lane.py compares the two byte for byte).
@@ -20,7 +21,6 @@ import email.utils
 import time
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from typing import Any
 
 from aiohttp import HttpVersion11, web
 from aiohttp.http import SERVER_SOFTWARE
@@ -29,7 +29,7 @@ from aiohttp.web import BaseRequest
 from sidecar.controls import parse_rules
 from sidecar.errors import SidecarError
 from sidecar.headers import cache_headers
-from sidecar.middleware import OUTCOME, count_answer
+from sidecar.middleware import ACCESS_ROUTE, OUTCOME, count_answer
 from sidecar.outcomes import Query
 from sidecar.settings import PROVIDER_NAME, cache_provider
 from sidecar.state import SERVICES, Services
@@ -41,7 +41,7 @@ from sidecar.views import (
     requires_provider,
 )
 
-__all__ = ["HitAnswer", "hit_lane"]
+__all__ = ["HitAnswer", "hit_answers", "hit_lane"]
 
 Handler = Callable[[BaseRequest], Awaitable[web.StreamResponse]]
 
@@ -59,21 +59,28 @@ def _http_date() -> str:
     return _dates[0][1]
 
 
-class HitAnswer:
-    """A hit's whole HTTP response, written in one piece: what aiohttp's connection handler and
-    the access log need of a response, and no more."""
+class HitAnswer(web.StreamResponse):
+    """A hit's whole HTTP response, serialised once and written in one piece.
 
-    __slots__ = ("_data", "_outcome", "body_length", "route", "status")
+    A ``StreamResponse`` whose public ``prepare`` writes the status line, headers and body
+    through the request's writer at once; ``headers`` stays empty (they are in the bytes).
+    What the connection handler and the access log read of a response (``status``,
+    ``keep_alive``, ``body_length``, ``OUTCOME``) is what it was built with."""
 
-    keep_alive = True  # the lane serves keep-alive requests only
-
-    def __init__(self, data: bytes, status: int, body_length: int, route: str, seen: Any) -> None:
+    def __init__(self, data: bytes, status: int, body_length: int) -> None:
+        super().__init__(status=status)
         self._data = data
-        self.status = status
-        self.body_length = body_length
-        self.route = route
-        """The route template (the access log's ``route``)."""
-        self._outcome = seen
+        self._length = body_length
+
+    @property
+    def keep_alive(self) -> bool:
+        """The lane serves keep-alive requests only."""
+        return True
+
+    @property
+    def body_length(self) -> int:
+        """The body's bytes (the access log's size)."""
+        return self._length
 
     async def prepare(self, request: BaseRequest) -> None:
         """Write the response (status line, headers and body together)."""
@@ -81,10 +88,6 @@ class HitAnswer:
 
     async def write_eof(self, data: bytes = b"") -> None:
         """Nothing left to write."""
-
-    def get(self, key: object, default: Any = None) -> Any:
-        """What a handler would have left on its response (the access log reads ``OUTCOME``)."""
-        return self._outcome if key is OUTCOME else default
 
 
 def _status_line(status: int) -> str:
@@ -96,6 +99,20 @@ def _status_line(status: int) -> str:
 
 def hit_lane(app: web.Application, handler: Handler) -> Handler:
     """``handler`` (the application's), with the hits this process holds answered first."""
+    answer = hit_answers(app)
+    if answer is None:
+        return handler
+
+    async def lane(request: BaseRequest) -> web.StreamResponse:
+        served = answer(request)
+        return served if served is not None else await handler(request)
+
+    return lane
+
+
+def hit_answers(app: web.Application) -> Callable[[BaseRequest], HitAnswer | None] | None:
+    """What answers a request the lane takes (None: the routed path answers it), or None when
+    this process keeps no copies of its own."""
     services: Services = app[SERVICES]
     settings = services.settings
     plain = parse_rules({}, settings.freshness_threshold)
@@ -106,7 +123,7 @@ def hit_lane(app: web.Application, handler: Handler) -> Handler:
     scan = services.credentials.scan
     local_hit = services.service.local_hit
     if not services.service.local.enabled:
-        return handler
+        return None
 
     def answer(request: BaseRequest) -> HitAnswer | None:
         started = time.perf_counter()
@@ -153,12 +170,9 @@ def hit_lane(app: web.Application, handler: Handler) -> Handler:
         head.append(f"Date: {_http_date()}")
         data = ("\r\n".join(head) + _SERVER).encode() + body
         count_answer(services, template, outcome, rules, time.perf_counter() - started)
-        return HitAnswer(data, record.status_code, len(body), template, (outcome, rules))
+        answer = HitAnswer(data, record.status_code, len(body))
+        answer[OUTCOME] = (outcome, rules)
+        request[ACCESS_ROUTE] = template
+        return answer
 
-    async def lane(request: BaseRequest) -> web.StreamResponse:
-        served = answer(request)
-        if served is not None:
-            return served  # type: ignore[return-value]  # duck-typed: see HitAnswer
-        return await handler(request)
-
-    return lane
+    return answer

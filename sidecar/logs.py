@@ -317,7 +317,7 @@ class AccessLogger(AbstractAccessLogger):
             if request.path in OPS_PATHS:
                 return
             # A hit lane answer names its route; a relayed one its family.
-            route = getattr(response, "route", None) or request.get(self._route)
+            route = request.get(self._route)
             if route is None:
                 try:
                     resource = cast("web.Request", request).match_info.route.resource

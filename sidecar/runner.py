@@ -1,31 +1,42 @@
 """The application runner: what aiohttp answers before any handler runs, in the gateway's shape,
 and the hit lane (``sidecar.lane``) in front of the application's routing.
 
-aiohttp's HTTP parser refuses some requests outright (a bad header character, an over-long
-line, too many headers, a method that is not a token, an invalid URL) and answers them itself:
-plain text, with a traceback per request in the log. Here such a request gets a 400 in the
-gateway's error shape and one short WARNING line naming what was wrong, never a header value.
+Built on the runner's public low-level ``Server`` (its ``request_factory`` and
+``request_handler``) and aiohttp's public ``AbstractStreamWriter``:
+
+- aiohttp's HTTP parser refuses some requests outright (a bad header character, an over-long
+  line, a method that is not a token, an invalid URL) and answers them itself, in plain text,
+  logging a traceback per request. aiohttp offers no hook for that answer (aio-libs/aiohttp#3287),
+  but it writes it through the writer the request factory gave the refused request: that writer
+  writes the gateway-shaped 400 instead. The traceback becomes one INFO line naming what was
+  wrong, never a header value (the connection handler logs through ``sidecar.http``).
+- A request that says HTTP/2.0 or later over HTTP/1 gets a 505 (aiohttp would answer in the
+  version the request claims).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 from typing import Any
 
 from aiohttp import HttpVersion11, http_exceptions, web
-from aiohttp.web import BaseRequest, RequestHandler
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.web import BaseRequest
 
 from sidecar import tracing
 from sidecar.app import SETTINGS
-from sidecar.errors import MalformedRequest, SidecarError, UnsupportedVersion
-from sidecar.lane import hit_lane
+from sidecar.errors import MalformedRequest, UnsupportedVersion
+from sidecar.lane import hit_answers
 from sidecar.state import SERVICES
 from sidecar.wire import error_body
 
 __all__ = ["SidecarRunner"]
 
 log = logging.getLogger("sidecar.http")
+
+Handler = Callable[[BaseRequest], Awaitable[web.StreamResponse]]
 
 # Most specific first. What a refused request had wrong, in words that quote nothing of it.
 _REASONS = (
@@ -38,90 +49,122 @@ _REASONS = (
 )
 
 
-def _reason(exc: BaseException | None) -> str:
-    for kind, reason in _REASONS:
-        if isinstance(exc, kind):
-            return reason
-    return "the request could not be read"
+class _OneLineRefusals(logging.Filter):
+    """aiohttp's "Error handling request" record for a request its parser refused, as one INFO
+    line naming the reason: no traceback, no header values (a credential may be among them)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, http_exceptions.HttpProcessingError):
+            reason = next(text for kind, text in _REASONS if isinstance(exc, kind))
+            record.msg, record.args = (
+                "refused a malformed request from %s (%d): %s",
+                (
+                    record.args[0] if isinstance(record.args, tuple) and record.args else "?",
+                    exc.code,
+                    reason,
+                ),
+            )
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info = record.exc_text = None
+        return True
 
 
-class _GatewayRequestHandler(RequestHandler):
-    """aiohttp's connection handler with the sidecar's own answer to unreadable requests."""
-
-    def handle_error(
-        self,
-        request: BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        """The gateway-shaped answer to a request aiohttp could not hand to the application."""
-        if request.writer.output_size > 0:  # part of an answer is out: the connection is lost
-            raise ConnectionError("response already started; cannot send an error")
-        if status >= 500:
-            log.error("internal error answering %s", request.remote, exc_info=exc)
-            error = SidecarError("internal error in the sidecar")
-            error.status = status
-        else:
-            reason = _reason(exc)
-            # One short line: no traceback, no header values (a credential may be among them).
-            log.info("refused a malformed request from %s (%d): %s", request.remote, status,
-                        reason)  # fmt: skip
-            error = MalformedRequest(f"malformed request: {reason}")
-            error.status = status
-            self._count()
-        response = web.Response(
-            body=error_body(error, "", request_type=""),
-            status=status,
-            content_type="application/json",
-        )
-        response.force_close()
-        return response
-
-    def _count(self) -> None:
-        app = getattr(self._manager, "sidecar_app", None)
-        if app is not None and SERVICES in app:
-            app[SERVICES].metrics.answered("unmatched", "error", 0.0)
+log.addFilter(_OneLineRefusals())
 
 
-class _GatewayServer(web.Server):
-    def __call__(self) -> RequestHandler:
-        return _GatewayRequestHandler(self, loop=self._loop, **self._kwargs)
+class _GatewayShapedRefusal(AbstractStreamWriter):
+    """The writer of a request aiohttp's parser refused: whatever aiohttp answers it, the client
+    gets the gateway-shaped error of the same status, and the connection closes."""
+
+    def __init__(self, writer: AbstractStreamWriter, count: Callable[[], None]) -> None:
+        self._writer = writer
+        self._count = count
+
+    async def write_headers(self, status_line: str, headers: Any) -> None:
+        """Write the whole answer in place of aiohttp's."""
+        status = HTTPStatus(int(status_line.split(" ", 2)[1]))
+        reason = "the request could not be read"
+        error = MalformedRequest(f"malformed request: {reason}")
+        error.status = status
+        body = error_body(error, "", request_type="")
+        head = (f"HTTP/1.1 {status.value} {status.phrase}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")  # fmt: skip
+        self.output_size = len(head) + len(body)
+        self._count()
+        await self._writer.write_eof(head.encode() + body)
+
+    async def write(self, chunk: Any) -> None:
+        """aiohttp's body: not sent."""
+
+    async def write_eof(self, chunk: bytes = b"") -> None:
+        """Already written."""
+
+    async def drain(self) -> None:
+        """Nothing buffered here."""
+
+    def enable_compression(self, encoding: str = "deflate", strategy: Any = None) -> None:
+        """Never compressed."""
+
+    def enable_chunking(self) -> None:
+        """Never chunked."""
+
+    def send_headers(self) -> None:
+        """Sent with the body."""
 
 
 #: The HTTP version a request came with, when it is not 1.x (it is answered 505).
 _ASKED_VERSION: web.RequestKey[tuple[int, int]] = web.RequestKey("asked_version", tuple)
 
 
-def _answer_1x_only(factory: Callable[..., BaseRequest]) -> Callable[..., BaseRequest]:
-    """Requests that say HTTP/2.0 or later over HTTP/1 get a 1.1 answer: a 505."""
+def _requests(
+    factory: Callable[..., BaseRequest], app: web.Application
+) -> Callable[..., BaseRequest]:
+    """The server's request factory, for refused requests (aiohttp's stand-in message has no
+    header map) and for requests that say HTTP/2.0 or later over HTTP/1."""
 
-    def make(message: Any, *args: Any) -> BaseRequest:
+    def count() -> None:
+        if SERVICES in app:
+            app[SERVICES].metrics.answered("unmatched", "error", 0.0)
+
+    def make(message: Any, payload: Any, protocol: Any, writer: Any, task: Any) -> BaseRequest:
         if message.version.major == 1:
-            return factory(message, *args)
-        request = factory(message._replace(version=HttpVersion11, should_close=True), *args)
-        request[_ASKED_VERSION] = (message.version.major, message.version.minor)
+            if not isinstance(message.headers, dict):
+                return factory(message, payload, protocol, writer, task)
+            return factory(message, payload, protocol, _GatewayShapedRefusal(writer, count), task)
+        asked = message.version
+        message = message._replace(version=HttpVersion11, should_close=True)
+        request = factory(message, payload, protocol, writer, task)
+        request[_ASKED_VERSION] = (asked.major, asked.minor)
         return request
 
     return make
 
 
-def _refuse_other_versions(
-    handler: Callable[[BaseRequest], Awaitable[web.StreamResponse]],
-) -> Callable[[BaseRequest], Awaitable[web.StreamResponse]]:
-    async def handle(request: BaseRequest) -> web.StreamResponse:
-        if _ASKED_VERSION not in request:
-            return await handler(request)
-        error = UnsupportedVersion("this server speaks HTTP/1.0 and HTTP/1.1 only")
-        major, minor = request[_ASKED_VERSION]
-        log.info("refused an HTTP/%d.%d request from %s (505)", major, minor, request.remote)
-        return web.Response(
-            body=error_body(error, "", request_type=""),
-            status=error.status,
-            content_type="application/json",
-        )
+def _front(app: web.Application, handler: Handler) -> Handler:
+    """The server's handler: a 505 for requests in another HTTP version, the hit lane (off while
+    tracing), then the application (``handler``)."""
+    answer = hit_answers(app) if SERVICES in app and not tracing.is_enabled() else None
 
-    return handle
+    async def front(request: BaseRequest) -> web.StreamResponse:
+        if _ASKED_VERSION in request:
+            return _unsupported_version(request)
+        if answer is not None and (served := answer(request)) is not None:
+            return served
+        return await handler(request)
+
+    return front
+
+
+def _unsupported_version(request: BaseRequest) -> web.StreamResponse:
+    error = UnsupportedVersion("this server speaks HTTP/1.0 and HTTP/1.1 only")
+    major, minor = request[_ASKED_VERSION]
+    log.info("refused an HTTP/%d.%d request from %s (505)", major, minor, request.remote)
+    return web.Response(
+        body=error_body(error, "", request_type=""),
+        status=error.status,
+        content_type="application/json",
+    )
 
 
 class SidecarRunner(web.AppRunner):
@@ -134,17 +177,13 @@ class SidecarRunner(web.AppRunner):
             # and closes a connection still waiting for a whole request head when it fires:
             # a header timeout, whatever bytes trickle in meanwhile.
             kwargs.setdefault("keepalive_timeout", app[SETTINGS].client_header_timeout_s)
+        kwargs.setdefault("logger", log)
         super().__init__(app, **kwargs)
 
-    async def _make_server(self) -> web.Server:
-        server = await super()._make_server()
-        # aiohttp offers no hook for its connection handler class: the server that makes them
-        # is given one that does (same layout, one method more).
-        server.__class__ = _GatewayServer
-        server.sidecar_app = self.app  # type: ignore[attr-defined]
-        # aiohttp answers in the version a request says it speaks, "HTTP/2.0 200" included.
-        server.request_factory = _answer_1x_only(server.request_factory)
-        server.request_handler = _refuse_other_versions(server.request_handler)
-        if SERVICES in self.app and not tracing.is_enabled():
-            server.request_handler = hit_lane(self.app, server.request_handler)
-        return server
+    async def setup(self) -> None:
+        """Set up the application, then put the sidecar's front on its server."""
+        await super().setup()
+        server = self.server
+        assert server is not None
+        server.request_factory = _requests(server.request_factory, self.app)
+        server.request_handler = _front(self.app, server.request_handler)
