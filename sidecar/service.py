@@ -122,7 +122,7 @@ class ContainerService:
         if rules.only_if_cached:
             raise NotCached("only-if-cached: nothing usable is cached for this request")
         stale = found.record if found.granted else None
-        if served := self._shield(query, stale, found.failure):
+        if served := self._answer_while_backing_off(query, stale, found.failure):
             return served
         # Whether another credential has it cached is none of this caller's business: a record
         # it may not see is a miss like any other.
@@ -152,7 +152,7 @@ class ContainerService:
         self._renew_early(query, copy.record, grant_expiry_ms, now, copy.fresh_until_ms)
         return Outcome("hit", copy.record, copy.cache_id, freshness, copy=copy)
 
-    def _shield(
+    def _answer_while_backing_off(
         self, query: Query, stale: Record | None, failure: Failure | None
     ) -> Outcome | None:
         """While the upstream's back-off for this container runs, answer without calling it:
@@ -230,7 +230,7 @@ class ContainerService:
 
     async def _renew(self, query: Query, record: Record, key: FlightKey) -> None:
         with contextlib.suppress(SidecarError):
-            if self._shield(query, record, None) is None:
+            if self._answer_while_backing_off(query, record, None) is None:
                 await self._flights.run(key, lambda: self._fetch(query, record, "stale", record))
 
     def _can_refresh(self, provider: str) -> bool:
@@ -262,7 +262,7 @@ class ContainerService:
                 if served := self._stale_if_error(query, stale, None):
                     return served
                 raise
-            return await self._absorb(query, reply, stale, forward, previous)
+            return await self._store_reply(query, reply, stale, forward, previous)
         finally:
             # Released once the answer is stored (or its failure noted): a replica waiting on
             # the lock finds it, instead of taking the lock in between and fetching again.
@@ -329,13 +329,15 @@ class ContainerService:
                 found = await self.store.lookup(provider, cid, fingerprint)
             except StoreUnavailable:
                 return False
-            if found.failure is not None and (served := self._shield(query, stale, found.failure)):
+            if found.failure is not None and (
+                served := self._answer_while_backing_off(query, stale, found.failure)
+            ):
                 return served  # the holder met a failure: its back-off holds for us too
             fresh = [r for r in (found.record, found.negative) if r and r.fetched_at_ms >= started]
             if fresh and (served := await self._from_cache(query, found)):
                 return msgspec.structs.replace(served, collapsed="replica")
 
-    async def _absorb(
+    async def _store_reply(
         self,
         query: Query,
         reply: UpstreamReply,

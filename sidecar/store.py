@@ -77,7 +77,7 @@ READ_EPOCH_MS = 1000
 
 # Set entries' due times: ARGV[1] the mark of now, then (member, due_ms, how) triples. How: 'r', a
 # caller's read (now's mark); 'k', a refresh (the entry keeps its mark, or takes now's if it has
-# none: a stale read's refresh); 'g', a claim given back (only to an entry still there: one
+# none: a stale read's refresh); 'g', a claim rescheduled (only to an entry still there: one
 # deleted meanwhile stays out).
 # Every script on the due set starts with its packing constant.
 _DUE_LUA = f"local marks = {DUE_MARKS}\n"
@@ -617,7 +617,7 @@ class CacheStore:
         failing: set[str] | None = None,
     ) -> None:
         """Store refreshed records as :meth:`save` does (no grants), in one pipeline; ``due``
-        sets other entries' due scores (claims given back; None takes the entry out of the set).
+        sets other entries' due scores (claims rescheduled; None takes the entry out of the set).
         Only the failure markers of the
         ``failing`` containers (``provider/container_id``; None: all) are cleared."""
         keys = self.keys
@@ -720,13 +720,13 @@ class CacheStore:
         args = [member(provider, container_id), due_ms, until_ms, now, read_mark(now)]
         return bool(await self.call(lambda: claim(keys=[self.keys.due], args=args)))
 
-    async def hand_over(self, read: bytes, record: Record) -> bool:
+    async def leave_to_callers(self, read: bytes, record: Record) -> bool:
         """Replace a record still stored as ``read`` by ``record`` (same expiry) and drop it from
         the refresh-ahead index: for records the workers cannot refresh. False if it changed."""
         keys, provider, cid = self.keys, record.provider, record.container_id
         name, data = member(provider, cid), encode_record(record)
         swap = self._script(
-            "hand_over",
+            "leave_to_callers",
             """
             if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
             redis.call('set', KEYS[1], ARGV[2], 'KEEPTTL')

@@ -92,7 +92,7 @@ class Claims:
         return [renewal for renewal in renewals if member(*renewal[:2]) in held]
 
     def release(self, renewal: Renewal) -> None:
-        """Stop renewing a claim (its renewal is over: the save or give-back rescored it)."""
+        """Stop renewing a claim (its renewal is over: the save or the reschedule rescored it)."""
         self._until.pop(member(*renewal[:2]), None)
 
     async def hold(self) -> None:
@@ -176,7 +176,7 @@ class RefreshRunner:
     async def _wave(
         self, wave: list[Renewal], claims: Claims, results: Counter[str]
     ) -> list[Awaitable[None]]:
-        """Renew a wave's claims and read its records; the calls (and give-backs) to make."""
+        """Renew a wave's claims and read its records; the calls (and reschedules) to make."""
         try:
             held = await claims.keep(wave)
             raws = await self.store.read_many([(p, c) for p, c, _ in held])
@@ -203,11 +203,11 @@ class RefreshRunner:
             due = self.policy.due_ms(record)
             if skip == "already-fresh" and due is not None:
                 # Refreshed meanwhile (a caller's revalidation): its due entry is its own again.
-                calls.append(self._give_back(renewal, due, claims, results, skip))
+                calls.append(self._reschedule(renewal, due, claims, results, skip))
             elif skip == "failing" and failure is not None:  # planned again when it is over
-                calls.append(self._give_back(renewal, failure.until_ms, claims, results, skip))
+                calls.append(self._reschedule(renewal, failure.until_ms, claims, results, skip))
             elif skip in ("terminal", "no-service-key"):  # never renewed: out of the set
-                calls.append(self._give_back(renewal, None, claims, results, skip))
+                calls.append(self._reschedule(renewal, None, claims, results, skip))
             elif skip is not None:  # renewed by its callers: the claim lapses unrenewed
                 claims.release(renewal)
                 results[skip] += 1
@@ -228,7 +228,7 @@ class RefreshRunner:
     ) -> None:
         provider, container_id, due_ms = renewal
         if await self._backing_off(provider):
-            await self._give_back(renewal, due_ms, claims, results, "throttled")
+            await self._reschedule(renewal, due_ms, claims, results, "throttled")
             return
         reply: UpstreamReply | None = None
         try:
@@ -239,21 +239,21 @@ class RefreshRunner:
         if reply is None or status >= 500:
             # Retried by refresh-ahead once the fleet-wide back-off ends (if still read).
             until_ms = await self._failed(provider, container_id, status)
-            await self._give_back(renewal, until_ms, claims, results, "retried")
+            await self._reschedule(renewal, until_ms, claims, results, "retried")
             return
         try:
-            result = await self._absorb(reply, record, raw, failing)
+            result = await self._store_reply(reply, record, raw, failing)
         except StoreUnavailable:
             result = "store-unavailable"
         if result in ("throttled", "store-unavailable"):
             # Renewed by refresh-ahead once the back-off is over, or once Redis is back: the
-            # claim must not outlive this refresh (WriteBehind retries the give-back).
-            await self._give_back(renewal, due_ms, claims, results, result)
+            # claim must not outlive this refresh (WriteBehind retries the reschedule).
+            await self._reschedule(renewal, due_ms, claims, results, result)
             return
         claims.release(renewal)
         results[result] += 1
 
-    async def _give_back(
+    async def _reschedule(
         self,
         renewal: Renewal,
         due_ms: int | None,
@@ -263,7 +263,7 @@ class RefreshRunner:
     ) -> None:
         provider, container_id, _ = renewal
         claims.release(renewal)
-        written = await self.writes.give_back(provider, container_id, due_ms)
+        written = await self.writes.reschedule(provider, container_id, due_ms)
         results[result if written else "store-unavailable"] += 1
 
     async def _backing_off(self, provider: str) -> bool:
@@ -303,7 +303,9 @@ class RefreshRunner:
         self._call_s.append(time.perf_counter() - started)
         return reply
 
-    async def _absorb(self, reply: UpstreamReply, record: Record, raw: bytes, failing: bool) -> str:
+    async def _store_reply(
+        self, reply: UpstreamReply, record: Record, raw: bytes, failing: bool
+    ) -> str:
         """Store what the upstream answered (not a 5xx); the refresh's result word."""
         provider, container_id = record.provider, record.container_id
         if reply.status == 200:
@@ -313,7 +315,7 @@ class RefreshRunner:
         if reply.status in (401, 403, 404):
             # Another project's container (or a credential refused for it): its callers keep it.
             inline = msgspec.structs.replace(record, inline_refresh=True)
-            await self.store.hand_over(raw, inline)
+            await self.store.leave_to_callers(raw, inline)
             if reply.status == 404:
                 log.debug("%s/%s is not visible to the service credential: left to its "
                           "callers", provider, container_id)  # fmt: skip

@@ -13,17 +13,17 @@ from sidecar.store import CacheStore
 __all__ = ["WriteBehind"]
 
 
-#: Claims given back that wait for Redis to come back, at most (oldest dropped past it: their
+#: Claims rescheduled that wait for Redis to come back, at most (oldest dropped past it: their
 #: claims lapse on their own).
 _MAX_PENDING_GIVE_BACKS = 100_000
 _RETRY_S = 1.0
 
 
 class WriteBehind:
-    """Saves refreshed records (and gives back claims) in pipelines: whatever is ready within
+    """Saves refreshed records (and reschedules claims) in pipelines: whatever is ready within
     ``delay_s`` of the first goes together. Each call answers whether its write succeeded.
 
-    A claim given back while Redis is away is given back again once it is back (retried every
+    A claim rescheduled while Redis is away is rescheduled again once it is back (retried every
     second): a claim that outlived its refresh would stop every other refresh of its container
     until it lapsed, and hot containers would be served stale meanwhile."""
 
@@ -46,7 +46,7 @@ class WriteBehind:
             self._failing.add(member(record.provider, record.container_id))
         return await asyncio.shield(self._next_flush())
 
-    async def give_back(self, provider: str, container_id: str, due_ms: int | None) -> bool:
+    async def reschedule(self, provider: str, container_id: str, due_ms: int | None) -> bool:
         """Put a claimed entry back in the due set at ``due_ms`` (its refresh did not happen),
         or take it out (None: there is nothing for the workers to renew)."""
         self._due[member(provider, container_id)] = due_ms

@@ -33,7 +33,7 @@ async def test_a_claim_given_back_during_an_outage_is_given_back_when_redis_retu
     monkeypatch.setattr(writes, "_RETRY_S", 0.01)
     store = _FlakyStore()
     behind = WriteBehind(store, policy=None, delay_s=0)  # type: ignore[arg-type]
-    assert await behind.give_back("openai", "cntr_hot", 1_000) is False
+    assert await behind.reschedule("openai", "cntr_hot", 1_000) is False
     store.down = False
     await asyncio.wait_for(store.written.wait(), 5)
     assert store.given_back == {"openai/cntr_hot": 1_000}
