@@ -304,6 +304,7 @@ class CacheStore:
         self._unlock = redis.register_script(_UNLOCK)
         self._failed = redis.register_script(_FAILED)
         self._save = redis.register_script(_SAVE)
+        self._scripts: dict[str, Any] = {}  # the other scripts, registered on first use
         # Cluster pipelines refuse PUBLISH: announce with a command of its own there.
         self._cluster = hasattr(redis, "get_primaries")
 
@@ -583,10 +584,10 @@ class CacheStore:
     # -- other refresh-ahead plan or stale-read job starts the same refresh meanwhile.
 
     def _script(self, name: str, text: str) -> Any:
-        scripts: dict[str, Any] = self.__dict__.setdefault("_worker_scripts", {})
-        if name not in scripts:
-            scripts[name] = self.redis.register_script(text)
-        return scripts[name]
+        script = self._scripts.get(name)
+        if script is None:
+            script = self._scripts[name] = self.redis.register_script(text)
+        return script
 
     async def read_many(
         self, names: list[tuple[str, str]]
