@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from arq.connections import create_pool
 
+from sidecar.connections import close_redis, create_redis
 from sidecar.keys import KeySpace
 from sidecar.metrics import Metrics
 from sidecar.policy import Policy
@@ -87,8 +88,9 @@ async def backdate(
     """Age the cached record of a container by ``by_s`` seconds without waiting, as if the
     upstream had answered that much earlier: its freshness, stale window and due entry move
     with it (saved as a refresh would save it, announced to the sidecars). The record as now
-    stored; fails the test if nothing is cached."""
-    client = aioredis.Redis.from_url(settings.redis_url)
+    stored; fails the test if nothing is cached. Plain Redis, Cluster or Sentinel, as the
+    settings say."""
+    client = create_redis(settings)
     store = CacheStore(client, KeySpace(settings.key_prefix), Breaker(1.0))
     try:
         raw = await client.get(store.keys.record(provider, container_id))
@@ -101,7 +103,7 @@ async def backdate(
         assert await store.save(older, Policy(settings))
     finally:
         await store.close()
-        await client.aclose()
+        await close_redis(client)
     return older
 
 

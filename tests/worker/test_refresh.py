@@ -202,7 +202,7 @@ async def test_a_workers_refresh_reaches_every_replicas_local_copy(
 
     async def read_stale() -> bool:  # once the aged record's announcement reached the copy
         _, body, _ = await get(http, url)
-        return bool(debug(body)["similarity"] < 1)
+        return bool(debug(body).get("similarity", 1.0) < 1)
 
     await wait_for(read_stale)
     await wait_for(lambda: refresh_events(sidecar.app, "enqueued") == 1)
