@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -56,6 +57,18 @@ async def wait_for(
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.02)
+
+
+def wait_until(
+    predicate: Callable[[], bool], timeout_s: float = 10.0, what: str = "the condition"
+) -> None:
+    """``wait_for`` for synchronous tests and fixtures (it blocks the thread): wait until
+    ``predicate()`` holds, checking every 20 ms; fail the test after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen in {timeout_s} s")
+        time.sleep(0.02)
 
 
 async def request_refresh(settings: Settings, container_id: str, due_ms: int) -> bool:
