@@ -48,7 +48,7 @@ async def test_refresh_ahead_renews_many_containers_with_a_few_jobs_once_per_int
             for cid in ids[::6]:
                 _, body, _ = await get(http, f"{sidecar.url}/openai/v1/containers/{cid}")
                 similarities.append(body["extra_fields"]["cache_debug"].get("similarity", 1.0))
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # kept: reads spread over refresh-ahead's real ticks
     jobs = worker.jobs
     calls = [emulator.retrieves(cid) for cid in ids]
     assert min(similarities) == 1.0  # never served stale
@@ -137,7 +137,7 @@ async def test_batches_on_a_redis_cluster(
             for cid in ids:
                 status, _, _ = await get(http, f"{sidecar.url}/openai/v1/containers/{cid}")
                 assert status == 200
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.2)  # kept: reads spread over refresh-ahead's real ticks
     assert all(emulator.retrieves(cid) >= 3 for cid in ids)  # a miss, then renewals
 
 
@@ -158,7 +158,7 @@ async def test_the_embedded_worker_refreshes_in_batches_on_the_embedded_store(
             for cid in ids:
                 _, body, _ = await get(http, f"{sidecar.url}/openai/v1/containers/{cid}")
                 similarities.append(body["extra_fields"]["cache_debug"].get("similarity", 1.0))
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # kept: reads spread over refresh-ahead's real ticks
         # Read on expiry instead, each container would be answered stale at least every two
         # seconds (10 or more here); refresh-ahead renews them first, give or take a loaded
         # machine's milliseconds: the miss, then a renewal about every 1.4 s.
