@@ -1,20 +1,31 @@
 """What tests share besides fixtures: the test credentials, a GET that answers status, body and
-headers, a wait on a condition (no test sleeps in place of one), and a stale read's refresh."""
+headers, a wait on a condition (no test sleeps in place of one), a stale read's refresh, what a
+sidecar has counted and still runs in its background, and records aged without waiting (the
+record's ``fetched_at_ms`` is the clock freshness is read from: backdating it is the tests'
+injectable clock)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import inspect
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import msgspec
 import redis.asyncio as aioredis
+from aiohttp import web
 from arq.connections import create_pool
 
+from sidecar.connections import close_redis, create_redis
 from sidecar.keys import KeySpace
 from sidecar.metrics import Metrics
+from sidecar.policy import Policy
 from sidecar.queue import Batch, enqueue_batch, queue_redis_settings, refresh_stale
+from sidecar.records import Record, decode_record
 from sidecar.settings import Settings
+from sidecar.state import SERVICES
 from sidecar.store import Breaker, CacheStore
 
 KEY_A = "sk-bf-team-a"
@@ -31,13 +42,33 @@ async def get(
         return response.status, await response.json(), response.headers
 
 
-async def wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    """Wait until ``predicate()`` holds; fail the test after ``timeout_s``."""
+async def wait_for(
+    predicate: Callable[[], bool | Awaitable[bool]], timeout_s: float = 10.0
+) -> None:
+    """Wait until ``predicate()`` holds (a coroutine function's answer is awaited), checking
+    every 20 ms; fail the test after ``timeout_s``."""
     deadline = asyncio.get_running_loop().time() + timeout_s
-    while not predicate():
+    while True:
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.02)
+
+
+def wait_until(
+    predicate: Callable[[], bool], timeout_s: float = 10.0, what: str = "the condition"
+) -> None:
+    """``wait_for`` for synchronous tests and fixtures (it blocks the thread): wait until
+    ``predicate()`` holds, checking every 20 ms; fail the test after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen in {timeout_s} s")
+        time.sleep(0.02)
 
 
 async def request_refresh(settings: Settings, container_id: str, due_ms: int) -> bool:
@@ -62,3 +93,40 @@ async def request_refresh(settings: Settings, container_id: str, due_ms: int) ->
         await client.aclose()
         await pool.aclose()
     return bool(queued)
+
+
+async def backdate(
+    settings: Settings, container_id: str, by_s: float, provider: str = "openai"
+) -> Record:
+    """Age the cached record of a container by ``by_s`` seconds without waiting, as if the
+    upstream had answered that much earlier: its freshness, stale window and due entry move
+    with it (saved as a refresh would save it, announced to the sidecars). The record as now
+    stored; fails the test if nothing is cached. Plain Redis, Cluster or Sentinel, as the
+    settings say."""
+    client = create_redis(settings)
+    store = CacheStore(client, KeySpace(settings.key_prefix), Breaker(1.0))
+    try:
+        raw = await client.get(store.keys.record(provider, container_id))
+        assert raw is not None, f"nothing cached for {provider}/{container_id}"
+        record = decode_record(raw)
+        assert record is not None
+        older = msgspec.structs.replace(
+            record, fetched_at_ms=record.fetched_at_ms - int(by_s * 1000)
+        )
+        assert await store.save(older, Policy(settings))
+    finally:
+        await store.close()
+        await close_redis(client)
+    return older
+
+
+def refresh_events(app: web.Application, event: str) -> int:
+    """How many refresh-job events of one kind (``enqueued``, ``deduplicated``...) a sidecar
+    counted (its ``sidecar_refresh_jobs_total``)."""
+    return int(app[SERVICES].metrics.refresh_jobs.labels(event).value)
+
+
+def background_idle(app: web.Application) -> bool:
+    """True when a sidecar runs no background work (a stale read's enqueue, an early renewal):
+    what a request set going has finished, so a check that it did nothing more can follow."""
+    return len(app[SERVICES].service._background) == 0

@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import free_port
+from tests.support import wait_until
 
 BIN = Path(sys.executable).parent
 
@@ -147,15 +147,17 @@ def test_serve_takes_its_port_from_the_command_line_and_logs_each_request() -> N
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 20
-        while True:
+
+        def serving() -> bool:
             try:
-                assert _get(f"http://127.0.0.1:{port}/healthz") == 200
-                break
+                status = _get(f"http://127.0.0.1:{port}/healthz")
             except OSError:
                 assert process.poll() is None, process.communicate()[1]
-                assert time.monotonic() < deadline, "sidecar serve did not start"
-                time.sleep(0.05)
+                return False
+            assert status == 200
+            return True
+
+        wait_until(serving, 20, "sidecar serve starting")
         bearer = {"Authorization": "Bearer sk-bf-never-logged", "X-Request-Id": "cli-1"}
         assert _get(f"http://127.0.0.1:{port}/openai/v1/containers/cntr!", bearer) == 400
     finally:

@@ -25,6 +25,7 @@ from sidecar.logs import (
 from sidecar.runner import SidecarRunner
 from sidecar.settings import Settings
 from tests.conftest import Emulator, free_port
+from tests.support import wait_for
 
 KEY = "sk-bf-team-a"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -219,7 +220,7 @@ async def test_a_request_refused_before_routing_gets_an_access_line_too(
     await writer.drain()
     assert (await reader.read(12)).endswith(b" 400")
     writer.close()
-    await asyncio.sleep(0.05)
+    await wait_for(lambda: bool(logs.access()))  # the access line, written after the answer
     (line,) = logs.access()
     assert (line["route"], line["status"], line["outcome"]) == ("unmatched", 400, "error")
     assert not [line for line in logs.lines() if line["logger"] == ACCESS_LOGGER

@@ -6,7 +6,6 @@ import random
 import shutil
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 import redis
 
 from tests.conftest import RedisServer, free_port
+from tests.support import wait_until
 
 
 def cluster_port() -> int:
@@ -27,14 +27,6 @@ def cluster_port() -> int:
         except OSError:
             continue
         return port
-
-
-def _wait(predicate: object, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not happen in {timeout_s}s")
-        time.sleep(0.1)
 
 
 class Cluster:
@@ -66,7 +58,7 @@ class Cluster:
              "--cluster-yes"],
             check=True, capture_output=True, timeout=60,
         )  # fmt: skip
-        _wait(self.healthy, 30, "the cluster forming")
+        wait_until(self.healthy, 30, "the cluster forming")
         return self
 
     def healthy(self) -> bool:
@@ -140,7 +132,7 @@ class Sentinel:
             )
             self.sentinels.append(subprocess.Popen(args, stdout=subprocess.DEVNULL,
                                                    stderr=subprocess.DEVNULL))  # fmt: skip
-        _wait(lambda: self.master_port() == self.master.port, 20, "the sentinels agreeing")
+        wait_until(lambda: self.master_port() == self.master.port, 20, "the sentinels agreeing")
         return self
 
     def master_port(self) -> int | None:

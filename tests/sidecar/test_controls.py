@@ -11,7 +11,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.controls import Rules, parse_rules
 from tests.conftest import Emulator, Running
-from tests.support import AUTH_A, KEY_A, get
+from tests.support import AUTH_A, KEY_A, backdate, get
 
 
 async def cached(sidecar: Running, emulator: Emulator, http: aiohttp.ClientSession) -> str:
@@ -41,9 +41,10 @@ async def test_cache_status_and_age_on_miss_hit_and_collapsed_miss(
 async def test_stale_hit_has_a_negative_ttl(
     start_sidecar: Any, make_settings: Any, emulator: Emulator, http: aiohttp.ClientSession
 ) -> None:
-    sidecar = await start_sidecar(make_settings(fresh_ttl_s=0.2, local_ttl_s=0))
+    settings = make_settings(fresh_ttl_s=0.2, local_ttl_s=0)
+    sidecar = await start_sidecar(settings)
     cid = await cached(sidecar, emulator, http)
-    await asyncio.sleep(1.3)
+    await backdate(settings, cid, 1.3)  # 1.1 s past its freshness
     _, body, headers = await get(http, f"{sidecar.url}/openai/v1/containers/{cid}",
                                  {**AUTH_A, "Cache-Control": "max-stale"})  # fmt: skip
     assert headers["Cache-Status"] == "bifrost-sidecar; hit; ttl=-2"
@@ -93,6 +94,8 @@ async def test_freshness_requirements(
     hit: bool,
 ) -> None:
     cid = await cached(sidecar, emulator, http)
+    # Kept: 10 ms for the record to be older than the 1 ms of x-bf-cache-ttl (aging it would
+    # take a wait for the sidecar's local copy to hear of it).
     await asyncio.sleep(0.01)
     status, body, _ = await get(http, f"{sidecar.url}/openai/v1/containers/{cid}",
                                 {**AUTH_A, **headers})  # fmt: skip

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,7 +10,7 @@ import pytest
 
 from emulator import EmulatorConfig, create_emulator_app
 from tests.conftest import Emulator, Running, start_app
-from tests.support import AUTH_A, KEY_A, get
+from tests.support import AUTH_A, KEY_A, backdate, get
 
 
 @pytest.fixture
@@ -89,12 +88,13 @@ async def test_only_documented_final_statuses_are_frozen(
     status: str,
     polled: bool,
 ) -> None:
-    sidecar = await start_sidecar(make_settings(fresh_ttl_s=0.1, max_stale_s=0.1, local_ttl_s=0))
+    settings = make_settings(fresh_ttl_s=0.1, max_stale_s=0.1, local_ttl_s=0)
+    sidecar = await start_sidecar(settings)
     cid = (await emulator.create(KEY_A))["id"]
     emulator.state.update_container(cid, status=status)
     url = f"{sidecar.url}/openai/v1/containers/{cid}"
     await get(http, url)
-    await asyncio.sleep(0.3)  # past fresh and stale for a container that may still change
+    await backdate(settings, cid, 0.3)  # past fresh and stale for a container that may change
     _, body, _ = await get(http, url)
     assert body["status"] == status
     assert body["extra_fields"]["cache_debug"]["cache_hit"] is not polled

@@ -9,8 +9,10 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from sidecar.keys import KeySpace
+from sidecar.state import SERVICES
 from tests.conftest import Emulator, RedisServer, Running
-from tests.support import AUTH_A, KEY_A, KEY_B, get
+from tests.support import AUTH_A, KEY_A, KEY_B, get, wait_for
 
 ROUTE = "/openai/v1/containers/{container_id}"
 ADMIN = {"Authorization": "Bearer admin-secret"}
@@ -171,12 +173,20 @@ async def test_purge_by_cache_id_and_by_container(
 
 
 async def test_stats_summarise_the_fleet(
-    admin_sidecar: Running, emulator: Emulator, http: aiohttp.ClientSession
+    admin_sidecar: Running,
+    emulator: Emulator,
+    http: aiohttp.ClientSession,
+    redis_server: RedisServer,
 ) -> None:
     cid = (await emulator.create(KEY_A))["id"]
     for _ in range(4):
         await get(http, f"{admin_sidecar.url}/openai/v1/containers/{cid}")
-    await asyncio.sleep(0.7)  # counts are flushed to Redis twice a second
+    # Counts are flushed to Redis twice a second, all in one go: wait for the hash there (a
+    # stats request in a polling loop would count itself).
+    client = redis_server.client()
+    stats_key = KeySpace(admin_sidecar.app[SERVICES].settings.key_prefix).stats
+    await wait_for(lambda: client.hget(stats_key, "answers.hit") == b"3")
+    client.close()
     async with http.get(f"{admin_sidecar.url}/api/cache/stats", headers=ADMIN) as response:
         stats = await response.json()
     assert stats["entries"] == 1

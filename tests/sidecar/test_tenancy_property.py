@@ -54,6 +54,7 @@ from sidecar.app import create_app
 from sidecar.runner import SidecarRunner
 from sidecar.settings import Settings, load_settings
 from tests.conftest import RedisServer
+from tests.support import background_idle, wait_for
 from tests.worker.conftest import run_worker_burst
 
 T = TypeVar("T")
@@ -309,6 +310,7 @@ class World:
         self.emulator_app: web.Application | None = None
         self.emulator_url = ""
         self.sidecars: dict[str, str] = {}
+        self.apps: list[web.Application] = []
         self.settings: Settings | None = None
         self.session: aiohttp.ClientSession | None = None
         self.holdback: Holdback | None = None
@@ -376,9 +378,13 @@ class World:
         # Deletes go through "local", which drops its own copy at once; "shared" keeps no
         # copies, so no answer depends on how fast a change announcement travels (README,
         # "Known limits": a copy elsewhere may live up to SIDECAR_LOCAL_TTL_S).
+        self.apps = [
+            create_app(self.settings),
+            create_app(load_settings({}, **common, local_ttl_s=0)),
+        ]
         self.sidecars = {
-            "local": await self._serve(create_app(self.settings)),
-            "shared": await self._serve(create_app(load_settings({}, **common, local_ttl_s=0))),
+            "local": await self._serve(self.apps[0]),
+            "shared": await self._serve(self.apps[1]),
         }
 
     async def _stop(self) -> None:
@@ -441,8 +447,10 @@ class World:
         self.run(revoke())
 
     def refresh(self) -> None:
-        """A real arq worker drains the refresh jobs the sidecars have queued."""
+        """A real arq worker drains the refresh jobs the sidecars have queued (once the
+        enqueues their reads set going in the background have run)."""
         assert self.settings is not None
+        self.run(wait_for(lambda: all(background_idle(app) for app in self.apps)))
         self.run(run_worker_burst(self.settings))
 
     def container_keys(self) -> set[bytes]:
@@ -865,13 +873,13 @@ class TenancyMachine(RuleBasedStateMachine):
 
     @rule(seconds=st.sampled_from((0.03, 0.16)))
     def wait(self, seconds: float) -> None:
-        """Let entries go stale (fresh for 0.15 s), grants lapse and revocations take effect."""
+        """Let entries go stale (fresh for 0.15 s), grants lapse and revocations take effect.
+        Kept: real time for the model too (it notes revocations with time.monotonic)."""
         time.sleep(seconds)
         self.note(f"wait {seconds}s")
 
     @rule()
     def refresh(self) -> None:
-        time.sleep(0.01)  # enqueues run in the background of the requests that made them
         self.world.refresh()
         self.note("worker burst")
 

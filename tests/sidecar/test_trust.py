@@ -18,7 +18,7 @@ import pytest
 from sidecar.credentials import ANONYMOUS, CredentialReader
 from sidecar.errors import AmbiguousCredential, MissingCredential
 from tests.conftest import Emulator, RedisServer, Running
-from tests.support import AUTH_A, KEY_A, KEY_B, get
+from tests.support import AUTH_A, KEY_A, KEY_B, backdate, get
 
 
 @pytest.mark.parametrize("method", ["GET", "POST"])
@@ -201,13 +201,12 @@ async def test_a_failing_upstream_is_called_once_per_backoff_not_once_per_poll(
 ) -> None:
     # Found: during an outage each poll of a stale-if-error record called the upstream again:
     # 550-600 calls/s against 115/s when healthy.
-    sidecar = await start_sidecar(
-        make_settings(fresh_ttl_s=0.2, max_stale_s=0.1, error_backoff_s=5, local_ttl_s=0)
-    )
+    settings = make_settings(fresh_ttl_s=0.2, max_stale_s=0.1, error_backoff_s=5, local_ttl_s=0)
+    sidecar = await start_sidecar(settings)
     cid = (await emulator.create(KEY_A))["id"]
     url = f"{sidecar.url}/openai/v1/containers/{cid}"
     await get(http, url)
-    await asyncio.sleep(0.4)  # past fresh and stale: only stale-if-error is left
+    await backdate(settings, cid, 0.4)  # past fresh and stale: only stale-if-error is left
     emulator.state.add_fault(kind="status", status=503)
     emulator.state.reset_stats()
     kinds = []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
@@ -20,14 +19,16 @@ from tests.worker.conftest import (
 async def refreshed_within(
     settings: Settings, ids: list[str], since_ms: int, limit_s: float
 ) -> float:
-    """Seconds until every container's record was fetched after ``since_ms``."""
+    """Seconds until every container's record was fetched after ``since_ms`` (at most
+    ``limit_s``)."""
     started = time.monotonic()
-    while True:
+
+    async def refreshed() -> bool:
         records = [await cached(settings, cid) for cid in ids]
-        if all(r is not None and r.fetched_at_ms > since_ms for r in records):
-            return time.monotonic() - started
-        assert time.monotonic() - started < limit_s, "not refreshed in time"
-        await asyncio.sleep(0.05)
+        return all(r is not None and r.fetched_at_ms > since_ms for r in records)
+
+    await wait_for(refreshed, limit_s)
+    return time.monotonic() - started
 
 
 async def test_a_stale_reads_refresh_lost_with_its_worker_is_redone_within_seconds(

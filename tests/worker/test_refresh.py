@@ -8,7 +8,7 @@ from typing import Any
 import aiohttp
 
 from tests.conftest import Emulator
-from tests.support import AUTH_A, KEY_A, get
+from tests.support import AUTH_A, KEY_A, backdate, background_idle, get, refresh_events, wait_for
 from tests.worker.conftest import queued_jobs, run_worker_burst, running_worker
 
 
@@ -26,13 +26,14 @@ async def test_an_upstream_change_is_visible_after_fresh_ttl_plus_one_refresh(
     url = f"{sidecar.url}/openai/v1/containers/{cid}"
     _, first, _ = await get(http, url)
     emulator.state.update_container(cid, last_active_at=first["last_active_at"] + 42)
-    await asyncio.sleep(0.35)
+    await backdate(settings, cid, 0.35)  # past the 0.3 s of freshness
 
     _, stale, _ = await get(http, url)
     assert stale["last_active_at"] == first["last_active_at"]  # answered at once, from cache
     assert debug(stale)["cache_hit"] is True
     assert 0 < debug(stale)["similarity"] < 1
-    await asyncio.sleep(0.05)  # the enqueue runs in the background of the request
+    # The enqueue runs in the background of the request.
+    await wait_for(lambda: refresh_events(sidecar.app, "enqueued") == 1)
     await run_worker_burst(settings)
 
     _, fresh, _ = await get(http, url)
@@ -55,14 +56,17 @@ async def test_a_thousand_concurrent_stale_reads_make_one_job_and_one_call(
     await get(http, f"{replicas[0].url}/openai/v1/containers/{cid}")
     await get(http, f"{replicas[1].url}/openai/v1/containers/{cid}", {"x-api-key": KEY_A})
     assert emulator.retrieves(cid) == 2  # one proof of access per credential
-    await asyncio.sleep(0.35)
+    await backdate(settings, cid, 0.35)
     connector = aiohttp.TCPConnector(limit=200)
     async with aiohttp.ClientSession(connector=connector) as many:
         results = await asyncio.gather(
             *(get(many, f"{replicas[i % 2].url}/openai/v1/containers/{cid}") for i in range(1000))
         )
     assert all(debug(body)["cache_hit"] for _, body, _ in results)
-    await asyncio.sleep(0.1)
+    # Every read's enqueue has run (one queued, the others found the claim taken).
+    await wait_for(lambda: sum(refresh_events(r.app, "enqueued") for r in replicas) >= 1)
+    await wait_for(lambda: all(background_idle(r.app) for r in replicas))
+    assert sum(refresh_events(r.app, "enqueued") for r in replicas) == 1
     assert queued_jobs(redis_server) == 1
     await run_worker_burst(settings)
     assert emulator.retrieves(cid) == 3
@@ -77,10 +81,10 @@ async def test_a_429_stops_refreshes_until_retry_after_while_stale_is_served(
     cid = (await emulator.create(KEY_A))["id"]
     url = f"{sidecar.url}/openai/v1/containers/{cid}"
     await get(http, url)
-    await asyncio.sleep(0.35)
+    await backdate(settings, cid, 0.35)
     emulator.state.add_fault(kind="status", status=429, retry_after_s=1, count=1)
     await get(http, url)
-    await asyncio.sleep(0.05)
+    await wait_for(lambda: refresh_events(sidecar.app, "enqueued") == 1)
     await run_worker_burst(settings)
     assert emulator.retrieves(cid) == 2  # the refresh met the 429
 
@@ -88,13 +92,13 @@ async def test_a_429_stops_refreshes_until_retry_after_while_stale_is_served(
         status, body, _ = await get(http, url)
         assert status == 200
         assert debug(body)["cache_hit"] is True
-        await asyncio.sleep(0.05)
+        await wait_for(lambda: background_idle(sidecar.app))  # anything the read set going
         await run_worker_burst(settings)
     assert emulator.retrieves(cid) == 2  # nobody called the provider meanwhile
 
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(1.0)  # Retry-After: the throttle lapses in Redis, in real time
     await get(http, url)
-    await asyncio.sleep(0.05)
+    await wait_for(lambda: background_idle(sidecar.app))  # the read's enqueue
     await run_worker_burst(settings)
     assert emulator.retrieves(cid) == 3
     _, body, _ = await get(http, url)
@@ -104,28 +108,29 @@ async def test_a_429_stops_refreshes_until_retry_after_while_stale_is_served(
 async def test_stale_if_error_then_the_upstreams_error(
     start_sidecar: Any, refresh_settings: Any, emulator: Emulator, http: aiohttp.ClientSession
 ) -> None:
-    settings = refresh_settings(fresh_ttl_s=0.2, max_stale_s=0.3, stale_if_error_s=0.6)
+    # Wide windows: the record is aged into the middle of each, however slow the machine.
+    settings = refresh_settings(fresh_ttl_s=0.2, max_stale_s=5, stale_if_error_s=5)
     sidecar = await start_sidecar(settings)
     cid = (await emulator.create(KEY_A))["id"]
     url = f"{sidecar.url}/openai/v1/containers/{cid}"
     await get(http, url)
     emulator.state.add_fault(kind="status", status=503)
 
-    await asyncio.sleep(0.3)  # stale: served at once, the refresh fails in the background
+    await backdate(settings, cid, 0.2 + 2.5)  # stale: served at once, the refresh fails
     status, body, headers = await get(http, url)
     assert status == 200
     assert debug(body)["hit_type"] == "direct"
-    await asyncio.sleep(0.05)
+    await wait_for(lambda: refresh_events(sidecar.app, "enqueued") == 1)
     await run_worker_burst(settings)
 
-    await asyncio.sleep(0.3)  # past the stale window: revalidation fails, stale-if-error
+    await backdate(settings, cid, 5)  # past the stale window: revalidation fails, stale-if-error
     status, body, headers = await get(http, url)
     assert status == 200
     assert body["id"] == cid
     assert debug(body)["hit_type"] == "stale_if_error"
     assert "stale-if-error" in headers["Cache-Status"]
 
-    await asyncio.sleep(0.6)  # past stale-if-error: the upstream's error
+    await backdate(settings, cid, 5)  # past stale-if-error: the upstream's error
     status, body, _ = await get(http, url)
     assert status == 503
     assert body["status_code"] == 503
@@ -152,7 +157,7 @@ async def test_terminal_and_negative_entries_are_never_polled(
             status, body, _ = await get(http, missing)
             assert status == 404
             assert debug(body)["cache_hit"] is True
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # kept: 1.2 s of reads, past the worker's 1 s tick
     assert emulator.retrieves(cid) == 1
     assert emulator.retrieves("cntr_gone") == 1
     assert queued_jobs(redis_server) == 0
@@ -174,7 +179,7 @@ async def test_refresh_ahead_keeps_read_entries_fresh_and_lets_unread_ones_lapse
         for i in range(40):
             _, body, _ = await get(http, f"{sidecar.url}/openai/v1/containers/{hot}")
             similarities.append(debug(body).get("similarity", 1.0))
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # kept: 4 s of reads over refresh-ahead's real ticks
             if i == 20:
                 cold_calls_after_2s = emulator.retrieves(cold)
     assert min(similarities) == 1.0  # never served stale
@@ -193,10 +198,18 @@ async def test_a_workers_refresh_reaches_every_replicas_local_copy(
     url = f"{sidecar.url}/openai/v1/containers/{cid}"
     await get(http, url)
     emulator.state.update_container(cid, status="deleted")
-    await asyncio.sleep(0.35)
-    await get(http, url)
-    await asyncio.sleep(0.05)
+    await backdate(settings, cid, 0.35)
+
+    async def read_stale() -> bool:  # once the aged record's announcement reached the copy
+        _, body, _ = await get(http, url)
+        return bool(debug(body).get("similarity", 1.0) < 1)
+
+    await wait_for(read_stale)
+    await wait_for(lambda: refresh_events(sidecar.app, "enqueued") == 1)
     await run_worker_burst(settings)
-    await asyncio.sleep(0.05)
-    _, body, _ = await get(http, url, AUTH_A)
-    assert body["status"] == "deleted"
+
+    async def read_deleted() -> bool:  # once the refresh's announcement reached the copy
+        _, body, _ = await get(http, url, AUTH_A)
+        return bool(body["status"] == "deleted")
+
+    await wait_for(read_deleted)

@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import Emulator
-from tests.support import KEY_B, get
+from tests.support import KEY_B, backdate, get
 from tests.worker.conftest import (
     SERVICE_KEY,
     cached,
@@ -39,13 +39,11 @@ async def test_a_refresh_the_service_credential_is_refused_hands_the_record_over
     cid = (await emulator.create(owner))["id"]
     url = f"{sidecar.url}/openai/v1/containers/{cid}"
     assert (await get(http, url, auth))[0] == 200
-    before = await cached(settings, cid)
-    assert before is not None
+    before = await backdate(settings, cid, 0.35)  # stale: past the 0.3 s of freshness
     assert not before.inline_refresh
     ttl_before = redis_server.client().pttl(sidecar_key(settings, cid))
     if refusal != 404:
         emulator.state.add_fault(kind="status", status=refusal, count=1)
-    await asyncio.sleep(0.35)
     await enqueue_refresh(settings, cid, before.fetched_at_ms + 300)  # a stale read's job
     await run_worker_burst(settings)
     assert emulator.retrieves(cid) == 2  # the worker's call, refused
@@ -76,7 +74,7 @@ async def test_refresh_ahead_hands_another_projects_containers_over_after_one_ca
         for _ in range(15):  # 3 s of reading both
             await get(http, f"{sidecar.url}/openai/v1/containers/{mine}")
             await get(http, f"{sidecar.url}/openai/v1/containers/{theirs}", AUTH_B)
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.2)  # kept: reads spread over refresh-ahead's ticks
         calls = {k: c.value for k, c in worker.metrics.upstream.children.items()}
     by_worker = {key[1]: n for key, n in calls.items() if key[2] == "worker" and n}
     assert by_worker.get("4xx") == 1  # one 404 for their container, then never again
