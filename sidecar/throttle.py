@@ -76,6 +76,11 @@ class Throttle:
                 del self._known[next(iter(self._known))]
         self._known[provider] = state
 
+    def left_ms(self, provider: str) -> int:
+        """Milliseconds left of the provider's back-off as this process last heard of it."""
+        until, _ = self._known.get(provider, (0.0, 0.0))
+        return max(0, int((until - time.monotonic()) * 1000))
+
     def remaining(self) -> dict[str, float]:
         """Seconds left of each back-off this process knows of."""
         now = time.monotonic()

@@ -228,7 +228,8 @@ class RefreshRunner:
     ) -> None:
         provider, container_id, due_ms = renewal
         if await self._backing_off(provider):
-            await self._reschedule(renewal, due_ms, claims, results, "throttled")
+            await self._reschedule(renewal, self._after_backoff(renewal), claims, results,
+                                   "throttled")  # fmt: skip
             return
         reply: UpstreamReply | None = None
         try:
@@ -248,7 +249,8 @@ class RefreshRunner:
         if result in ("throttled", "store-unavailable"):
             # Renewed by refresh-ahead once the back-off is over, or once Redis is back: the
             # claim must not outlive this refresh (WriteBehind retries the reschedule).
-            await self._reschedule(renewal, due_ms, claims, results, result)
+            due = self._after_backoff(renewal) if result == "throttled" else due_ms
+            await self._reschedule(renewal, due, claims, results, result)
             return
         claims.release(renewal)
         results[result] += 1
@@ -265,6 +267,12 @@ class RefreshRunner:
         claims.release(renewal)
         written = await self.writes.reschedule(provider, container_id, due_ms)
         results[result if written else "store-unavailable"] += 1
+
+    def _after_backoff(self, renewal: Renewal) -> int:
+        """When a renewal held back by its provider's 429 back-off is due again: at the back-off's
+        end, so that stale reads meanwhile claim nothing and queue no job."""
+        provider, _, due_ms = renewal
+        return max(due_ms, now_ms() + self.throttle.left_ms(provider))
 
     async def _backing_off(self, provider: str) -> bool:
         """Whether the provider's 429 back-off runs. ``Throttle`` asks Redis now and then:

@@ -95,6 +95,8 @@ async def test_a_429_stops_refreshes_until_retry_after_while_stale_is_served(
         await wait_for(lambda: background_idle(sidecar.app))  # anything the read set going
         await run_worker_burst(settings)
     assert emulator.retrieves(cid) == 2  # nobody called the provider meanwhile
+    # The held-back renewal is due again at the back-off's end: the reads meanwhile queued no job.
+    assert refresh_events(sidecar.app, "enqueued") == 1
 
     await asyncio.sleep(1.0)  # Retry-After: the throttle lapses in Redis, in real time
     await get(http, url)
