@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import aiohttp
 
+from sidecar.keys import KeySpace, member
 from tests.conftest import Emulator
 from tests.support import AUTH_A, KEY_A, backdate, background_idle, get, refresh_events, wait_for
 from tests.worker.conftest import queued_jobs, run_worker_burst, running_worker
@@ -153,6 +155,8 @@ async def test_terminal_and_negative_entries_are_never_polled(
     missing = f"{sidecar.url}/openai/v1/containers/cntr_gone"
     assert (await get(http, url))[1]["status"] == "expired"
     assert (await get(http, missing))[0] == 404
+    client = redis_server.client()
+    due = KeySpace(settings.key_prefix).due
     async with running_worker(settings):
         for _ in range(12):
             assert (await get(http, url))[0] == 200
@@ -160,6 +164,12 @@ async def test_terminal_and_negative_entries_are_never_polled(
             assert status == 404
             assert debug(body)["cache_hit"] is True
             await asyncio.sleep(0.1)  # kept: 1.2 s of reads, past the worker's 1 s tick
+        # A refresh-ahead tick ran after the reads (its election key), and neither entry is in
+        # the due set it plans from: no tick, then or later, renews them.
+        last = int(time.time() // settings.refresh_tick_s)
+        await wait_for(lambda: client.exists(f"{settings.queue_name}:refresh-ahead:{last}") == 1)
+    assert client.zscore(due, member("openai", cid)) is None
+    assert client.zscore(due, member("openai", "cntr_gone")) is None
     assert emulator.retrieves(cid) == 1
     assert emulator.retrieves("cntr_gone") == 1
     assert queued_jobs(redis_server) == 0
