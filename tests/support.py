@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -32,6 +36,27 @@ KEY_A = "sk-bf-team-a"
 KEY_A2 = "sk-bf-team-a2"  # same project as KEY_A
 KEY_B = "sk-bf-team-b"  # another project
 AUTH_A = {"Authorization": f"Bearer {KEY_A}"}
+
+
+BIN = Path(sys.executable).parent
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The test's environment without SIDECAR_* or OTEL_* settings, plus ``extra``."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith(("SIDECAR_", "OTEL_"))},
+            **extra}  # fmt: skip
+
+
+def run(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """A console script (``sidecar ...``) or, for ``python``, ``python -m ...``."""
+    command = (
+        [sys.executable, *args[1:]] if args[0] == "python" else [str(BIN / args[0]), *args[1:]]
+    )
+    return subprocess.run(
+        command, env=clean_env(**(env or {})), capture_output=True, text=True, timeout=timeout
+    )
 
 
 async def get(

@@ -3,40 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
 import sys
 import urllib.error
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import free_port
-from tests.support import wait_until
-
-BIN = Path(sys.executable).parent
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The test's environment without SIDECAR_* or OTEL_* settings, plus ``extra``."""
-    return {**{k: v for k, v in os.environ.items() if not k.startswith(("SIDECAR_", "OTEL_"))},
-            **extra}  # fmt: skip
-
-
-def run(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    """A console script (``sidecar ...``) or, for ``python``, ``python -m ...``."""
-    command = (
-        [sys.executable, *args[1:]] if args[0] == "python" else [str(BIN / args[0]), *args[1:]]
-    )
-    return subprocess.run(
-        command, env=clean_env(**(env or {})), capture_output=True, text=True, timeout=timeout
-    )
+from tests.support import clean_env, run, wait_until
 
 
 def json_lines(text: str) -> list[dict[str, Any]]:

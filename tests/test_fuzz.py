@@ -33,7 +33,6 @@ import random
 import re
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -50,9 +49,8 @@ from yarl import URL
 from sidecar.controls import CONTROL_HEADERS
 from sidecar.settings import PROVIDERS
 from tests.conftest import RedisServer, free_port
-from tests.support import wait_until
+from tests.support import BIN, wait_until
 
-BIN = Path(sys.executable).parent
 SEED = 20261123
 MARKER = "FUZZSECRET"
 OWNER_KEY = "sk-bf-FUZZSECRETOWNER0000000000"  # the project that owns the real containers

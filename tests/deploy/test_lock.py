@@ -14,8 +14,9 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
+from tests.support import BIN
+
 REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 RUNTIME_LOCK = REPO / "requirements" / "runtime.txt"
 BUILD_LOCK = REPO / "requirements" / "build.txt"

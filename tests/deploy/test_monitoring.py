@@ -13,7 +13,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -30,12 +29,12 @@ from sidecar.app import RETRIEVE_ROUTES, create_app
 from sidecar.settings import load_settings
 from tests.conftest import RedisServer, free_port
 from tests.deploy.conftest import tool
+from tests.support import BIN
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "deploy" / "grafana" / "bifrost-sidecar.json"
 ALERTS = REPO / "deploy" / "prometheus" / "alerts.yaml"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
-BIN = Path(sys.executable).parent
 KEY = "sk-bf-monitoring"
 NAMESPACE = "shop"
 #: What Grafana puts in place of the dashboard's variables ($job: "All", as its description asks).

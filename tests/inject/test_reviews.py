@@ -17,7 +17,7 @@ from sidecar.inject import INJECTED, REFUSED, SKIPPED, Template
 from sidecar.webhook import MAX_REVIEW_BYTES, CertificateFiles, create_injector_app
 from tests.conftest import Running, stop_app
 from tests.inject.support import Injector, Object, deployment_review, review_of
-from tests.test_cli import run
+from tests.support import run
 
 
 def _without(*path: str) -> Object:

@@ -7,7 +7,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -23,10 +22,8 @@ from sidecar.records import Record, decode_record
 from sidecar.settings import Settings
 from sidecar.store import DUE_MARKS, Breaker, CacheStore, now_ms, read_by_ms
 from tests.conftest import Emulator, free_port
-from tests.support import request_refresh, wait_for
+from tests.support import BIN, request_refresh, wait_for
 from worker.main import run_worker
-
-BIN = Path(sys.executable).parent
 
 SERVICE_KEY = "sk-bf-team-a"  # the service credential lives in the same project as the callers
 
