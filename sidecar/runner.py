@@ -9,25 +9,29 @@ Built on the runner's public low-level ``Server`` (its ``request_factory`` and
   logging a traceback per request. aiohttp offers no hook for that answer (aio-libs/aiohttp#3287),
   but it writes it through the writer the request factory gave the refused request: that writer
   writes the gateway-shaped 400 instead. The traceback becomes one INFO line naming what was
-  wrong, never a header value (the connection handler logs through ``sidecar.http``).
-- A request that says HTTP/2.0 or later over HTTP/1 gets a 505 (aiohttp would answer in the
+  wrong, never a header value, and the answer names it too (the connection handler logs
+  through ``_ConnectionLog``, a public ``LoggerAdapter``).
+- A request that says HTTP/2.0 (or 0.9) over HTTP/1 gets a 505 (aiohttp would answer in the
   version the request claims).
 """
 
 from __future__ import annotations
 
+import email.utils
 import logging
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from http import HTTPStatus
 from typing import Any
 
 from aiohttp import HttpVersion11, http_exceptions, web
 from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.web import BaseRequest
 
 from sidecar import tracing
 from sidecar.app import SETTINGS
-from sidecar.errors import MalformedRequest, UnsupportedVersion
+from sidecar.errors import MalformedRequest, SidecarError, UnsupportedVersion
 from sidecar.lane import hit_answers
 from sidecar.state import SERVICES
 from sidecar.wire import error_body
@@ -49,28 +53,31 @@ _REASONS = (
 )
 
 
-class _OneLineRefusals(logging.Filter):
-    """aiohttp's "Error handling request" record for a request its parser refused, as one INFO
-    line naming the reason: no traceback, no header values (a credential may be among them)."""
+#: Why the request being answered was refused (set by the connection log, read by the writer).
+_REFUSED: ContextVar[str] = ContextVar("refused", default="the request could not be read")
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, http_exceptions.HttpProcessingError):
-            reason = next(text for kind, text in _REASONS if isinstance(exc, kind))
-            record.msg, record.args = (
-                "refused a malformed request from %s (%d): %s",
-                (
-                    record.args[0] if isinstance(record.args, tuple) and record.args else "?",
-                    exc.code,
-                    reason,
-                ),
-            )
-            record.levelno, record.levelname = logging.INFO, "INFO"
-            record.exc_info = record.exc_text = None
+
+class _ConnectionLog(logging.LoggerAdapter[logging.Logger]):
+    """The log of aiohttp's connection handler (``sidecar.http``): a request its parser refused is
+    one INFO line naming what was wrong, never a traceback or a header value (a credential may
+    be among them); the reason also goes into the answer. Everything else is logged as asked."""
+
+    def debug(self, msg: object, *args: Any, **kwargs: Any) -> None:
+        if not self._refused(args, kwargs.get("exc_info")):
+            self.logger.debug(msg, *args, **kwargs)
+
+    def exception(self, msg: object, *args: Any, **kwargs: Any) -> None:
+        if not self._refused(args, kwargs.get("exc_info")):
+            self.logger.exception(msg, *args, **kwargs)
+
+    def _refused(self, args: tuple[Any, ...], exc: object) -> bool:
+        if not isinstance(exc, http_exceptions.HttpProcessingError):
+            return False
+        reason = next((text for kind, text in _REASONS if isinstance(exc, kind)), _REFUSED.get())
+        _REFUSED.set(reason)
+        remote = args[0] if args else "?"
+        self.logger.info("refused a malformed request from %s (%d): %s", remote, exc.code, reason)
         return True
-
-
-log.addFilter(_OneLineRefusals())
 
 
 class _GatewayShapedRefusal(AbstractStreamWriter):
@@ -84,12 +91,13 @@ class _GatewayShapedRefusal(AbstractStreamWriter):
     async def write_headers(self, status_line: str, headers: Any) -> None:
         """Write the whole answer in place of aiohttp's."""
         status = HTTPStatus(int(status_line.split(" ", 2)[1]))
-        reason = "the request could not be read"
-        error = MalformedRequest(f"malformed request: {reason}")
+        error = MalformedRequest(f"malformed request: {_REFUSED.get()}")
         error.status = status
         body = error_body(error, "", request_type="")
         head = (f"HTTP/1.1 {status.value} {status.phrase}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")  # fmt: skip
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n"
+                f"Date: {email.utils.formatdate(usegmt=True)}\r\nServer: {SERVER_SOFTWARE}"
+                "\r\n\r\n")  # fmt: skip
         self.output_size = len(head) + len(body)
         self._count()
         await self._writer.write_eof(head.encode() + body)
@@ -147,10 +155,14 @@ def _front(app: web.Application, handler: Handler) -> Handler:
     answer = hit_answers(app) if SERVICES in app and not tracing.is_enabled() else None
 
     async def front(request: BaseRequest) -> web.StreamResponse:
-        if _ASKED_VERSION in request:
-            return _unsupported_version(request)
-        if answer is not None and (served := answer(request)) is not None:
-            return served
+        try:
+            if _ASKED_VERSION in request:
+                return _unsupported_version(request)
+            if answer is not None and (served := answer(request)) is not None:
+                return served
+        except Exception:  # a bug: the answer is still in the gateway's shape
+            log.exception("internal error before routing")
+            return _json_error(SidecarError("internal error in the sidecar"))
         return await handler(request)
 
     return front
@@ -160,11 +172,14 @@ def _unsupported_version(request: BaseRequest) -> web.StreamResponse:
     error = UnsupportedVersion("this server speaks HTTP/1.0 and HTTP/1.1 only")
     major, minor = request[_ASKED_VERSION]
     log.info("refused an HTTP/%d.%d request from %s (505)", major, minor, request.remote)
+    return _json_error(error)
+
+
+def _json_error(error: SidecarError) -> web.Response:
     return web.Response(
-        body=error_body(error, "", request_type=""),
-        status=error.status,
+        body=error_body(error, "", request_type=""), status=error.status,
         content_type="application/json",
-    )
+    )  # fmt: skip
 
 
 class SidecarRunner(web.AppRunner):
@@ -177,7 +192,7 @@ class SidecarRunner(web.AppRunner):
             # and closes a connection still waiting for a whole request head when it fires:
             # a header timeout, whatever bytes trickle in meanwhile.
             kwargs.setdefault("keepalive_timeout", app[SETTINGS].client_header_timeout_s)
-        kwargs.setdefault("logger", log)
+        kwargs.setdefault("logger", _ConnectionLog(log))
         super().__init__(app, **kwargs)
 
     async def setup(self) -> None:

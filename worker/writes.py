@@ -15,7 +15,7 @@ __all__ = ["WriteBehind"]
 
 #: Claims rescheduled that wait for Redis to come back, at most (oldest dropped past it: their
 #: claims lapse on their own).
-_MAX_PENDING_GIVE_BACKS = 100_000
+_MAX_PENDING_RESCHEDULES = 100_000
 _RETRY_S = 1.0
 
 
@@ -69,7 +69,7 @@ class WriteBehind:
             done.set_result(True)
         except StoreUnavailable:
             for name, due_ms in due.items():
-                if len(self._due) >= _MAX_PENDING_GIVE_BACKS:
+                if len(self._due) >= _MAX_PENDING_RESCHEDULES:
                     del self._due[next(iter(self._due))]
                 self._due.setdefault(name, due_ms)
             if self._due and self._retry is None:

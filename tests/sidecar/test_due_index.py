@@ -122,7 +122,7 @@ async def test_a_claim_given_back_after_a_delete_does_not_put_the_entry_back(
     await store.save_many([running("gone", now)], store_policy())
     assert await store.claim_due([("openai/gone", now + 10_000)], now + 60_000) == ["openai/gone"]
     await store.delete("openai", "gone")
-    await store.save_many([], store_policy(), {"openai/gone": now + 10_000})  # given back
+    await store.save_many([], store_policy(), {"openai/gone": now + 10_000})  # rescheduled
     assert await _entry(store, "openai/gone") is None
 
 

@@ -176,3 +176,25 @@ async def test_a_lane_hit_keeps_the_connection_as_the_caller_asked(
         assert all(b'"cache_hit":true' in body for _, body in answers)
     finally:
         writer.close()
+
+
+async def test_a_failure_before_routing_is_still_answered_in_the_gateway_shape(
+    sidecar: Running,
+    emulator: Emulator,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cid = (await emulator.create(KEY_A))["id"]
+    await get(http, f"{sidecar.url}/openai/v1/containers/{cid}")  # a copy: the lane takes it
+
+    def broken(*args: Any) -> bytes:
+        raise RuntimeError("a bug in the lane")
+
+    monkeypatch.setattr("sidecar.lane.hit_body", broken)
+    status, body, headers = await get(http, f"{sidecar.url}/openai/v1/containers/{cid}")
+    assert status == 500
+    assert headers["Content-Type"] == "application/json"
+    assert body["is_bifrost_error"] is True
+    assert body["error"]["message"] == "internal error in the sidecar"
+    assert "a bug in the lane" in caplog.text  # logged with its traceback, for whoever fixes it

@@ -4,6 +4,7 @@ each failed on the code before the fix."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import re
@@ -225,25 +226,32 @@ async def test_an_unreadable_request_gets_a_gateway_shaped_400_and_one_short_log
     # Found: plain-text 400s, a traceback per request and the Authorization value in the log.
     host, port = sidecar.url.removeprefix("http://").split(":")
     secret = "sk-bf-NEVER-IN-THE-LOG-1234"
-    requests = [
-        f"GET /openai/v1/containers/x HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {secret}\r\n"
-        "X-Bad\x01: v\r\n\r\n",
-        "G@T / HTTP/1.1\r\nHost: a\r\n\r\n",
-        f"GET /{'a' * 9000} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {secret}\r\n\r\n",
-        f"GET / HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {secret}{'x' * 9000}\r\n\r\n",
-    ]
-    with caplog.at_level(logging.DEBUG):
-        for raw in requests:
+    requests = [  # each with what the answer and the log line say was wrong
+        (f"GET /openai/v1/containers/x HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {secret}"
+         "\r\nX-Bad\x01: v\r\n\r\n", "malformed"),
+        ("G@T / HTTP/1.1\r\nHost: a\r\n\r\n", "method is not a valid token"),
+        (f"GET /{'a' * 9000} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {secret}\r\n\r\n",
+         "too long"),
+        (f"GET / HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {secret}{'x' * 9000}\r\n\r\n",
+         "too long"),
+    ]  # fmt: skip
+    with caplog.at_level(logging.INFO):  # what a production log level shows
+        for raw, reason in requests:
             answer = await asyncio.to_thread(_exchange, host, int(port), raw.encode())
             head, _, body = answer.partition(b"\r\n\r\n")
             assert head.split(b" ")[1] == b"400"
             assert b"application/json" in head
+            assert b"\r\nDate: " in head
             assert b'"is_bifrost_error":false' in body
             assert b'"code":"malformed_request"' in body
+            assert reason in json.loads(body)["error"]["message"]
     text = caplog.text
     assert secret not in text
     assert "Traceback" not in text
-    assert len([r for r in caplog.records if r.name == "sidecar.http"]) == len(requests)
+    lines = [r for r in caplog.records if r.name == "sidecar.http"]
+    assert len(lines) == len(requests)
+    assert all(r.levelno == logging.INFO for r in lines)
+    assert all(reason in r.getMessage() for r, (_, reason) in zip(lines, requests, strict=True))
 
 
 def _exchange(host: str, port: int, raw: bytes) -> bytes:

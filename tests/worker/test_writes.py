@@ -1,4 +1,4 @@
-"""Claims given back while Redis is away are given back once it is back."""
+"""Claims rescheduled while Redis is away are rescheduled once it is back."""
 
 from __future__ import annotations
 
