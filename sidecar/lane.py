@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import email.utils
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from http import HTTPStatus
 
 from aiohttp import HttpVersion11, web
@@ -41,9 +41,8 @@ from sidecar.views import (
     requires_provider,
 )
 
-__all__ = ["HitAnswer", "hit_answers", "hit_lane"]
+__all__ = ["HitAnswer", "hit_answers"]
 
-Handler = Callable[[BaseRequest], Awaitable[web.StreamResponse]]
 
 _PROVIDER_QUERY = "provider="
 _STATUS_LINES: dict[int, str] = {}
@@ -95,19 +94,6 @@ def _status_line(status: int) -> str:
     if line is None:  # a record's status is one the upstream gave: a handful at most
         line = _STATUS_LINES[status] = f"HTTP/1.1 {status} {HTTPStatus(status).phrase}"
     return line
-
-
-def hit_lane(app: web.Application, handler: Handler) -> Handler:
-    """``handler`` (the application's), with the hits this process holds answered first."""
-    answer = hit_answers(app)
-    if answer is None:
-        return handler
-
-    async def lane(request: BaseRequest) -> web.StreamResponse:
-        served = answer(request)
-        return served if served is not None else await handler(request)
-
-    return lane
 
 
 def hit_answers(app: web.Application) -> Callable[[BaseRequest], HitAnswer | None] | None:

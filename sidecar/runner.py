@@ -33,6 +33,7 @@ from sidecar import tracing
 from sidecar.app import SETTINGS
 from sidecar.errors import MalformedRequest, SidecarError, UnsupportedVersion
 from sidecar.lane import hit_answers
+from sidecar.middleware import error_response
 from sidecar.state import SERVICES
 from sidecar.wire import error_body
 
@@ -129,7 +130,7 @@ def _requests(
     factory: Callable[..., BaseRequest], app: web.Application
 ) -> Callable[..., BaseRequest]:
     """The server's request factory, for refused requests (aiohttp's stand-in message has no
-    header map) and for requests that say HTTP/2.0 or later over HTTP/1."""
+    header map) and for requests that say another HTTP version than 1.x (2.0 or 0.9)."""
 
     def count() -> None:
         if SERVICES in app:
@@ -162,7 +163,7 @@ def _front(app: web.Application, handler: Handler) -> Handler:
                 return served
         except Exception:  # a bug: the answer is still in the gateway's shape
             log.exception("internal error before routing")
-            return _json_error(SidecarError("internal error in the sidecar"))
+            return error_response(SidecarError("internal error in the sidecar"), "", "")
         return await handler(request)
 
     return front
@@ -172,14 +173,7 @@ def _unsupported_version(request: BaseRequest) -> web.StreamResponse:
     error = UnsupportedVersion("this server speaks HTTP/1.0 and HTTP/1.1 only")
     major, minor = request[_ASKED_VERSION]
     log.info("refused an HTTP/%d.%d request from %s (505)", major, minor, request.remote)
-    return _json_error(error)
-
-
-def _json_error(error: SidecarError) -> web.Response:
-    return web.Response(
-        body=error_body(error, "", request_type=""), status=error.status,
-        content_type="application/json",
-    )  # fmt: skip
+    return error_response(error, "", "")
 
 
 class SidecarRunner(web.AppRunner):

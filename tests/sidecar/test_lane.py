@@ -11,7 +11,7 @@ from aiohttp import HttpVersion10, web
 from aiohttp.test_utils import make_mocked_request
 from yarl import URL
 
-from sidecar.lane import HitAnswer, hit_lane
+from sidecar.lane import HitAnswer, hit_answers
 from tests.conftest import Emulator, Running
 from tests.support import KEY_A, KEY_A2, get
 
@@ -64,7 +64,13 @@ def _lane_for(sidecar: Running) -> tuple[Any, list[str]]:
         routed.append(request.raw_path)
         return web.Response(status=299)
 
-    return hit_lane(sidecar.app, router), routed
+    answer = hit_answers(sidecar.app)
+    assert answer is not None
+
+    async def lane(request: Any) -> web.StreamResponse:
+        return answer(request) or await router(request)
+
+    return lane, routed
 
 
 async def test_the_lane_takes_only_plain_hits_this_credential_may_see(
