@@ -155,3 +155,27 @@ def background_idle(app: web.Application) -> bool:
     """True when a sidecar runs no background work (a stale read's enqueue, an early renewal):
     what a request set going has finished, so a check that it did nothing more can follow."""
     return len(app[SERVICES].service._background) == 0
+
+
+async def paced_chat_text(stream: Any, streams: Any) -> str:
+    """The text of a streamed chat completion the emulator paces (``streams.pace()``), checking
+    that each chunk reached the app while the emulator still held the next one."""
+    words: list[str] = []
+    async with asyncio.timeout(10):
+        async for chunk in stream:
+            assert streams.sent["chat"] == len(words) + 1
+            words.append(chunk.choices[0].delta.content or "")
+            streams.release()
+    return "".join(words)
+
+
+async def realtime_reply(connection: Any) -> str:
+    """The text of a realtime session's next response: its deltas until ``response.done``."""
+    deltas: list[str] = []
+    async with asyncio.timeout(10):
+        async for event in connection:
+            if event.type == "response.output_text.delta":
+                deltas.append(event.delta)
+            if event.type == "response.done":
+                break
+    return "".join(deltas)

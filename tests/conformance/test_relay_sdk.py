@@ -24,6 +24,7 @@ from emulator.inference import MODELS
 from tests.conformance.conftest import MakeStack
 from tests.conformance.support import Stack, cache_hit, extra_fields
 from tests.conftest import Emulator, start_app, stop_app
+from tests.support import paced_chat_text, realtime_reply
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -56,14 +57,8 @@ async def test_chat_completion_events_arrive_one_by_one(kind_stack: Stack, prefi
         "openai/gpt-4o-mini" if kind_stack.kind == "bifrost" and prefix == "/v1" else CHAT["model"]
     )
     stream = await client.chat.completions.create(**CHAT | {"model": model}, stream=True)  # type: ignore[call-overload]
-    words: list[str] = []
-    async with asyncio.timeout(10):
-        async for chunk in stream:
-            # The emulator holds the next event until this one has reached the app.
-            assert streams.sent["chat"] == len(words) + 1
-            words.append(chunk.choices[0].delta.content or "")
-            streams.release()
-    assert "".join(words) == "You said: stream me please"
+    # The emulator holds the next event until this one has reached the app.
+    assert await paced_chat_text(stream, streams) == "You said: stream me please"
     assert (streams.completed["chat"], streams.cancelled["chat"]) == (1, 0)
 
 
@@ -144,14 +139,8 @@ async def test_a_realtime_session(kind_stack: Stack) -> None:
         assert (await connection.recv()).type == "session.created"
         await connection.conversation.item.create(item=SAY)  # type: ignore[arg-type]
         await connection.response.create()
-        deltas = []
-        async with asyncio.timeout(10):
-            async for event in connection:
-                if event.type == "response.output_text.delta":
-                    deltas.append(event.delta)
-                if event.type == "response.done":
-                    break
-    assert "".join(deltas).strip() == "You said: hello"
+        reply = await realtime_reply(connection)
+    assert reply.strip() == "You said: hello"
     streams = kind_stack.emulator.state.streams
     async with asyncio.timeout(10):
         await streams.wait_until(lambda s: len(s.closes) == 1)

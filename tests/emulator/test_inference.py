@@ -13,6 +13,7 @@ from openai import AsyncOpenAI, AuthenticationError, NotFoundError, RateLimitErr
 
 from emulator.inference import MODELS
 from tests.emulator.support import KEY, Client, MakeClient, bearer, state_of
+from tests.support import paced_chat_text
 
 PREFIXES = ["/v1", "/openai/v1", "/openai"]
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "one two three"}]}
@@ -70,14 +71,8 @@ async def test_each_chunk_reaches_the_client_before_the_next_is_sent(
     streams = state_of(client).streams
     streams.pace()
     stream = await sdk(prefix).chat.completions.create(**CHAT, stream=True)
-    words = []
-    async with asyncio.timeout(10):
-        async for chunk in stream:
-            # Held by the pace: the emulator has sent this chunk and not the next one yet.
-            assert streams.sent["chat"] == len(words) + 1
-            words.append(chunk.choices[0].delta.content or "")
-            streams.release()
-    assert "".join(words) == "You said: one two three"
+    # Held by the pace: the emulator has sent each chunk and not the next one yet.
+    assert await paced_chat_text(stream, streams) == "You said: one two three"
     assert (streams.completed["chat"], streams.cancelled["chat"]) == (1, 0)
 
 

@@ -10,6 +10,7 @@ import pytest
 from openai import AsyncOpenAI
 
 from tests.emulator.support import KEY, Client, state_of
+from tests.support import realtime_reply
 
 SAY = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi you"}]}
 
@@ -31,13 +32,8 @@ async def test_the_sdk_holds_a_text_session(client: Client, prefix: str) -> None
         assert created.type == "session.created"
         await connection.conversation.item.create(item=SAY)  # type: ignore[arg-type]
         await connection.response.create()
-        deltas = []
-        async for event in connection:
-            if event.type == "response.output_text.delta":
-                deltas.append(event.delta)
-            if event.type == "response.done":
-                break
-    assert "".join(deltas).strip() == "You said: hi you"
+        reply = await realtime_reply(connection)
+    assert reply.strip() == "You said: hi you"
     streams = state_of(client).streams
     await streams.wait_until(lambda s: len(s.closes) == 1)
     assert streams.closes == [{"by": "client", "code": 1000, "reason": ""}]
