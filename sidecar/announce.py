@@ -1,8 +1,7 @@
 """Change announcements: whoever rewrites a record says so, and every process updates its copy.
 
-A rewritten record travels on the channel itself, so the other processes replace their copy
-without a Redis read (a refresh never turns a process's hits into misses); a deleted container
-and a revoked grant are announced by name. Messages start with one byte saying which.
+A rewritten record travels on the channel itself (a refresh never turns other processes' hits
+into misses); deletes and revoked grants by name. A first byte says which.
 """
 
 from __future__ import annotations
@@ -54,12 +53,8 @@ def apply(message: bytes, local: LocalCache) -> None:
 async def listen_for_changes(
     redis: Any, keys: KeySpace, local: LocalCache, *, retry_s: float = 1.0
 ) -> None:
-    """Apply announcements to ``local``; while the channel is lost, copies only age out.
-
-    Without the channel a process cannot hear of deletes and revocations: its copies then
-    serve only until their own freshness or grant ends (``LocalCache``). What was announced in
-    between is unknown, so every copy is dropped once the channel is back.
-    """
+    """Apply announcements to ``local``. While the channel is lost copies only age out; what
+    was announced meanwhile is unknown, so every copy is dropped once it is back."""
     connected = True
     while True:
         try:

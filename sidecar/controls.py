@@ -1,11 +1,10 @@
 """What a caller asks of the cache: ``Cache-Control`` (RFC 9111) and the gateway's own headers.
 
-Nothing here refuses a request. The gateway never refuses its ``x-bf-cache-*`` headers: it reads
-them in ``transports/bifrost-http/lib/ctx.go`` (``ConvertToBifrostContext``) and silently drops a
-value it cannot read; RFC 9111 section 5.2 has a cache ignore what it does not understand. The
-sidecar does the same, reads each value exactly as the gateway reads it (Go's ParseDuration,
-ParseFloat and Atoi), and lists what it could not take as written in ``Rules.ignored``, which
-``Cache-Status`` reports as ``detail``. The table of every header is docs/headers.md.
+Nothing here refuses a request: the gateway silently drops an ``x-bf-cache-*`` value it cannot
+read (``transports/bifrost-http/lib/ctx.go``) and RFC 9111 section 5.2 has a cache ignore what
+it does not understand. Each value is read exactly as the gateway reads it (Go's ParseDuration,
+ParseFloat, Atoi); what was not taken as written is listed in ``Rules.ignored``, which
+``Cache-Status`` reports as ``detail``. Every header: docs/headers.md.
 """
 
 from __future__ import annotations
@@ -28,25 +27,18 @@ _INT64_MAX = (1 << 63) - 1
 
 
 class Rules(msgspec.Struct, frozen=True, gc=False):
-    """One request's cache rules."""
+    """One request's cache rules: the lowest freshness (``cache_debug.similarity``) accepted,
+    RFC 9111's request directives (``x-bf-cache-ttl`` acts as a ``max-age``), and the control
+    headers, in ``CONTROL_HEADERS`` order, with a value not taken as written."""
 
     threshold: float = 0.0
-    """Lowest freshness (``cache_debug.similarity``) accepted."""
     no_cache: bool = False
-    """Revalidate with the upstream before answering."""
     no_store: bool = False
-    """Do not write the upstream's answer to the cache."""
     only_if_cached: bool = False
-    """Never call the upstream: 504 when nothing usable is cached."""
     max_age_s: float | None = None
-    """Oldest data accepted (``max-age``, ``x-bf-cache-ttl``)."""
-    max_stale_s: float | None = None
-    """Staleness accepted past freshness (``max-stale``; ``inf`` when given without a value)."""
+    max_stale_s: float | None = None  # inf: max-stale without a value
     min_fresh_s: float | None = None
-    """Freshness that must be left (``min-fresh``)."""
     ignored: tuple[str, ...] = ()
-    """Control headers (lower-case names, in ``CONTROL_HEADERS`` order) with a value, or a part
-    of one, not taken as written: reported in ``Cache-Status`` as ``detail``."""
 
     def admits(self, freshness: Freshness) -> bool:
         """Whether a record this fresh may answer the request."""
@@ -82,9 +74,8 @@ def parse_rules(headers: Mapping[str, str], default_threshold: float) -> Rules:
 
 
 class _Draft:
-    """Rules being read from one request's headers (attributes: the fields of ``Rules``).
-
-    The defaults are class attributes, so a draft costs only what a request sets."""
+    """Rules being read from one request's headers (defaults as class attributes: a draft
+    costs only what a request sets)."""
 
     no_cache = no_store = only_if_cached = False
     max_age_s: float | None = None
@@ -156,10 +147,8 @@ class _Draft:
             self.understood = True
             seconds = _delta_seconds(argument)
             if seconds is None:
-                # A malformed limit (max-age=soon, max-age, max-age=-1) is read as the strictest
-                # (RFC 9111 4.2.1: invalid freshness information makes a response stale): the
-                # answer comes from the upstream, as it would through the gateway, which never
-                # caches containers. The worst case is one upstream call, never data too old.
+                # A malformed limit (max-age=soon, max-age=-1) is read as the strictest (RFC 9111
+                # 4.2.1): the worst case is one upstream call, never data too old.
                 if name == "max-age":
                     self._max_age(0.0)
                 else:
@@ -181,18 +170,16 @@ class _Draft:
             self._max_stale(seconds)
             return True
         else:
-            # 5.2: "A cache MUST ignore unrecognized cache directives": response directives
-            # (private, must-revalidate, s-maxage...), RFC 5861's stale-if-error (the sidecar's
-            # own stale-if-error window applies, not a caller's), extensions.
+            # 5.2: "A cache MUST ignore unrecognized cache directives": response directives,
+            # RFC 5861's stale-if-error (the sidecar's own window applies), extensions.
             return False
         # no-cache, no-store, only-if-cached and no-transform take no argument (5.2.1.4-7):
         # one given is ignored, the directive still applies.
         return argument is None
 
     def _pragma(self, lines: list[str]) -> None:
-        """RFC 7234 section 5.4 (RFC 9111 5.4 deprecates Pragma without new rules): with no
-        understood Cache-Control, ``Pragma: no-cache`` means ``Cache-Control: no-cache``; other
-        pragmas are extensions, which a cache ignores."""
+        """RFC 7234 section 5.4: with no understood Cache-Control, ``Pragma: no-cache`` means
+        ``Cache-Control: no-cache``; other pragmas are ignored."""
         if self.understood:
             return  # "When the Cache-Control header field is also present and understood"
         for line in lines:
@@ -217,8 +204,7 @@ class _Draft:
         if ttl_ns is not None and ttl_ns <= 0:
             self._ignore("x-bf-cache-ttl")
         elif ttl_ns is not None:
-            # The gateway keeps its entry for the TTL; here records are shared, so a TTL is the
-            # oldest data this caller accepts, combined with max-age like two max-ages.
+            # Records are shared: a TTL is the oldest data this caller accepts, like a max-age.
             self._max_age(ttl_ns / 1e9)
 
     def _threshold(self, lines: list[str]) -> None:
@@ -231,12 +217,10 @@ class _Draft:
                 self.threshold = min(1.0, max(0.0, value))
 
     def _type(self, lines: list[str]) -> None:
-        """ctx.go stores any value (the last line wins); plugins/semanticcache main.go
-        (``PreLLMHook``) searches directly for "direct", semantically for "semantic", and not
-        at all for anything else (exact, case-sensitive comparisons)."""
-        if lines[-1] not in ("direct", "semantic"):  # lookups are exact: semantic is direct
-            # No lookup, as the gateway's cache does: the answer comes from the upstream and is
-            # stored. Reported, since it is most likely a typo.
+        """ctx.go keeps the last line; plugins/semanticcache (``PreLLMHook``) looks up for
+        exactly "direct" or "semantic" (here both are exact lookups), and not at all otherwise."""
+        if lines[-1] not in ("direct", "semantic"):
+            # No lookup, as in the gateway: fetched and stored. Reported: most likely a typo.
             self.no_cache = True
             self._ignore("x-bf-cache-type")
 
@@ -249,13 +233,11 @@ class _Draft:
                 self._ignore("x-bf-cache-no-store")
 
     def _key(self, lines: list[str]) -> None:
-        """ctx.go keeps it as the semantic cache's key (a namespace for its entries); a container
-        lookup's key is the container id, so the value changes nothing here."""
+        """The semantic cache's namespace (ctx.go): a container's key is its id, so ignored."""
         self._ignore("x-bf-cache-key")
 
 
-#: Each control header and its reader, in the order ``Rules.ignored`` lists them. ``istr``
-#: names make the hot path's lookups in aiohttp's headers cheaper.
+#: Each control header and its reader, in ``Rules.ignored`` order (``istr``: cheaper lookups).
 _READERS = (
     (istr("cache-control"), _Draft._cache_control),
     (istr("pragma"), _Draft._pragma),
@@ -318,8 +300,7 @@ def _gateway_ttl_ns(value: str) -> int | None:
     seconds = _go_atoi(value)
     if seconds is None or seconds <= 0:
         return None
-    # Go multiplies by time.Second in int64 and wraps past 292 years; this takes the number
-    # as written, which is as good as no limit, the only sensible reading of such a value.
+    # Go wraps past 292 years in int64; taken as written here (as good as no limit).
     return seconds * 1_000_000_000
 
 
@@ -340,13 +321,9 @@ _HEX_DIGITS = frozenset("0123456789abcdefABCDEF_")
 
 
 def _go_float_mantissa(value: str) -> tuple[str, bool] | None:
-    """The mantissa of a Go floating-point literal, as strconv.ParseFloat reads it (atof.go,
-    ``readFloat``), and whether it is hexadecimal; None if ``value`` is not one.
-
-    Decimal with an optional exponent, or hexadecimal with a mandatory 'p' exponent; '_' between
-    digits (checked by the caller). A scanner, not a regex: one pass over caller-controlled text,
-    whatever it holds (a backtracking pattern took seconds on 8 KB of digits).
-    """
+    """The mantissa of a Go float literal as ParseFloat reads it (atof.go ``readFloat``) and
+    whether it is hexadecimal; None if ``value`` is not one. A scanner, not a regex: a
+    backtracking pattern took seconds on 8 KB of caller-controlled digits."""
     end = len(value)
     i = 1 if value[:1] in ("+", "-") else 0
     hexadecimal = value[i : i + 2] in ("0x", "0X")
@@ -379,9 +356,7 @@ def _go_parse_float(value: str) -> float | None:
     body = value[1:] if value[:1] in ("+", "-") else value
     if body.lower() in ("inf", "infinity"):  # atof.go ``special``: signed, any case
         return -math.inf if value[0] == "-" else math.inf
-    # Go also reads "NaN" (unsigned, any case), and the clamp keeps it; compared with a
-    # freshness it is never lower, so it would admit everything: no one means that, so it
-    # fails here with the other unreadable values and is ignored.
+    # Go also reads "NaN", which would admit everything: no one means that, so it is ignored.
     parts = _go_float_mantissa(value)
     if parts is None:
         return None

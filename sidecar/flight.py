@@ -1,8 +1,4 @@
-"""In-process single-flight: concurrent callers with the same key share one running call.
-
-The shared call runs in a task owned by the :class:`SingleFlight`, so a caller that is cancelled
-never cancels it; :meth:`SingleFlight.close` cancels and awaits what is left at shutdown.
-"""
+"""In-process concurrency: shared calls, owned background tasks and counted connections."""
 
 from __future__ import annotations
 
@@ -23,7 +19,8 @@ T = TypeVar("T")
 
 
 class SingleFlight(Generic[K, T]):
-    """Coalesces concurrent calls per key."""
+    """Coalesces concurrent calls per key; the shared call is a task of its own, so a caller
+    that is cancelled never cancels it."""
 
     def __init__(self) -> None:
         self._running: dict[K, asyncio.Task[T]] = {}

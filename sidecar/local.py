@@ -1,11 +1,8 @@
 """Per-process copies of records and grants: a hit that needs no Redis round trip.
 
-A record's copy serves while the record is fresh, a grant's while the grant lasts: each expires
-on its own schedule, never all together. Announcements on the change channel (``announce``)
-replace a copy with the rewritten record, drop a deleted container and revoke a grant at once.
-Without the channel no copy outlives its own freshness or grant, nor ``SIDECAR_LOCAL_TTL_S``.
-
-Bounded: at most ``max_entries`` records and as many grants; past that the oldest go first.
+A copy serves while its record is fresh and its grant lasts, at most ``SIDECAR_LOCAL_TTL_S``;
+announcements (``announce``) replace, drop or revoke copies at once. At most ``max_entries``
+records and as many grants: past that the oldest go first.
 """
 
 from __future__ import annotations
@@ -21,7 +18,8 @@ __all__ = ["Copy", "LocalCache"]
 
 
 class Copy:
-    """A record this process keeps, and what it has rendered of it."""
+    """A record this process keeps, and the body of its fresh hit once rendered (at the default
+    threshold, latency 0: ``(threshold, body)``)."""
 
     __slots__ = ("cache_id", "fresh_until_ms", "hit_body", "keep_until", "record")
 
@@ -31,8 +29,6 @@ class Copy:
         self.fresh_until_ms = fresh_until_ms
         self.keep_until = keep_until
         self.hit_body: tuple[float, bytes] | None = None
-        """The body of a fresh hit at the default threshold with latency 0, once rendered:
-        ``(threshold, body)``."""
 
 
 class LocalCache:
@@ -43,8 +39,7 @@ class LocalCache:
         self._ttl_s = ttl_s
         self._max = max_entries
         self._records: dict[tuple[str, str], Copy] = {}
-        self._grants: dict[tuple[str, str, str], int] = {}
-        """(provider, container_id, fingerprint) -> the grant's expiry (unix ms)."""
+        self._grants: dict[tuple[str, str, str], int] = {}  # -> the grant's expiry (unix ms)
 
     def __len__(self) -> int:
         return len(self._records)
@@ -118,7 +113,6 @@ class LocalCache:
 
 def _newer(record: Record, current: Copy) -> bool:
     """Whether ``record`` replaces ``current``'s: fetched no earlier, and not the same record
-    (a process hears its own saves announced, and every new credential's first read finds the
-    record it holds: keeping the copy keeps its rendered body)."""
+    (keeping the copy keeps its rendered body: a process hears its own saves announced)."""
     held = current.record
     return held.fetched_at_ms <= record.fetched_at_ms and held != record

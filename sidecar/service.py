@@ -1,17 +1,14 @@
 """The retrieve use case: answer from the cache when the caller may see it, else fetch once.
 
-A record is shared by every credential, but served to a credential only while it holds a grant:
-proof, kept for ``grant_ttl_s``, that the upstream answered that credential for that container.
-A caller without one goes upstream (coalesced per credential in-process, and across replicas by
-a Redis lock: a short lease its holder renews while it fetches, so a holder that dies costs its
-waiters under a second), which proves access and refreshes the record.
+A record is shared by every credential but served to one only while it holds a grant: proof,
+kept ``grant_ttl_s``, that the upstream answered that credential for that container. A caller
+without one goes upstream (coalesced in-process, and across replicas by a Redis lock whose lease
+its holder renews), which proves access and refreshes the record.
 
-A failure is scoped by its cause. What concerns one credential (401, 403, 404, 429) stays
-with it: its grant is revoked, and only it gets the upstream's answer. What concerns the upstream
-(5xx, timeouts, unreachable) shields it for everyone: nobody calls it again for that container
-until its back-off ends (a marker in Redis shared by every replica and worker, and a memo in this
-process for when Redis is away), and callers meanwhile get their stale-if-error copy or the
-sidecar's own 503, never the answer another caller got.
+A failure is scoped by its cause. One credential's (401, 403, 404, 429) stays with it: its
+grant is revoked and only it gets the upstream's answer. The upstream's own (5xx, timeouts)
+backs the container off for everyone (a marker in Redis, and a memo here for when Redis is
+away): callers get their stale-if-error copy or a 503, never another caller's answer.
 """
 
 from __future__ import annotations
@@ -51,16 +48,14 @@ __all__ = ["ContainerService", "now_ms"]
 
 _REFUSALS = (401, 403, 404)
 FlightKey = tuple[str, str, str, bool]
-#: Background enqueues in flight at most (a hung queue must not pile them up) and how long each
-#: may take.
+#: Bounds: background tasks in flight (a hung queue must not pile them up), an enqueue's time.
 _MAX_BACKGROUND = 1_000
 _ENQUEUE_TIMEOUT_S = 1.0
 _MAX_FAILURES = 10_000
-#: The fetch lock's lease: renewed every third of it while its holder fetches, so waiters of a
-#: holder that died wait at most this long.
+#: The fetch lock's lease, renewed every third of it: the longest a dead holder's waiters wait.
 _LEASE_MS = 900
-#: A grant is renewed by reads in the last stretch of any of the record's last freshness
-#: periods before it lapses: several chances, so a rarely read container rarely misses them all.
+#: A grant is renewed by a read late in any of the record's last freshness periods before it
+#: lapses: several chances, so a rarely read container rarely misses them all.
 _RENEW_PERIODS = 3
 
 
@@ -95,8 +90,7 @@ class ContainerService:
         self._renew_ms = int(min(settings.fresh_ttl_s / 2, window_s) * 1000)
         self._backoff_ms = int(settings.error_backoff_s * 1000)
         self._backoff_max_ms = int(settings.error_backoff_max_s * 1000)
-        self._failures: dict[tuple[str, str], Failure] = {}
-        """This process's memo of failing containers (for when Redis cannot say)."""
+        self._failures: dict[tuple[str, str], Failure] = {}  # for when Redis cannot say
         self._flights: SingleFlight[FlightKey, Outcome] = SingleFlight()
         self._background = BackgroundTasks()
 
@@ -134,8 +128,8 @@ class ContainerService:
         return msgspec.structs.replace(outcome, collapsed="process") if joined else outcome
 
     def local_hit(self, query: Query) -> Outcome | None:
-        """The answer from this process's own copy, if it has one this caller may see and the
-        request's rules admit (no await: the hit lane answers with it before any routing)."""
+        """The answer from this process's own copy, if this caller may see it and the rules
+        admit it (no await: the hit lane answers with it before any routing)."""
         provider, cid, rules = query.provider, query.container_id, query.rules
         if self.reads is not None:
             self.reads.note(provider, cid)
@@ -209,15 +203,10 @@ class ContainerService:
         now: int,
         fresh_until: int | None = None,
     ) -> None:
-        """Renew a grant together with the record's refresh instead of on its own.
-
-        A grant that lapses before the record's next refreshes costs an extra upstream call
-        later. While it would lapse within ``_RENEW_PERIODS`` refreshes, a read in the last
-        stretch of the record's freshness (``_renew_ms``) renews it with this read's credential,
-        in the background, coalesced like a miss: one call both proves access again and
-        refreshes the record, and the worker's refresh then finds it fresh and makes none. The
-        call is part of this read: no credential is kept for later.
-        """
+        """Renew a grant that would lapse within ``_RENEW_PERIODS`` refreshes, by a read late in
+        the record's freshness: one background call with this read's credential (coalesced like
+        a miss) proves access and refreshes the record, so the worker's refresh makes none. The
+        call is part of this read: no credential is kept for later."""
         if fresh_until is None:
             fresh_until = self.policy.fresh_until_ms(record)
         if grant_expiry_ms >= fresh_until + _RENEW_PERIODS * self._fresh_ms:
@@ -284,8 +273,7 @@ class ContainerService:
                     return  # lost (Redis was away): the waiters go ahead, as after lock_age_s
 
     async def _failed(self, query: Query, status: int, retry_after: str | None = None) -> None:
-        """Start (or lengthen) the container's back-off after the upstream failed (its own
-        trouble, whoever asked): nobody calls it for the container meanwhile."""
+        """Start (or lengthen) the container's back-off after the upstream's own failure."""
         provider, cid = query.provider, query.container_id
         floor_ms = retry_after_ms(retry_after, 0, self._settings.retry_after_max_s)
         try:
@@ -311,8 +299,7 @@ class ContainerService:
     async def _lock(
         self, query: Query, token: str, started: int, stale: Record | None
     ) -> bool | Outcome:
-        """Take the fetch lock; while another replica holds it, wait for its answer instead
-        (or for the failure it met)."""
+        """Take the fetch lock, or wait for the holder's answer (or the failure it met)."""
         provider, cid = query.provider, query.container_id
         fingerprint = query.credential.fingerprint
         lock_ms = _LEASE_MS
@@ -428,23 +415,21 @@ class ContainerService:
             self.local.put(record, fingerprint, now_ms() + self._grant_ms)
 
     async def forget(self, provider: str, container_id: str) -> None:
-        """Drop a container everywhere: it was deleted upstream through this sidecar, and no
-        fill that is still under way may bring it back."""
+        """Drop a container deleted upstream through this sidecar; no fill under way returns it."""
         for name in self._names(provider):
             self.local.drop(name, container_id)
             await self._quietly(self.store.delete(name, container_id, gone=True))
 
     async def revalidate(self, provider: str, container_id: str) -> None:
-        """Drop a container's cached record (not its grants): something changed it upstream
-        (a file added, a command run, ``last_active_at`` moved), so the next read asks."""
+        """Drop a container's record (not its grants): a change upstream (a file added, a
+        command run) moved ``last_active_at``, so the next read asks."""
         for name in self._names(provider):
             self.local.drop(name, container_id)
             await self._quietly(self.store.delete(name, container_id))
 
     def _names(self, provider: str) -> set[str]:
-        """Every provider name a container may be cached under besides ``provider``: a container
-        id names one container, whichever name of its upstream (a gateway's custom provider
-        built on openai, say) a change was made through."""
+        """Every provider name a container may be cached under (a container id names one
+        container, whichever name of its upstream a change came through)."""
         settings = self._settings
         names = {provider, *settings.container_providers}
         return {cache_provider(settings, name) for name in names}

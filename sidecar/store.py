@@ -1,10 +1,8 @@
-"""The cache store: records, grants, locks and failure markers in Redis, failing open.
+"""The cache store: records, grants, locks, failure markers and the due set in Redis.
 
 A hit that misses the process's own copy is one ``MGET`` (record, grant, cached 404 and failure
-marker: one slot, so cluster-safe). Every method raises :class:`StoreUnavailable` when Redis
-fails. A Redis that times out is taken as hung: the :class:`Breaker` opens and callers skip
-Redis altogether (no request waits on it again) while one background ``PING`` a second checks
-whether it is back. Outages are logged once when they start and once when they end.
+marker share a slot: cluster-safe). Every method raises :class:`StoreUnavailable` when Redis
+fails; a Redis that times out is taken as hung and skipped (:class:`Breaker`) until it answers.
 """
 
 from __future__ import annotations
@@ -35,8 +33,8 @@ if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) 
 return 0
 """
 
-# The upstream failed for a container: count the failure, double the back-off (from ARGV[2] up
-# to ARGV[3] ms). "count|until_ms|status|" (the answer itself is its caller's alone: not kept).
+# The upstream failed for a container: count it, double the back-off (ARGV[2] up to ARGV[3] ms).
+# Stored as "count|until_ms|status|": the answer itself is its caller's alone, never kept.
 _FAILED = """
 local raw = redis.call('get', KEYS[1])
 local count = 1
@@ -48,11 +46,10 @@ redis.call('set', KEYS[1], count .. '|' .. string.format('%d', until_ms) .. '|' 
 return backoff
 """
 
-# Store a record unless its container was deleted lately (KEYS[2], the tombstone): a fill that
-# began before a delete must never land after it, and container ids are never reused, so no
-# fill lands while the tombstone lasts. KEYS: record, tombstone, failure marker, [grant]. ARGV:
-# data, retention ms, '1' to clear the failure marker, channel ('' on a cluster: published by
-# the caller), announcement, [grant expiry, grant ms]. 1 if stored.
+# Store a record unless its container was deleted lately (KEYS[2], the tombstone): a fill begun
+# before a delete must never land after it (container ids are never reused). KEYS: record,
+# tombstone, failure marker, [grant]. ARGV: data, retention ms, '1' to clear the failure marker,
+# channel ('' on a cluster: the caller publishes), announcement, [grant expiry, grant ms].
 _SAVE = """
 if redis.call('exists', KEYS[2]) == 1 then return 0 end
 redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
@@ -64,22 +61,18 @@ return 1
 #: How long a deleted container's tombstone keeps fills out: longer than any fill takes.
 GONE_MS = 600_000
 
-# The due set holds one entry per container refresh-ahead may renew, scored with two numbers:
-# ``due_ms * DUE_MARKS + mark``: when its record goes stale (unix ms), and when a caller last read
-# it (``mark``: the ``READ_EPOCH_MS`` epoch of the read, modulo DUE_MARKS - 1, plus one; 0: none
-# known). One sorted set instead of a due set and a read set: a container costs one entry (about
-# 130 bytes of Redis) less. Scores stay exact doubles until the year 2109 (due_ms * 2048 < 2^53);
-# a mark repeats after 2047 one-second epochs (34 minutes). An entry nobody reads leaves the set
-# at its first due time past the hot window, so only an entry fresh for longer than that could
-# be taken for read by a mark from 34 minutes before (one refresh too many, then it leaves).
+# The due set: one entry per container refresh-ahead may renew, scored ``due_ms * DUE_MARKS +
+# mark``: when its record goes stale (unix ms) and when a caller last read it (the read's
+# one-second epoch modulo DUE_MARKS - 1, plus one; 0: none known). One sorted set instead of a
+# due set and a read set saves ~130 bytes a container. Scores stay exact doubles until 2109; a
+# mark repeats after 34 minutes, and an unread entry leaves at its first due time past the hot
+# window, so a stale mark costs at most one refresh too many.
 DUE_MARKS = 2048
 READ_EPOCH_MS = 1000
 
-# Set entries' due times: ARGV[1] the mark of now, then (member, due_ms, how) triples. How: 'r', a
-# caller's read (now's mark); 'k', a refresh (the entry keeps its mark, or takes now's if it has
-# none: a stale read's refresh); 'g', a claim rescheduled (only to an entry still there: one
-# deleted meanwhile stays out).
-# Every script on the due set starts with its packing constant.
+# Set due times: ARGV[1] now's mark, then (member, due_ms, how) triples. How: 'r' a caller's read
+# (now's mark); 'k' a refresh (the entry keeps its mark, else takes now's); 'g' a rescheduled
+# claim (only to an entry still there: one deleted meanwhile stays out).
 _DUE_LUA = f"local marks = {DUE_MARKS}\n"
 _SET_DUE = (
     _DUE_LUA
@@ -112,6 +105,65 @@ return 1
 """
 )
 
+# Claim members whose due time is still ARGV[i + 1]: due at ARGV[1] now, read marks kept.
+_CLAIM_DUE = (
+    _DUE_LUA
+    + """
+local claimed = {}
+for i = 2, #ARGV, 2 do
+  local score = redis.call('zscore', KEYS[1], ARGV[i])
+  if score then
+    score = tonumber(score)
+    local mark = score % marks
+    if (score - mark) / marks == tonumber(ARGV[i + 1]) then
+      redis.call('zadd', KEYS[1], tonumber(ARGV[1]) * marks + mark, ARGV[i])
+      claimed[#claimed + 1] = ARGV[i]
+    end
+  end
+end
+return claimed
+"""
+)
+
+# A stale read's claim: ARGV member, due_ms, until_ms, now, now's mark.
+_CLAIM_REFRESH = (
+    _DUE_LUA
+    + """
+local score = redis.call('zscore', KEYS[1], ARGV[1])
+if score then
+  score = tonumber(score)
+  local held = (score - score % marks) / marks
+  if held > tonumber(ARGV[2]) and held > tonumber(ARGV[4]) then return 0 end
+end
+redis.call('zadd', KEYS[1], tonumber(ARGV[3]) * marks + tonumber(ARGV[5]), ARGV[1])
+return 1
+"""
+)
+
+_RENEW_LOCK = """
+if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
+return redis.call('pexpire', KEYS[1], ARGV[2])
+"""
+
+# Replace the value ARGV[1] by ARGV[2], keeping the key's expiry.
+_SWAP = """
+if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('set', KEYS[1], ARGV[2], 'KEEPTTL')
+return 1
+"""
+
+_SCRIPTS = {
+    "unlock": _UNLOCK,
+    "renew_lock": _RENEW_LOCK,
+    "failed": _FAILED,
+    "save": _SAVE,
+    "set_due": _SET_DUE,
+    "mark_read": _MARK_READ,
+    "claim_due": _CLAIM_DUE,
+    "claim_refresh": _CLAIM_REFRESH,
+    "swap": _SWAP,
+}
+
 
 def read_mark(at_ms: int) -> int:
     """The due-set mark of a read at ``at_ms``."""
@@ -119,8 +171,7 @@ def read_mark(at_ms: int) -> int:
 
 
 def read_by_ms(mark: int, now: int) -> int | None:
-    """The latest time (unix ms) the read behind ``mark`` may have happened (the end of its
-    epoch, the most recent one with that mark up to now); None for no read."""
+    """The latest time (unix ms) the read behind ``mark`` may have happened; None: no read."""
     if not mark:
         return None
     epoch = now // READ_EPOCH_MS
@@ -142,21 +193,17 @@ def now_ms() -> int:
 class Breaker:
     """Tracks Redis health; open (every caller skips Redis) while Redis is known to hang.
 
-    A timeout opens it: from then on no request touches Redis, and a background probe (the
-    ``probe`` callable, a PING under the socket timeout) tries every ``retry_after_s`` until
-    one succeeds. A refused connection does not open it: it costs nothing to retry, and on a
-    cluster it concerns one node's slots only.
+    A timeout opens it, and a background ``probe`` (a PING) tries every ``retry_after_s`` until
+    Redis answers. A refused connection does not open it: retrying costs nothing, and on a
+    cluster it concerns one node's slots only. An outage is logged when it starts (at most every
+    30 s while it flaps) and when it ends.
     """
 
     def __init__(
-        self,
-        retry_after_s: float,
-        clock: Callable[[], float] = time.monotonic,
-        on_failure: Callable[[], object] | None = None,
+        self, retry_after_s: float, on_failure: Callable[[], object] | None = None
     ) -> None:
         self._retry_after_s = retry_after_s
         self._on_failure = on_failure
-        self._clock = clock
         self.probe: Callable[[], Awaitable[object]] | None = None
         self._open = False
         self._probing: asyncio.Task[None] | None = None
@@ -170,11 +217,6 @@ class Breaker:
         """True while Redis is considered unavailable."""
         return self.down_since is not None
 
-    @property
-    def open(self) -> bool:
-        """True while callers skip Redis (it timed out and no probe has succeeded since)."""
-        return self._open
-
     def check(self) -> None:
         """Raise StoreUnavailable while Redis is being skipped."""
         if self._open:
@@ -182,7 +224,7 @@ class Breaker:
 
     def failure(self, exc: BaseException) -> None:
         """Record a failure; the first of an outage is logged; a timeout opens the breaker."""
-        now = self._clock()
+        now = time.monotonic()
         if self._on_failure is not None:
             self._on_failure()
         if isinstance(exc, (TimeoutError, RedisTimeoutError)) and not self._open:
@@ -220,13 +262,13 @@ class Breaker:
 
     def fail_open_seconds(self) -> float:
         """Seconds spent without Redis so far, the current outage included."""
-        current = self._clock() - self.down_since if self.down_since is not None else 0.0
+        current = time.monotonic() - self.down_since if self.down_since is not None else 0.0
         return self.down_seconds_total + current
 
     def success(self) -> None:
         """Record a success; the end of an outage is logged."""
         if self.down_since is not None:
-            outage = self._clock() - self.down_since
+            outage = time.monotonic() - self.down_since
             self.down_seconds_total += outage
             self.down_since = None
             if self._outage_logged:  # an end for every start that was logged
@@ -242,13 +284,12 @@ class Breaker:
 
 
 class Failure(NamedTuple):
-    """The upstream failed for a container: until ``until_ms`` nobody calls it again for it."""
+    """The upstream failed for a container (``failures`` times in a row, last with ``status``):
+    until ``until_ms`` nobody calls it again for it."""
 
     status: int
-    """What the upstream last answered (for ``Cache-Status``)."""
     until_ms: int
     failures: int
-    """Failures in a row."""
 
     @property
     def left_ms(self) -> int:
@@ -267,15 +308,13 @@ def _parse_failure(raw: bytes | None) -> Failure | None:
 
 
 class Lookup(NamedTuple):
-    """What one hit-path read found."""
+    """What one hit-path read found: the record, how long this credential may still see it
+    (0: the upstream must answer it), its cached 404, and the container's failure marker."""
 
     record: Record | None
     grant_left_ms: int
-    """How long this credential may still see the record (0: the upstream must answer it)."""
     negative: Record | None
-    """A cached 404 for this credential."""
     failure: Failure | None = None
-    """The upstream is failing for this container (whoever asked it)."""
 
     @property
     def granted(self) -> bool:
@@ -301,10 +340,7 @@ class CacheStore:
         self.keys = keys
         self.breaker = breaker
         breaker.probe = redis.ping
-        self._unlock = redis.register_script(_UNLOCK)
-        self._failed = redis.register_script(_FAILED)
-        self._save = redis.register_script(_SAVE)
-        self._scripts: dict[str, Any] = {}  # the other scripts, registered on first use
+        self._scripts = {name: redis.register_script(text) for name, text in _SCRIPTS.items()}
         # Cluster pipelines refuse PUBLISH: announce with a command of its own there.
         self._cluster = hasattr(redis, "get_primaries")
 
@@ -359,13 +395,9 @@ class CacheStore:
         grant_ms: int = 0,
         read: bool = False,
     ) -> bool:
-        """Store ``record`` as long as ``policy`` may serve it; with a fingerprint, grant it.
-        False: the container was deleted lately, and nothing was stored.
-
-        The record enters the refresh-ahead index at the end of its freshness (a terminal one,
-        or one the workers cannot refresh, leaves it), any failure marker of the container is
-        cleared, and the other processes get the new record on the change channel.
-        """
+        """Store ``record`` as long as ``policy`` may serve it (False: the container was deleted
+        lately), grant it to ``fingerprint``, clear its failure marker, (re)schedule its refresh
+        and announce it to the other processes."""
         keys, provider, cid = self.keys, record.provider, record.container_id
         name = member(provider, cid)
         data = encode_record(record)
@@ -404,8 +436,7 @@ class CacheStore:
         clear_failing: bool,
         grant: tuple[str, int, int] | tuple[()] = (),
     ) -> Any:
-        """Run ``_SAVE`` for one record, or queue it in a pipeline (announced by the script,
-        except on a cluster)."""
+        """Run ``_SAVE`` for one record, or queue it in a pipeline."""
         keys, provider, cid = self.keys, record.provider, record.container_id
         names = [keys.record(provider, cid), keys.gone(provider, cid), keys.failing(provider, cid)]
         channel = "" if self._cluster else keys.changes
@@ -415,7 +446,7 @@ class CacheStore:
             fingerprint, expiry, grant_ms = grant
             names.append(keys.grant(provider, cid, fingerprint))
             args += [expiry, grant_ms]
-        return await self._save(keys=names, args=args, client=client)
+        return await self._scripts["save"](keys=names, args=args, client=client)
 
     async def save_negative(self, record: Record, fingerprint: str, ttl_ms: int) -> None:
         """Cache a 404 for one credential."""
@@ -423,8 +454,8 @@ class CacheStore:
         await self.call(lambda: self.redis.set(key, encode_record(record), px=ttl_ms))
 
     async def delete(self, provider: str, container_id: str, *, gone: bool = False) -> None:
-        """Forget a container and tell the other processes; ``gone``: it was deleted upstream,
-        so no fill lands for ``GONE_MS`` (one that began before the delete included)."""
+        """Forget a container everywhere; ``gone``: it was deleted upstream, so no fill lands
+        for ``GONE_MS``."""
         keys, name = self.keys, member(provider, container_id)
 
         async def op() -> None:
@@ -470,15 +501,12 @@ class CacheStore:
         cap_ms: int,
         keep_ms: int,
     ) -> int:
-        """Note that the upstream failed for a container; the back-off it starts (ms).
-
-        Until it ends, nobody (sidecar or worker, any replica) calls the upstream for this
-        container: callers get their stale-if-error copy, or a 503. Each failure in a row
-        doubles it, from ``base_ms`` to ``cap_ms``; the count is kept ``keep_ms`` longer.
-        """
+        """Start the container's back-off after an upstream failure; its length (ms). Each
+        failure in a row doubles it from ``base_ms`` to ``cap_ms``; the count outlives it by
+        ``keep_ms``. Until it ends no sidecar or worker calls the upstream for the container."""
         key = self.keys.failing(provider, container_id)
         args = [now_ms(), base_ms, cap_ms, status, keep_ms]
-        return int(await self.call(lambda: self._failed(keys=[key], args=args)))
+        return int(await self.call(lambda: self._scripts["failed"](keys=[key], args=args)))
 
     async def set_backoff(self, provider: str, backoff_ms: int) -> None:
         """Hold off refreshes from ``provider`` (a 429) for ``backoff_ms``."""
@@ -496,13 +524,13 @@ class CacheStore:
 
     async def mark_read(self, names: list[str], at_ms: int) -> None:
         """Note that these containers were read (refresh-ahead keeps them fresh)."""
-        mark_read = self._script("mark_read", _MARK_READ)
+        mark_read = self._scripts["mark_read"]
         args = [read_mark(at_ms), *names]
         await self.call(lambda: mark_read(keys=[self.keys.due], args=args))
 
     async def _set_due(self, client: Any, entries: list[tuple[str, int, str]]) -> None:
         """Set due times: ``(member, due_ms, how)``, how as ``_SET_DUE`` reads it."""
-        set_due = self._script("set_due", _SET_DUE)
+        set_due = self._scripts["set_due"]
         args: list[str | int] = [read_mark(now_ms())]
         for entry in entries:
             args += entry
@@ -511,12 +539,8 @@ class CacheStore:
     async def due_for_refresh(
         self, horizon_ms: int, read_since_ms: int, limit: int = 10_000
     ) -> list[tuple[str, str, int]]:
-        """Entries whose freshness ends by ``horizon_ms`` and that were read since
-        ``read_since_ms``: ``(provider, container_id, due_ms)``.
-
-        Entries nobody read since then that are already stale leave the index: they lapse
-        unpolled (a read's refresh puts them back).
-        """
+        """``(provider, container_id, due_ms)`` of entries due by ``horizon_ms`` and read since
+        ``read_since_ms``. Stale entries nobody read leave the index (a read puts them back)."""
         keys = self.keys
 
         async def op() -> list[tuple[str, str, int]]:
@@ -564,36 +588,22 @@ class CacheStore:
     ) -> bool:
         """Extend the lock's lease if it is still ours; False if it is not."""
         key = self.keys.lock(provider, container_id, fingerprint)
-        renew = self._script(
-            "renew_lock",
-            """
-            if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
-            return redis.call('pexpire', KEYS[1], ARGV[2])
-            """,
-        )
+        renew = self._scripts["renew_lock"]
         return bool(await self.call(lambda: renew(keys=[key], args=[token, ttl_ms])))
 
     async def unlock(self, provider: str, container_id: str, fingerprint: str, token: str) -> None:
         """Release the lock if it is still ours."""
         key = self.keys.lock(provider, container_id, fingerprint)
-        await self.call(lambda: self._unlock(keys=[key], args=[token]))
+        await self.call(lambda: self._scripts["unlock"](keys=[key], args=[token]))
 
-    # -- The workers' batch work. Pipelines of per-key commands and single-key scripts only, so
-    # -- every method is cluster-safe. A refresh "claims" its entry of the due set: the score
-    # -- moves past the planning horizon until the refreshed record's save puts it back, so no
-    # -- other refresh-ahead plan or stale-read job starts the same refresh meanwhile.
-
-    def _script(self, name: str, text: str) -> Any:
-        script = self._scripts.get(name)
-        if script is None:
-            script = self._scripts[name] = self.redis.register_script(text)
-        return script
+    # -- The workers' batch work (per-key commands and single-key scripts: cluster-safe). A
+    # -- refresh claims its due-set entry by moving its score past the planning horizon until
+    # -- the refreshed record's save puts it back, so no other refresh starts meanwhile.
 
     async def read_many(
         self, names: list[tuple[str, str]]
     ) -> list[tuple[bytes | None, Failure | None]]:
-        """The stored bytes of these ``(provider, container_id)`` records (None: not cached),
-        each with its failure marker: one ``MGET``, or on a cluster a pipeline of ``GET``."""
+        """The stored bytes (None: not cached) and failure marker of each record."""
         keys: list[str] = []
         for provider, cid in names:
             keys += (self.keys.record(provider, cid), self.keys.failing(provider, cid))
@@ -618,9 +628,8 @@ class CacheStore:
         failing: set[str] | None = None,
     ) -> None:
         """Store refreshed records as :meth:`save` does (no grants), in one pipeline; ``due``
-        sets other entries' due scores (claims rescheduled; None takes the entry out of the set).
-        Only the failure markers of the
-        ``failing`` containers (``provider/container_id``; None: all) are cleared."""
+        reschedules other entries' claims (None: out of the set); only the failure markers of
+        the ``failing`` members (None: all) are cleared."""
         keys = self.keys
         stored = [(record, encode_record(record)) for record in records]
         given = (due or {}).items()
@@ -667,28 +676,9 @@ class CacheStore:
             await self.call(op)
 
     async def claim_due(self, entries: list[tuple[str, int]], until_ms: int) -> list[str]:
-        """Claim due-set members whose due time is still the one given (``(member, due_ms)``):
-        they become due at ``until_ms`` (read marks kept). The members claimed (the others
-        changed meanwhile). A claim is renewed the same way, from its expiry."""
-        claim = self._script(
-            "claim_due",
-            _DUE_LUA
-            + """
-            local claimed = {}
-            for i = 2, #ARGV, 2 do
-              local score = redis.call('zscore', KEYS[1], ARGV[i])
-              if score then
-                score = tonumber(score)
-                local mark = score % marks
-                if (score - mark) / marks == tonumber(ARGV[i + 1]) then
-                  redis.call('zadd', KEYS[1], tonumber(ARGV[1]) * marks + mark, ARGV[i])
-                  claimed[#claimed + 1] = ARGV[i]
-                end
-              end
-            end
-            return claimed
-            """,
-        )
+        """Claim (or renew the claim of) members whose due time is still the one given: due at
+        ``until_ms`` now, read marks kept. The members claimed (the others changed meanwhile)."""
+        claim = self._scripts["claim_due"]
         args: list[str | int] = [until_ms]
         for name, score in entries:
             args += [name, score]
@@ -698,25 +688,10 @@ class CacheStore:
     async def claim_refresh(
         self, provider: str, container_id: str, due_ms: int, until_ms: int
     ) -> bool:
-        """Claim a container's due entry until ``until_ms`` for a stale read's refresh, unless
-        another refresh holds it or made it fresh (its score is past ``due_ms``, when the record
-        read goes stale, and past now: a claim that lapsed holds nothing). The entry is marked
-        read now (added if it was not there), so that refresh-ahead plans it again should this
-        refresh be lost. True when this refresh may go ahead."""
-        claim = self._script(
-            "claim_refresh",
-            _DUE_LUA
-            + """
-            local score = redis.call('zscore', KEYS[1], ARGV[1])
-            if score then
-              score = tonumber(score)
-              local held = (score - score % marks) / marks
-              if held > tonumber(ARGV[2]) and held > tonumber(ARGV[4]) then return 0 end
-            end
-            redis.call('zadd', KEYS[1], tonumber(ARGV[3]) * marks + tonumber(ARGV[5]), ARGV[1])
-            return 1
-            """,
-        )
+        """Claim a container's due entry until ``until_ms`` for a stale read's refresh; False if
+        another refresh holds it or made it fresh (its score is past both ``due_ms`` and now: a
+        lapsed claim holds nothing). Marked read now, so refresh-ahead redoes a lost refresh."""
+        claim = self._scripts["claim_refresh"]
         now = now_ms()
         args = [member(provider, container_id), due_ms, until_ms, now, read_mark(now)]
         return bool(await self.call(lambda: claim(keys=[self.keys.due], args=args)))
@@ -726,14 +701,7 @@ class CacheStore:
         the refresh-ahead index: for records the workers cannot refresh. False if it changed."""
         keys, provider, cid = self.keys, record.provider, record.container_id
         name, data = member(provider, cid), encode_record(record)
-        swap = self._script(
-            "leave_to_callers",
-            """
-            if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
-            redis.call('set', KEYS[1], ARGV[2], 'KEEPTTL')
-            return 1
-            """,
-        )
+        swap = self._scripts["swap"]
 
         async def op() -> bool:
             if not await swap(keys=[keys.record(provider, cid)], args=[read, data]):

@@ -13,12 +13,8 @@ __all__ = ["Throttle", "retry_after_ms"]
 
 
 def retry_after_ms(value: str | None, default_s: float, max_s: float) -> int:
-    """Milliseconds to wait for a ``Retry-After`` value, at most ``max_s``; ``default_s`` when
-    there is none or it cannot be read.
-
-    RFC 9110 section 10.2.3: ``delay-seconds`` (``1*DIGIT``) or an HTTP-date. Nothing else is
-    read as a number: ``inf``, ``1e300`` or ``nan`` from an upstream are not a wait.
-    """
+    """Milliseconds to wait for a ``Retry-After`` value (RFC 9110 10.2.3: ``1*DIGIT`` or an
+    HTTP-date, not ``inf`` or ``1e300``), at most ``max_s``; ``default_s`` if unreadable."""
     wait_s = default_s
     text = value.strip() if value else ""
     if text.isascii() and text.isdigit():
@@ -37,11 +33,8 @@ _MAX_PROVIDERS = 256
 
 
 class Throttle:
-    """Whether refreshes from a provider must wait; Redis is asked at most every 250 ms.
-
-    Remembers at most 256 providers (provider names come from clients in front of a gateway):
-    past that, the ones not backing off are forgotten first.
-    """
+    """Whether refreshes from a provider must wait; Redis is asked at most every 250 ms. At most
+    256 providers are remembered (names come from clients), those not backing off go first."""
 
     def __init__(
         self, store: CacheStore, default_s: float, max_s: float, recheck_s: float = 0.25
