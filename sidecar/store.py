@@ -398,55 +398,68 @@ class CacheStore:
         """Store ``record`` as long as ``policy`` may serve it (False: the container was deleted
         lately), grant it to ``fingerprint``, clear its failure marker, (re)schedule its refresh
         and announce it to the other processes."""
-        keys, provider, cid = self.keys, record.provider, record.container_id
-        name = member(provider, cid)
-        data = encode_record(record)
-        retention_ms, due_ms = policy.retention_ms(record), policy.due_ms(record)
-        if record.inline_refresh:
-            due_ms = None
-        due = [] if due_ms is None else [(name, due_ms, "r" if read else "k")]
-
+        name = member(record.provider, record.container_id)
+        due_ms = None if record.inline_refresh else policy.due_ms(record)
+        scores = [] if due_ms is None else [(name, due_ms, "r" if read else "k")]
         grant = () if fingerprint is None else (fingerprint, now_ms() + grant_ms, grant_ms)
+        save = (record, encode_record(record), True, grant)
+        stored = await self._write(policy, [save], scores, [] if scores else [name])
+        return stored[0]
 
-        async def op() -> bool:
-            if self._cluster:  # no scripts in a cluster pipeline: one command after another
-                stored = bool(await self._save_in(self.redis, record, data, retention_ms,
-                                                  clear_failing=True, grant=grant))  # fmt: skip
-                if stored:
-                    await self.redis.execute_command("PUBLISH", keys.changes, announce_record(data))
-                    client = self.redis
-                    await (self._set_due(client, due) if due else client.zrem(keys.due, name))
+    async def _write(
+        self,
+        policy: Policy,
+        saves: list[tuple[Record, bytes, bool, tuple[str, int, int] | tuple[()]]],
+        scores: list[tuple[str, int, str]],
+        dropped: list[str],
+    ) -> list[bool]:
+        """Run ``_SAVE`` for each ``(record, data, clear_failing, grant)``, set ``scores`` in the
+        due set (as ``_SET_DUE`` reads them) and take ``dropped`` out of it: in one pipeline, or
+        on a cluster (no scripts or PUBLISH in its pipelines) one command after another."""
+        keys = self.keys
+
+        def save_in(client: Any, save: tuple[Record, bytes, bool, Any]) -> Any:
+            record, data, clear_failing, grant = save
+            provider, cid = record.provider, record.container_id
+            names = [keys.record(provider, cid), keys.gone(provider, cid)]
+            names.append(keys.failing(provider, cid))
+            channel = "" if self._cluster else keys.changes
+            args: list[Any] = [data, policy.retention_ms(record), "1" if clear_failing else "0"]
+            args += [channel, announce_record(data) if channel else b""]
+            if grant:
+                fingerprint, expiry, grant_ms = grant
+                names.append(keys.grant(provider, cid, fingerprint))
+                args += [expiry, grant_ms]
+            return self._scripts["save"](keys=names, args=args, client=client)
+
+        async def op() -> list[bool]:
+            if self._cluster:
+                client = self.redis
+                stored = [
+                    bool(ok) for ok in await asyncio.gather(*(save_in(client, s) for s in saves))
+                ]
+                if scores:
+                    await self._set_due(client, scores)
+                if dropped:
+                    await client.zrem(keys.due, *dropped)
+                published = [save[1] for save, ok in zip(saves, stored, strict=True) if ok]
+                await asyncio.gather(
+                    *(
+                        client.execute_command("PUBLISH", keys.changes, announce_record(data))
+                        for data in published
+                    )
+                )
                 return stored
             async with self.redis.pipeline(transaction=False) as pipe:
-                await self._save_in(
-                    pipe, record, data, retention_ms, clear_failing=True, grant=grant
-                )
-                await (self._set_due(pipe, due) if due else pipe.zrem(keys.due, name))
-                return bool((await pipe.execute())[0])
+                for save in saves:
+                    await save_in(pipe, save)
+                if scores:
+                    await self._set_due(pipe, scores)
+                if dropped:
+                    pipe.zrem(keys.due, *dropped)
+                return [bool(ok) for ok in (await pipe.execute())[: len(saves)]]
 
         return await self.call(op)
-
-    async def _save_in(
-        self,
-        client: Any,
-        record: Record,
-        data: bytes,
-        retention_ms: int,
-        *,
-        clear_failing: bool,
-        grant: tuple[str, int, int] | tuple[()] = (),
-    ) -> Any:
-        """Run ``_SAVE`` for one record, or queue it in a pipeline."""
-        keys, provider, cid = self.keys, record.provider, record.container_id
-        names = [keys.record(provider, cid), keys.gone(provider, cid), keys.failing(provider, cid)]
-        channel = "" if self._cluster else keys.changes
-        args: list[Any] = [data, retention_ms, "1" if clear_failing else "0", channel,
-                           announce_record(data) if channel else b""]  # fmt: skip
-        if grant:
-            fingerprint, expiry, grant_ms = grant
-            names.append(keys.grant(provider, cid, fingerprint))
-            args += [expiry, grant_ms]
-        return await self._scripts["save"](keys=names, args=args, client=client)
 
     async def save_negative(self, record: Record, fingerprint: str, ttl_ms: int) -> None:
         """Cache a 404 for one credential."""
@@ -630,50 +643,21 @@ class CacheStore:
         """Store refreshed records as :meth:`save` does (no grants), in one pipeline; ``due``
         reschedules other entries' claims (None: out of the set); only the failure markers of
         the ``failing`` members (None: all) are cleared."""
-        keys = self.keys
-        stored = [(record, encode_record(record)) for record in records]
         given = (due or {}).items()
         scores = {name: (name, due_ms, "g") for name, due_ms in given if due_ms is not None}
         dropped = [name for name, due_ms in given if due_ms is None]
-        for record, _ in stored:
+        saves: list[tuple[Record, bytes, bool, tuple[()]]] = []
+        for record in records:
             name = member(record.provider, record.container_id)
             due_ms = None if record.inline_refresh else policy.due_ms(record)
             if due_ms is None:
                 dropped.append(name)
             else:
                 scores[name] = (name, due_ms, "k")
-
-        async def save(client: Any, record: Record, data: bytes) -> Any:
-            clear = failing is None or member(record.provider, record.container_id) in failing
-            retention_ms = policy.retention_ms(record)
-            return await self._save_in(client, record, data, retention_ms, clear_failing=clear)
-
-        async def op() -> None:
-            if self._cluster:  # no scripts in a cluster pipeline: one command after another
-                saved = await asyncio.gather(*(save(self.redis, r, d) for r, d in stored))
-                if scores:
-                    await self._set_due(self.redis, list(scores.values()))
-                if dropped:
-                    await self.redis.zrem(keys.due, *dropped)
-                await asyncio.gather(
-                    *(
-                        self.redis.execute_command("PUBLISH", keys.changes, announce_record(data))
-                        for (_, data), ok in zip(stored, saved, strict=True)
-                        if ok
-                    )
-                )
-                return
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for record, data in stored:
-                    await save(pipe, record, data)
-                if scores:
-                    await self._set_due(pipe, list(scores.values()))
-                if dropped:
-                    pipe.zrem(keys.due, *dropped)
-                await pipe.execute()
-
-        if stored or scores:
-            await self.call(op)
+            clear = failing is None or name in failing
+            saves.append((record, encode_record(record), clear, ()))
+        if saves or scores or dropped:
+            await self._write(policy, list(saves), list(scores.values()), dropped)
 
     async def claim_due(self, entries: list[tuple[str, int]], until_ms: int) -> list[str]:
         """Claim (or renew the claim of) members whose due time is still the one given: due at
