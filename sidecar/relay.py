@@ -56,7 +56,7 @@ def _end_to_end(
     headers: CIMultiDictProxy[str], drop: frozenset[str] = frozenset()
 ) -> Iterator[tuple[str, str]]:
     """A message's headers less the hop-by-hop ones and ``drop`` (lower-case names)."""
-    named = {t.strip().lower() for v in headers.getall("Connection", ()) for t in v.split(",")}
+    named = {t.lower() for t in relay_ws.header_list(headers, "Connection")}
     skip = _HOP_BY_HOP | named | drop
     for key, value in headers.items():
         name = key.lower()
