@@ -98,8 +98,8 @@ async def keep_cache_right(
     service: ContainerService, settings: Settings, method: str, call: Call, query: str,
     credential: Credential, body: bytes | None,
 ) -> None:  # fmt: skip
-    """What a successful container call means for the cache (``body``: a list's or a create's
-    answer, when it was small enough to keep)."""
+    """Apply what a successful container call means for the cache (``body``: a small list's or
+    create's answer)."""
     # The first value, decoded once, as the gateway (Go) reads it.
     fields = parse_qsl(query, keep_blank_values=True)
     asked = next((value for key, value in fields if key == "provider"), "") or "openai"

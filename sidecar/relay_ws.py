@@ -121,8 +121,7 @@ Socket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
 
 
 async def _pump(source: Socket, sink: Socket) -> tuple[int, bytes]:
-    """Relay ``source``'s frames to ``sink`` until ``source`` closes: its close code and
-    reason (or ``_ABNORMAL`` when it failed, or ``sink`` did)."""
+    """Relay ``source``'s frames to ``sink`` until ``source`` closes; its close code and reason."""
     try:
         while True:
             message = await source.receive()

@@ -50,8 +50,7 @@ class CertificateFiles:
         self.reload()
 
     def reload(self) -> bool:
-        """Load the files again if they changed since the last load; True when they did.
-        New connections get the new certificate; open ones keep theirs."""
+        """Load the files again if they changed (for new connections); whether they did."""
         stamp = (os.stat(self.cert_file).st_mtime, os.stat(self.key_file).st_mtime)
         if stamp == self._stamp:
             return False
