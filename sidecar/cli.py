@@ -188,7 +188,7 @@ def demo(args: argparse.Namespace) -> int:
     except (SettingsError, tracing.TracingConfigError) as exc:
         return _configuration_error(str(exc))
     configure_logging(log_settings)
-    from sidecar.demo import run_demo
+    from emulator.demo import run_demo
 
     tracing.setup_tracing(tracing.SIDECAR_SERVICE)
     try:

@@ -1,11 +1,8 @@
 """What the injector adds to a pod that asks for the sidecar, as a JSON Patch (RFC 6902).
 
-``decide`` reads a pod as the API server sends it (``request.object`` of an AdmissionReview) and
-returns an outcome, a reason from a closed set and the patch. The sidecar itself comes from a
-template, ``deploy/kubernetes/injector/sidecar.json``, mounted from the injector's ConfigMap:
-the example app's sidecar (probes, resources, security context, ConfigMap and Secret), kept
-equal to ``deploy/kubernetes/base`` by tests/inject, so the two cannot drift apart unnoticed.
-Per-pod annotations change only the port, resources, image and upstream kind.
+The sidecar comes from a template (``deploy/kubernetes/injector/sidecar.json``, mounted from the
+injector's ConfigMap) that tests/inject keep equal to ``deploy/kubernetes/base``'s sidecar;
+per-pod annotations change only its port, resources, image and upstream kind.
 """
 
 from __future__ import annotations

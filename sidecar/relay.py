@@ -1,15 +1,10 @@
 """The relay: every request the cache does not answer goes to the upstream as the app sent it.
 
-The app's catch-all route, so one base URL serves everything the gateway does, future routes
-included. Method, path and query go byte for byte (never decoded and encoded again), headers
-less the hop-by-hop ones (RFC 9110 section 7.6.1), bodies streamed both ways with back-pressure;
-the upstream's status, headers and body come back as sent (compressed bodies and redirects too).
-No total timeout: an idle timeout on both directions. A client that goes away cancels the
-upstream call at once. The relay has a bounded pool of its own, so relayed traffic never takes
-the retrievals' connections; its own failures are answered in the gateway's shape and never
-counted against the upstream. Websockets: ``sidecar.relay_ws``.
-
-Container routes keep the cache right (``sidecar.relay_routes``).
+Method, path and query byte for byte, headers less the hop-by-hop ones, bodies streamed both
+ways with back-pressure; the upstream's status, headers and body come back as sent (compressed
+bodies and redirects too). An idle timeout each way, no total one; a client that goes away
+cancels the upstream call. Its own bounded pool, so relayed traffic never takes the retrievals'
+connections; its own failures are gateway-shaped and never counted against the upstream.
 """
 
 from __future__ import annotations
@@ -18,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import aiohttp
 from aiohttp import web
@@ -42,14 +37,13 @@ from sidecar.relay_routes import container_call, family, keep_cache_right, targe
 from sidecar.settings import Settings, upstream_base
 from sidecar.state import SERVICES
 
-__all__ = ["RELAY", "Relay", "Watcher", "add_route", "end_to_end", "forward_headers", "relay_ctx"]
+__all__ = ["RELAY", "Relay", "add_route", "relay_ctx"]
 
 log = logging.getLogger(__name__)
 
+# RFC 9110 section 7.6.1 (and Proxy-*, and what a Connection header names).
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "te", "trailer", "transfer-encoding",
                          "upgrade"})  # fmt: skip
-# What this hop sets itself (Host: the upstream's), on top of the hop-by-hop headers.
-_REQUEST_OWN = frozenset({"host"})
 # Headers aiohttp's client would add (Accept-Encoding would make the upstream compress what the
 # app never asked compressed): only what the app sent goes.
 _NO_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
@@ -58,35 +52,28 @@ _WATCH_EVERY_S = 0.05
 _SEED_MAX = 1 << 20  # a list answer holds at most 100 containers: far less
 
 
-def hop_by_hop(name: str, named: frozenset[str]) -> bool:
-    """Whether a lower-case header name is hop-by-hop: RFC 9110 7.6.1's list, ``Proxy-*``, and
-    those ``Connection`` names (``named``)."""
-    return name in _HOP_BY_HOP or name.startswith("proxy-") or name in named
-
-
-def connection_named(headers: CIMultiDictProxy[str]) -> frozenset[str]:
-    """The header names a message's ``Connection`` header lists (hop-by-hop too)."""
-    values = headers.getall("Connection", ())
-    return frozenset(t.strip().lower() for v in values for t in v.split(",") if t.strip())
-
-
-def end_to_end(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    """An upstream answer's headers as the client gets them: less the hop-by-hop ones."""
-    named = connection_named(headers)
-    return CIMultiDict((k, v) for k, v in headers.items() if not hop_by_hop(k.lower(), named))
-
-
-def forward_headers(
-    headers: CIMultiDictProxy[str], credential: Credential, kind: str, drop: Iterable[str] = ()
-) -> CIMultiDict[str]:
-    """The client's headers as the upstream gets them: less the hop-by-hop ones and ``drop``,
-    the identity exactly as the credential was read (what the cache keys by)."""
-    named = connection_named(headers) | _REQUEST_OWN | frozenset(drop)
-    forwarded: CIMultiDict[str] = CIMultiDict()
+def _end_to_end(
+    headers: CIMultiDictProxy[str], drop: frozenset[str] = frozenset()
+) -> Iterator[tuple[str, str]]:
+    """A message's headers less the hop-by-hop ones and ``drop`` (lower-case names)."""
+    named = {t.lower() for t in relay_ws.header_list(headers, "Connection")}
+    skip = _HOP_BY_HOP | named | drop
     for key, value in headers.items():
         name = key.lower()
-        if not hop_by_hop(name, named) and not identity_header(kind, name):
-            forwarded.add(key, check_forwardable(name, value))
+        if name not in skip and not name.startswith("proxy-"):
+            yield key, value
+
+
+def _forward_headers(
+    headers: CIMultiDictProxy[str], credential: Credential, kind: str, drop: frozenset[str]
+) -> CIMultiDict[str]:
+    """The client's headers as the upstream gets them: less the hop-by-hop ones, ``drop`` and
+    ``Host``, the identity exactly as the credential was read (what the cache keys by)."""
+    forwarded = CIMultiDict(
+        (key, check_forwardable(key.lower(), value))
+        for key, value in _end_to_end(headers, drop | {"host"})
+        if not identity_header(kind, key.lower())
+    )
     forwarded.extend(credential.headers)
     return forwarded
 
@@ -95,7 +82,6 @@ class Relay:
     """The relay's own pool of upstream connections and what watches its clients."""
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
-        self.settings = settings
         self.metrics = metrics
         self.idle_s = settings.relay_idle_timeout_s
         self.session = aiohttp.ClientSession(
@@ -113,30 +99,15 @@ class Relay:
         )
         self.base = upstream_base(settings)
         self.watcher = Watcher()
-        self._slots = ConnectionSlots(
+        self.slots = ConnectionSlots(
             settings.relay_max_connections, settings.relay_queue_timeout_s, "relay"
         )
-
-    @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        """One of the pool's connections, waited for at most ``relay_queue_timeout_s``."""
-        try:
-            async with self._slots.hold():
-                yield
-        except Overloaded:
-            log.warning("relay: all %d connections busy", self.settings.relay_max_connections)
-            raise
 
     def count(self, route_family: str, status: int | None, started: float) -> None:
         """Count one relayed exchange, once, with its whole duration."""
         cls = "1xx" if status == 101 else status_class(status)
         self.metrics.relayed.labels(route_family, cls).inc()
         self.metrics.relay_seconds.labels(route_family).observe(time.perf_counter() - started)
-
-    async def close(self) -> None:
-        """Close the pool."""
-        self.watcher.close()
-        await self.session.close()
 
 
 RELAY: web.AppKey[Relay] = web.AppKey("relay", Relay)
@@ -146,7 +117,8 @@ async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
     """The relay's pool for the application's life."""
     app[RELAY] = relay = Relay(app[SERVICES].settings, app[SERVICES].metrics)
     yield
-    await relay.close()
+    relay.watcher.close()
+    await relay.session.close()
 
 
 async def _defer_continue(request: web.Request) -> None:
@@ -155,8 +127,7 @@ async def _defer_continue(request: web.Request) -> None:
 
 
 def add_route(router: web.UrlDispatcher) -> None:
-    """Register the relay for every method and path: last, after the routes the sidecar
-    answers itself."""
+    """Register the relay for every method and path: last, after the sidecar's own routes."""
     router.add_route("*", "/{relayed:.*}", handle, expect_handler=_defer_continue)
 
 
@@ -200,20 +171,21 @@ async def handle(request: web.Request) -> web.StreamResponse:
         count_route(services, "passthrough", label, time.perf_counter() - started)
         relay.count(route_family, response.status, started)
 
+    drop = relay_ws.HANDSHAKE_HEADERS if websocket else frozenset()
     try:
-        async with relay.slot():
+        headers = _forward_headers(request.headers, credential, kind, drop)
+        async with relay.slots.hold():
             if websocket:
-                headers = forward_headers(request.headers, credential, kind,
-                                          relay_ws.HANDSHAKE_HEADERS)  # fmt: skip
                 response = await relay_ws.relay(request, relay.session, url, headers)
             else:
-                headers = forward_headers(request.headers, credential, kind)
                 keep = call is not None and not call.container_id and request.method != "DELETE"
                 response = await _forward(
                     request, relay, url, headers, keep=keep, hold=call is not None,
                     before=before, finish=finish,
                 )  # fmt: skip
-    except SidecarError:
+    except SidecarError as exc:
+        if isinstance(exc, Overloaded):
+            log.warning("relay: all %d connections busy", settings.relay_max_connections)
         relay.count(route_family, None, started)
         raise
     if COUNTED not in response:  # a websocket, or an answer cut short
@@ -243,19 +215,17 @@ async def _forward(
             # Shielded: a client that leaves now cannot cut what a change upstream means here.
             await asyncio.shield(before(upstream.status))
             response = web.StreamResponse(
-                status=upstream.status, reason=upstream.reason, headers=end_to_end(upstream.headers)
+                status=upstream.status,
+                reason=upstream.reason,
+                headers=CIMultiDict(_end_to_end(upstream.headers)),
             )
             await response.prepare(request)
-            kept: list[bytes] | None = [] if keep and upstream.status == 200 else None
-            size = 0
-            held = b""
+            seed = keep and upstream.status == 200
+            kept, held = bytearray(), b""
             async for chunk in upstream.content.iter_any():
-                if kept is not None:
-                    size += len(chunk)
-                    if size > _SEED_MAX:
-                        kept = None
-                    else:
-                        kept.append(chunk)
+                seed = seed and len(kept) + len(chunk) <= _SEED_MAX
+                if seed:
+                    kept += chunk
                 if hold:
                     chunk, held = held, chunk
                 async with asyncio.timeout(relay.idle_s):  # a client that stopped reading
@@ -266,13 +236,13 @@ async def _forward(
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.sleep(0)
             task.uncancel()
-        await finish(response, b"".join(kept) if kept is not None else None)
+        await finish(response, bytes(kept) if seed else None)
         async with asyncio.timeout(relay.idle_s):
             await response.write(held)
             await response.write_eof()
         return response
     except asyncio.CancelledError:
-        if not relay.watcher.left(task):
+        if not relay.watcher.discard(task):
             raise
         task.uncancel()  # the watcher's own cancellation: the client went away
         return response or web.Response(status=_CLIENT_LEFT)
@@ -313,12 +283,9 @@ async def _body(request: web.Request, idle_s: float, stalled: list[bool]) -> Asy
 
 
 class Watcher:
-    """Notices clients that went away while their request is relayed and cancels the relay.
-
-    aiohttp cancels no handler when its client leaves (``handler_cancellation`` stays off for
-    the retrievals' sake) and says so only on the transport: one timer checks every relay's
-    transport every 50 ms while any is waiting on the upstream.
-    """
+    """Cancels the relays whose client went away: aiohttp cancels no handler when its client
+    leaves (``handler_cancellation`` stays off for the retrievals' sake), so one timer checks
+    every watched transport every 50 ms while any relay waits on the upstream."""
 
     def __init__(self) -> None:
         self._watched: dict[asyncio.Task[object], web.Request] = {}
@@ -337,10 +304,6 @@ class Watcher:
         left = task in self._left
         self._left.discard(task)
         return left
-
-    def left(self, task: asyncio.Task[object]) -> bool:
-        """Whether ``task`` was cancelled here because its client went away."""
-        return task in self._left
 
     def close(self) -> None:
         """Stop the timer."""

@@ -1,17 +1,14 @@
 """What a relayed request's path says: its route family (a metrics label), the upstream target,
-and, on a container route, what a successful answer means for the cache.
-
-A list or a create seeds the cache with the containers it returned, for the caller that asked;
-a DELETE of a container drops its entry at once (RFC 9111 section 4.4); any other change to a
-container (its files, a command run in it) marks it for revalidation, since every container
-operation moves its ``last_active_at`` upstream.
+and, on a container route, what a successful answer means for the cache: a list or a create
+seeds it, a DELETE drops the entry at once (RFC 9111 section 4.4), any other change marks the
+container for revalidation (every container operation moves its ``last_active_at``).
 """
 
 from __future__ import annotations
 
 import posixpath
 from typing import NamedTuple
-from urllib.parse import unquote, unquote_plus
+from urllib.parse import parse_qsl, unquote, unquote_plus
 
 import msgspec
 
@@ -20,7 +17,7 @@ from sidecar.errors import InvalidParameter
 from sidecar.service import ContainerService
 from sidecar.settings import PROVIDER_NAME, Settings
 
-__all__ = ["Call", "container_call", "family", "keep_cache_right", "query_value", "target"]
+__all__ = ["Call", "container_call", "family", "keep_cache_right", "target"]
 
 _CONTAINER_PREFIXES = ("/openai/v1/containers", "/openai/containers", "/v1/containers")
 _UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -82,15 +79,6 @@ def container_call(path: str) -> Call | None:
     return Call(parse_container_id(parts[0]), len(parts) == 1)
 
 
-def query_value(query: str, name: str) -> str | None:
-    """The first value of ``name`` in a raw query, decoded once, as the gateway (Go) reads it."""
-    for part in query.split("&"):
-        key, _, value = part.partition("=")
-        if unquote_plus(key) == name:
-            return unquote_plus(value)
-    return None
-
-
 def target(path: str, mark: str, query: str, call: Call | None, kind: str) -> str:
     """The upstream path and query: as sent to a gateway; straight against OpenAI every prefix
     is ``/v1`` (an app's ``/openai/v1`` base URL) and container routes lose ``provider``."""
@@ -110,9 +98,11 @@ async def keep_cache_right(
     service: ContainerService, settings: Settings, method: str, call: Call, query: str,
     credential: Credential, body: bytes | None,
 ) -> None:  # fmt: skip
-    """What a successful container call means for the cache (``body``: a list's or a create's
-    answer, when it was small enough to keep)."""
-    asked = query_value(query, "provider") or "openai"
+    """Apply what a successful container call means for the cache (``body``: a small list's or
+    create's answer)."""
+    # The first value, decoded once, as the gateway (Go) reads it.
+    fields = parse_qsl(query, keep_blank_values=True)
+    asked = next((value for key, value in fields if key == "provider"), "") or "openai"
     if not PROVIDER_NAME.fullmatch(asked):
         return
     if call.container_id == "":

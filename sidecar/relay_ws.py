@@ -10,12 +10,12 @@ import logging
 
 import aiohttp
 from aiohttp import WSMsgType, web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from sidecar.errors import InvalidParameter, SidecarError, UpstreamTimeout, UpstreamUnavailable
 
-__all__ = ["HANDSHAKE_HEADERS", "identity", "is_upgrade", "no_redirects", "relay"]
+__all__ = ["HANDSHAKE_HEADERS", "header_list", "identity", "is_upgrade", "no_redirects", "relay"]
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,13 @@ def is_upgrade(request: web.Request) -> bool:
     return request.method == "GET" and request.headers.get("Upgrade", "").lower() == "websocket"
 
 
+def header_list(headers: CIMultiDictProxy[str], name: str) -> list[str]:
+    """The items of a comma-separated header, over all its lines."""
+    return [i.strip() for value in headers.getall(name, ()) for i in value.split(",") if i.strip()]
+
+
 def _protocols(request: web.Request) -> list[str]:
-    values = request.headers.getall("Sec-WebSocket-Protocol", ())
-    return [p.strip() for value in values for p in value.split(",") if p.strip()]
+    return header_list(request.headers, "Sec-WebSocket-Protocol")
 
 
 def identity(request: web.Request) -> list[tuple[str, str]]:
@@ -117,8 +121,7 @@ Socket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
 
 
 async def _pump(source: Socket, sink: Socket) -> tuple[int, bytes]:
-    """Relay ``source``'s frames to ``sink`` until ``source`` closes: its close code and
-    reason (or ``_ABNORMAL`` when it failed, or ``sink`` did)."""
+    """Relay ``source``'s frames to ``sink`` until ``source`` closes; its close code and reason."""
     try:
         while True:
             message = await source.receive()

@@ -1,11 +1,9 @@
 """``sidecar inject``: the mutating admission webhook that attaches the sidecar to pods.
 
-AdmissionReview ``v1`` on ``POST /mutate`` (pods annotated ``bifrost-container-sidecar/inject:
-"true"``) and ``POST /mutate/namespace`` (every pod of a namespace labelled
-``bifrost-container-sidecar/inject=enabled``: the webhook configuration's namespaceSelector
-sends them there, as the review does not carry the namespace's labels). Every review with a uid
-is answered 200, allowed: a pod is never blocked by the injector, and a review it cannot use is
-allowed unchanged, with a warning. ``/healthz``, ``/readyz`` and ``/metrics`` beside them.
+AdmissionReview ``v1`` on ``POST /mutate`` (annotated pods) and ``POST /mutate/namespace`` (pods
+of a labelled namespace: a review does not carry its namespace's labels, so the webhook
+configuration's namespaceSelector sends them there). A pod is never blocked: every review with
+a uid is answered 200, allowed, unchanged with a warning when the injector cannot use it.
 """
 
 from __future__ import annotations
@@ -16,7 +14,7 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
@@ -33,6 +31,7 @@ log = logging.getLogger(__name__)
 #: A pod is at most ~1.5 MiB (etcd's limit); a review holds one, plus its envelope.
 MAX_REVIEW_BYTES = 3 * 1024 * 1024
 _API_VERSION = "admission.k8s.io/v1"
+_RELOAD_EVERY_S = 60.0
 _POD = {"group": "", "version": "v1", "kind": "Pod"}
 _TEMPLATE = web.AppKey("template", Template)
 _PODS = web.AppKey("pods", Counter)
@@ -51,8 +50,7 @@ class CertificateFiles:
         self.reload()
 
     def reload(self) -> bool:
-        """Load the files again if they changed since the last load; True when they did.
-        New connections get the new certificate; open ones keep theirs."""
+        """Load the files again if they changed (for new connections); whether they did."""
         stamp = (os.stat(self.cert_file).st_mtime, os.stat(self.key_file).st_mtime)
         if stamp == self._stamp:
             return False
@@ -60,12 +58,28 @@ class CertificateFiles:
         self._stamp = stamp
         return True
 
+    async def reloading(self, app: web.Application) -> AsyncIterator[None]:
+        """The injector's cleanup context: the files are checked every minute while it runs."""
+
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(_RELOAD_EVERY_S)
+                try:
+                    if self.reload():
+                        log.info("injector: reloaded %s", self.cert_file)
+                except (OSError, ssl.SSLError) as exc:  # mid-update: keep the old one, retry
+                    log.warning("injector: cannot reload %s: %s", self.cert_file, exc)
+
+        task = asyncio.create_task(loop())
+        yield
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
 
 def create_injector_app(
-    template: Template, certificate: CertificateFiles | None = None, reload_s: float = 60.0
+    template: Template, certificate: CertificateFiles | None = None
 ) -> web.Application:
-    """The injector's application; with ``certificate``, its files are checked every
-    ``reload_s``."""
+    """The injector's application; with ``certificate``, its files are reloaded as they change."""
     app = web.Application(client_max_size=MAX_REVIEW_BYTES)
     app[_TEMPLATE] = template
     app[_REGISTRY] = registry = CollectorRegistry()
@@ -77,34 +91,13 @@ def create_injector_app(
         for reason in reasons:
             pods.labels(outcome, reason)  # at 0 from the start, so rate() sees the first one
     if certificate is not None:
-        app.cleanup_ctx.append(_reloading(certificate, reload_s))
+        app.cleanup_ctx.append(certificate.reloading)
     app.router.add_post("/mutate", mutate)
     app.router.add_post("/mutate/namespace", mutate)
     app.router.add_get("/healthz", _ok)
     app.router.add_get("/readyz", _ok)  # the template is loaded before the port opens
     app.router.add_get("/metrics", _metrics)
     return app
-
-
-def _reloading(
-    certificate: CertificateFiles, every_s: float
-) -> Callable[[web.Application], AsyncIterator[None]]:
-    async def reload(app: web.Application) -> AsyncIterator[None]:
-        async def loop() -> None:
-            while True:
-                await asyncio.sleep(every_s)
-                try:
-                    if certificate.reload():
-                        log.info("injector: reloaded %s", certificate.cert_file)
-                except (OSError, ssl.SSLError) as exc:  # mid-update: keep the old one, retry
-                    log.warning("injector: cannot reload %s: %s", certificate.cert_file, exc)
-
-        task = asyncio.create_task(loop())
-        yield
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-
-    return reload
 
 
 async def _ok(request: web.Request) -> web.Response:
