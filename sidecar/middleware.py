@@ -61,16 +61,11 @@ def error_response(
 ) -> web.Response:
     """The gateway-shaped answer for ``exc`` (``request_type``: what the request was, as the
     gateway names it; empty, and so left out, for requests that are not retrievals)."""
-    if isinstance(exc, UpstreamReplyError):
-        response = web.Response(body=exc.body, status=exc.status, content_type="application/json")
-        if exc.retry_after:
-            response.headers["Retry-After"] = exc.retry_after
-        return response
-    response = web.Response(
-        body=error_body(exc, provider, request_type),
-        status=exc.status,
-        content_type="application/json",
-    )
+    if isinstance(exc, UpstreamReplyError):  # the upstream's own error, already in the shape
+        body = exc.body
+    else:
+        body = error_body(exc, provider, request_type)
+    response = web.Response(body=body, status=exc.status, content_type="application/json")
     if exc.retry_after:
         response.headers["Retry-After"] = exc.retry_after
     return response
@@ -103,7 +98,9 @@ def _error_answer(request: web.Request, exc: Exception) -> web.StreamResponse:
     if isinstance(exc, SidecarError):
         _log_error(request, exc)
         return error_response(exc, _provider(request), kind)
-    if isinstance(exc, web.HTTPException) and exc.status in (404, 405):
+    if isinstance(exc, web.HTTPException):
+        if exc.status not in (404, 405):
+            raise exc
         route = f"{request.method} {request.path[:200]}"
         error: SidecarError = (
             MethodNotAllowed(f"method not allowed: {route}")
@@ -111,8 +108,6 @@ def _error_answer(request: web.Request, exc: Exception) -> web.StreamResponse:
             else RouteNotFound(f"no route for {route}")
         )
         return error_response(error, _provider(request), kind)
-    if isinstance(exc, web.HTTPException):
-        raise exc
     log.error("unhandled error on %s %s", request.method, printable(request.path), exc_info=exc)
     return error_response(SidecarError("internal error in the sidecar"), _provider(request), kind)
 
@@ -161,14 +156,11 @@ def count_answer(
     services: Services, route: str, outcome: Outcome, rules: Rules, seconds: float
 ) -> None:
     """Count one retrieval answer (metrics and the fleet's stats)."""
-    label = _retrieval_label(outcome, rules)
-    metrics = services.metrics
     if outcome.kind != "miss" and outcome.freshness is not None:
-        metrics.served_age.observe(outcome.freshness.age_s)
+        services.metrics.served_age.observe(outcome.freshness.age_s)
     if outcome.collapsed:
-        metrics.collapsed.labels(outcome.collapsed).inc()
-    metrics.answered(route, label, seconds)
-    services.stats.add(f"answers.{label}")
+        services.metrics.collapsed.labels(outcome.collapsed).inc()
+    count_route(services, route, _retrieval_label(outcome, rules), seconds)
 
 
 def _observe(request: web.Request, response: web.StreamResponse, started: float) -> None:

@@ -1,12 +1,12 @@
 """HTTP handlers for retrievals: parse, call the service, answer in the gateway's shape.
 
-A hit from the process's own copy usually never gets here: the hit lane (``sidecar.lane``)
-answers it before routing, with the copy's pre-rendered body (``hit_body``). What it leaves to
-the router (other shapes of request, cache-control headers, misses) is handled here.
+A hit on the process's own copy is usually answered before routing by the hit lane
+(``sidecar.lane``), with the copy's pre-rendered body (``hit_body``); the rest comes here.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 
@@ -35,8 +35,6 @@ __all__ = [
     "parse_container_id",
     "parse_provider",
     "requires_provider",
-    "retrieve_native",
-    "retrieve_openai",
 ]
 
 #: A plausible container (or file) id: 1-128 letters, digits, '_' or '-', not starting with either.
@@ -46,45 +44,20 @@ _OPENAI = "/openai/containers/{container_id}"
 _NATIVE = "/v1/containers/{container_id}"
 
 
-async def retrieve_openai_v1(request: web.Request) -> web.Response:
-    """``GET /openai/v1/containers/{container_id}``: ``provider`` defaults to openai."""
-    return await _retrieve(request, _OPENAI_V1, provider_required=False)
-
-
-async def retrieve_openai(request: web.Request) -> web.Response:
-    """``GET /openai/containers/{container_id}``: ``provider`` defaults to openai."""
-    return await _retrieve(request, _OPENAI, provider_required=False)
-
-
-async def retrieve_native(request: web.Request) -> web.Response:
-    """``GET /v1/containers/{container_id}``: the gateway's native route, ``provider``
-    required; straight against OpenAI it is OpenAI's own route (an app's ``/v1`` base URL)."""
-    settings = request.app[SERVICES].settings
-    return await _retrieve(request, _NATIVE, provider_required=requires_provider(_NATIVE, settings))
-
-
-#: The retrieval routes and their handlers (each counts its answers under its own route).
-RETRIEVE_ROUTES = {
-    _OPENAI_V1: retrieve_openai_v1,
-    _OPENAI: retrieve_openai,
-    _NATIVE: retrieve_native,
-}
-
-
 def requires_provider(route: str, settings: Settings) -> bool:
     """Whether a retrieval route needs the ``provider`` query parameter: the native ``/v1``
-    route in front of the gateway does."""
+    route in front of the gateway does (straight against OpenAI it is OpenAI's own route)."""
     return route == _NATIVE and settings.upstream_kind == "bifrost"
 
 
-async def _retrieve(request: web.Request, route: str, *, provider_required: bool) -> web.Response:
+async def _retrieve(request: web.Request, route: str) -> web.Response:
     started = time.perf_counter()
     services = request.app[SERVICES]
     settings = services.settings
     headers = request.headers
     credential, passed = services.credentials.scan(headers.items())
     provider = request.query.get("provider", "") if request.query_string else ""
-    provider = parse_provider(provider, provider_required, settings)
+    provider = parse_provider(provider, requires_provider(route, settings), settings)
     query = Query(
         provider=cache_provider(settings, provider),
         container_id=parse_container_id(request.match_info["container_id"]),
@@ -98,6 +71,12 @@ async def _retrieve(request: web.Request, route: str, *, provider_required: bool
     count_answer(services, route, outcome, query.rules, elapsed)
     response[COUNTED] = True
     return response
+
+
+#: The retrieval routes and their handlers (each counts its answers under its own route).
+RETRIEVE_ROUTES = {
+    route: functools.partial(_retrieve, route=route) for route in (_OPENAI_V1, _OPENAI, _NATIVE)
+}
 
 
 def parse_provider(provider: str, required: bool, settings: Settings) -> str:

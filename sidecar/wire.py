@@ -87,7 +87,7 @@ class Container(msgspec.Struct, gc=False):
 
 
 _encoder = msgspec.json.Encoder()
-_ALWAYS = ("id", "name", "created_at")  # sent even when empty; the rest is omitempty
+_ALWAYS = {"id": "", "name": "", "created_at": 0}  # sent even when empty; the rest is omitempty
 _ORDER = (
     "id", "object", "name", "created_at", "status", "expires_after",
     "last_active_at", "memory_limit", "metadata",
@@ -109,12 +109,11 @@ def normalize_container(payload: Any, *, keep_unknown: bool = True) -> tuple[byt
     for name in _ORDER:
         value = payload.get(name)
         if name in _ALWAYS:
-            out[name] = value if value is not None else ("" if name == "name" else 0)
+            out[name] = _ALWAYS[name] if value is None else value
         elif value not in (None, "", 0, {}, []) or value is False:
             out[name] = value
-    for name, value in payload.items():
-        if keep_unknown and name not in out and name not in _ORDER and name != "extra_fields":
-            out[name] = value
+    if keep_unknown:
+        out.update((k, v) for k, v in payload.items() if k not in _ORDER and k != "extra_fields")
     return _encoder.encode(out), container
 
 
@@ -133,10 +132,6 @@ _LATENCY = b"\x00"
 """Where ``latency`` stands among stored ``extra_fields`` members (NUL is never in JSON text)."""
 
 
-def _join(members: dict[str, msgspec.Raw]) -> bytes:
-    return b",".join(_encoder.encode(name) + b":" + bytes(value) for name, value in members.items())
-
-
 def split_gateway_answer(raw: bytes) -> tuple[bytes, bytes, Container]:
     """A gateway's container answer as it came: the container's JSON, its ``extra_fields``
     members (``latency`` marked, ``cache_debug`` dropped: each answer sets its own), and the
@@ -148,7 +143,7 @@ def split_gateway_answer(raw: bytes) -> tuple[bytes, bytes, Container]:
         raise UpstreamMalformed(
             "upstream answered 200 with a body that is not a container"
         ) from None
-    body = b"{" + _join(members) + b"}"
+    body = b"{" + b",".join(_encoder.encode(k) + b":" + bytes(v) for k, v in members.items()) + b"}"
     try:
         container = msgspec.json.decode(body, type=Container)
     except msgspec.DecodeError as exc:
@@ -173,20 +168,12 @@ def openai_answer(raw: bytes, provider: str) -> tuple[bytes, bytes, Container]:
     except msgspec.DecodeError:
         raise UpstreamMalformed("upstream answered 200 with a body that is not JSON") from None
     body, container = normalize_container(payload, keep_unknown=False)
-    extra = b",".join(
-        (
-            b'"request_type":' + _encoder.encode(REQUEST_TYPE),
-            b'"provider":' + _encoder.encode(provider),
-            _LATENCY,
-            b'"chunk_index":0',
-            b'"raw_response":' + raw.strip(),
-        )
-    )
-    return body, extra, container
+    return body, default_extra(provider) + b',"raw_response":' + raw.strip(), container
 
 
 def default_extra(provider: str) -> bytes:
-    """``extra_fields`` members for a record that has none stored (seeded from a list)."""
+    """The ``extra_fields`` members the gateway adds to a provider's container (and a record
+    stored without any gets)."""
     return b",".join(
         (
             b'"request_type":' + _encoder.encode(REQUEST_TYPE),
