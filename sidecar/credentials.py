@@ -20,6 +20,7 @@ import hashlib
 import hmac
 import secrets
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 from sidecar.errors import AmbiguousCredential, InvalidParameter, MissingCredential
 
@@ -52,18 +53,13 @@ PASS_ALONG = {
 }
 
 
+@dataclass(frozen=True, slots=True, eq=False)
 class Credential:
-    """The identity headers of one request and their fingerprint."""
+    """The identity headers of one request and their fingerprint (its repr shows only that)."""
 
-    __slots__ = ("fingerprint", "headers")
-
-    def __init__(self, headers: tuple[tuple[str, str], ...], fingerprint: str) -> None:
-        self.headers = headers
-        """``(lower-case name, value)`` pairs, forwarded to the upstream exactly as they are."""
-        self.fingerprint = fingerprint
-
-    def __repr__(self) -> str:
-        return f"Credential(fingerprint={self.fingerprint!r})"
+    headers: tuple[tuple[str, str], ...] = field(repr=False)
+    """``(lower-case name, value)`` pairs, forwarded to the upstream exactly as they are."""
+    fingerprint: str
 
 
 ANONYMOUS = Credential((), "anonymous")
@@ -117,17 +113,10 @@ class CredentialReader:
             if not value or (name == "authorization" and value.lower() in ("bearer", "basic")):
                 continue
             found.append((name, value))
-        if not found:
-            if self._openai:
-                raise MissingCredential(
-                    "a credential is required: send it as 'Authorization: Bearer <key>'"
-                )
+        if not found and not self._openai:
             return ANONYMOUS, tuple(passed)
         key = tuple(sorted(found))
-        credential = self._known.get(key)
-        if credential is None:
-            credential = self._make(key)
-        return credential, tuple(passed)
+        return self._known.get(key) or self._make(key), tuple(passed)
 
     def _make(self, pairs: tuple[tuple[str, str], ...]) -> Credential:
         names = [name for name, _ in pairs]
@@ -142,7 +131,7 @@ class CredentialReader:
                 "two different virtual keys in one request: send one credential",
                 param="authorization",
             )
-        if self._openai and "authorization" not in names:
+        if self._openai and "authorization" not in names:  # none at all, or only a scope
             raise MissingCredential(
                 "a credential is required: send it as 'Authorization: Bearer <key>'"
             )
