@@ -1,10 +1,9 @@
 """The caller's credential: the one definition of which headers identify a caller.
 
-Retrieval, the relay, cache seeding and forwarding all use the :class:`Credential` read here
-once per request, so no two places can disagree about who is asking. Its ``headers`` are exactly
-what the upstream authenticates with (and are forwarded as they are); its ``fingerprint``
-(HMAC-SHA256 under ``SIDECAR_KEY_SECRET``) is the only form of them that leaves the process:
-grants, locks and negative entries in Redis are keyed by it.
+Retrieval, the relay, seeding and forwarding all use the :class:`Credential` read here once per
+request. Its ``headers`` are what the upstream authenticates with (forwarded as they are); its
+``fingerprint`` (HMAC-SHA256 under ``SIDECAR_KEY_SECRET``) is the only form of them that leaves
+the process: grants, locks and negative entries in Redis are keyed by it.
 
 An identity header sent twice, or two different virtual keys in different headers, is refused
 (400) before anything is forwarded or cached: an upstream and a cache reading "the" credential
@@ -24,14 +23,7 @@ from dataclasses import dataclass, field
 
 from sidecar.errors import AmbiguousCredential, InvalidParameter, MissingCredential
 
-__all__ = [
-    "ANONYMOUS",
-    "PASS_ALONG",
-    "Credential",
-    "CredentialReader",
-    "check_forwardable",
-    "identity_header",
-]
+__all__ = ["ANONYMOUS", "Credential", "CredentialReader", "check_forwardable", "identity_header"]
 
 # The gateway's virtual-key headers (transports/bifrost-http/lib/ctx.go): x-bf-vk with any value;
 # Authorization (Bearer), x-api-key and x-goog-api-key when the value starts with sk-bf-.
@@ -43,9 +35,9 @@ _EXTRA_HEADER_PREFIX = "x-bf-eh-"
 # OpenAI scopes a key further by organisation and project: part of the identity too.
 _OPENAI_IDENTITY = frozenset(("authorization", "openai-organization", "openai-project"))
 _CACHE_MAX = 4096
-#: Request headers that are not an identity but go to the upstream on every path: the gateway
-#: acts on them (transports/bifrost-http/lib/ctx.go), and trace context flows through.
-PASS_ALONG = {
+# Request headers that are not an identity but go to the upstream on every path: the gateway
+# acts on them (transports/bifrost-http/lib/ctx.go), and trace context flows through.
+_PASS_ALONG = {
     "bifrost": frozenset(
         ("x-bf-send-back-raw-response", "x-bf-session-id", "traceparent", "tracestate")
     ),
@@ -84,17 +76,14 @@ class CredentialReader:
     def __init__(self, kind: str, secret: str | None) -> None:
         self._kind = kind
         self._openai = kind == "openai"
-        self._pass_along = PASS_ALONG[kind]
+        self._pass_along = _PASS_ALONG[kind]
         key = secret.encode() if secret else secrets.token_bytes(32)
         self._mac = hmac.new(key, digestmod=hashlib.sha256)
         self._known: dict[tuple[tuple[str, str], ...], Credential] = {}
 
     def read(self, headers: Iterable[tuple[str, str]]) -> Credential:
-        """The request's credential (``ANONYMOUS`` for none, gateway mode only).
-
-        Raises ``AmbiguousCredential`` for a repeated identity header or two different virtual
-        keys, and ``MissingCredential`` when an OpenAI-style upstream gets no key.
-        """
+        """The request's credential (``ANONYMOUS`` for none, gateway mode only); raises
+        ``AmbiguousCredential`` or (an OpenAI-style upstream given no key) ``MissingCredential``."""
         return self.scan(headers)[0]
 
     def scan(

@@ -25,15 +25,9 @@ from sidecar.errors import SidecarError
 from sidecar.headers import CACHE_NAME
 from sidecar.middleware import ACCESS_ROUTE, OUTCOME, count_answer
 from sidecar.outcomes import Query
-from sidecar.settings import PROVIDER_NAME, cache_provider
+from sidecar.settings import cache_provider
 from sidecar.state import SERVICES, Services
-from sidecar.views import (
-    CONTAINER_ID,
-    RETRIEVE_ROUTES,
-    hit_body,
-    parse_provider,
-    requires_provider,
-)
+from sidecar.views import CONTAINER_ID, RETRIEVE_ROUTES, hit_body, parse_provider, requires_provider
 
 __all__ = ["HitAnswer", "hit_answers"]
 
@@ -107,12 +101,8 @@ def hit_answers(app: web.Application) -> Callable[[BaseRequest], HitAnswer | Non
         container_id, _, query = target[slash + 1 :].partition("?")
         if not CONTAINER_ID.fullmatch(container_id):
             return None
-        if query:
-            if not query.startswith(_PROVIDER_QUERY):
-                return None
-            query = query[len(_PROVIDER_QUERY) :]
-            if not PROVIDER_NAME.fullmatch(query):
-                return None
+        if query and not query.startswith(_PROVIDER_QUERY):
+            return None
         headers = request.headers
         if not request.keep_alive or "Expect" in headers:
             return None
@@ -121,7 +111,8 @@ def hit_answers(app: web.Application) -> Callable[[BaseRequest], HitAnswer | Non
             return None
         template, provider_required = route
         try:
-            provider = parse_provider(query, provider_required, settings)
+            # Raw, so anything escaped fails here: a name may not hold '%', '&' or '+'.
+            provider = parse_provider(query[len(_PROVIDER_QUERY) :], provider_required, settings)
             credential, passed = scan(headers.items())
         except SidecarError:
             return None  # the routed path answers it (the same error)

@@ -20,13 +20,7 @@ from sidecar.middleware import COUNTED, OUTCOME, count_answer
 from sidecar.outcomes import Outcome, Query
 from sidecar.settings import PROVIDER_NAME, PROVIDERS, Settings, cache_provider
 from sidecar.state import SERVICES
-from sidecar.wire import (
-    REQUEST_TYPE,
-    CacheDebug,
-    default_extra,
-    render_container,
-    with_cache_debug,
-)
+from sidecar.wire import REQUEST_TYPE, CacheDebug, default_extra, render_container, with_cache_debug
 
 __all__ = [
     "CONTAINER_ID",
@@ -80,11 +74,8 @@ RETRIEVE_ROUTES = {
 
 
 def parse_provider(provider: str, required: bool, settings: Settings) -> str:
-    """The ``provider`` query parameter: required on /v1, else ``openai``.
-
-    In front of a gateway any name it may know (custom providers included) goes through and
-    the gateway decides; straight against OpenAI only the configured providers do.
-    """
+    """The ``provider`` query parameter (default ``openai``): in front of a gateway any name it
+    may know goes through and the gateway decides; straight against OpenAI, configured ones."""
     if not provider:
         if required:
             raise InvalidParameter("provider query parameter is required", param="provider")
@@ -124,14 +115,13 @@ def parse_container_id(value: str, param: str = "container_id") -> str:
 
 def render(outcome: Outcome, provider: str, rules: Rules, latency_ms: int) -> web.Response:
     """The response for an outcome: the container, or the 404, with ``cache_debug``."""
-    record = outcome.record
     if outcome.copy is not None and latency_ms == 0:
         body = hit_body(outcome, provider, rules)
     else:
         body = _render_body(outcome, provider, rules, latency_ms)
     headers = cache_headers(outcome, rules=rules)
     headers["Content-Type"] = "application/json"
-    response = web.Response(body=body, status=record.status_code, headers=headers)
+    response = web.Response(body=body, status=outcome.record.status_code, headers=headers)
     response[OUTCOME] = (outcome, rules)
     return response
 

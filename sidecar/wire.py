@@ -31,16 +31,14 @@ REQUEST_TYPE = "container_retrieve"
 
 
 class CacheDebug(msgspec.Struct, omit_defaults=True, gc=False):
-    """``extra_fields.cache_debug``: what the cache did for this answer."""
+    """``extra_fields.cache_debug``: what the cache did for this answer (the gateway's fields
+    about models and tokens never apply to a container)."""
 
     cache_hit: bool
     cache_id: str | None = None
     hit_type: str | None = None
     requested_provider: str | None = None
-    requested_model: str | None = None
     provider_used: str | None = None
-    model_used: str | None = None
-    input_tokens: int | None = None
     threshold: float | None = None
     similarity: float | None = None
 
@@ -56,7 +54,6 @@ class _ErrorExtraFields(msgspec.Struct, omit_defaults=True, gc=False):
     provider: str = ""
     request_type: str = ""
     raw_response: msgspec.Raw | None = None
-    cache_debug: CacheDebug | None = None
 
 
 class _BifrostError(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
@@ -224,7 +221,7 @@ def gateway_error_from_openai(status: int, raw: bytes, provider: str) -> bytes:
         upstream = msgspec.json.decode(raw, type=_OpenAIEnvelope).error
         raw_response: msgspec.Raw | None = msgspec.Raw(raw)
     except msgspec.DecodeError:
-        upstream = _OpenAIError(message=f"upstream answered HTTP {status}")
+        upstream = _OpenAIError()
         raw_response = None
     return _encoder.encode(
         _BifrostError(
