@@ -66,12 +66,9 @@ def identity_header(kind: str, name: str) -> bool:
 
 
 class CredentialReader:
-    """Reads credentials from request headers for one upstream kind.
-
-    Fingerprints are remembered per distinct set of header values (at most 4,096 sets, the
-    oldest forgotten first): a poller sends the same credential every time, and an HMAC per
-    request would be the hit path's largest cost.
-    """
+    """Reads credentials from request headers for one upstream kind, remembering up to 4,096
+    fingerprints (the oldest go first): a poller sends the same credential every time, and an
+    HMAC per request would be the hit path's largest cost."""
 
     def __init__(self, kind: str, secret: str | None) -> None:
         self._kind = kind
@@ -138,8 +135,7 @@ class CredentialReader:
 
 
 def check_forwardable(name: str, value: str) -> str:
-    """``value``, if it can be sent on: a header value with bytes that are not UTF-8 (HTTP
-    allows them; aiohttp keeps them as surrogates) can be neither forwarded nor fingerprinted."""
+    """``value``, unless it is not UTF-8 (aiohttp keeps such bytes as surrogates): unforwardable."""
     if not value.isascii():
         try:
             value.encode()

@@ -11,11 +11,8 @@ CACHE_NAME = "bifrost-sidecar"
 
 
 def cache_headers(outcome: Outcome, *, rules: Rules | None = None) -> dict[str, str]:
-    """``Cache-Status`` for every answer; ``Age`` for answers from the cache.
-
-    RFC 9211 allows one ``detail`` per member (a token or a quoted string): ``stale-if-error``
-    when a stale copy stood in for a failing upstream, and ``ignored:<header>,...`` naming the
-    control headers not taken as written (``Rules.ignored``: names, never a caller's values)."""
+    """``Cache-Status`` for every answer, ``Age`` for answers from the cache. Its one ``detail``
+    (RFC 9211 2.8) holds ``stale-if-error`` and ``ignored:<header>,...`` (names, never values)."""
     kind, freshness = outcome.kind, outcome.freshness
     parts = [CACHE_NAME]
     if kind in ("miss", "stale_if_error"):

@@ -24,8 +24,7 @@ def cache_id_for(provider: str, container_id: str) -> str:
 
 
 def compact_id(cache_id: str) -> str:
-    """A cache id as it stands in keys: 16 characters, base64url of its first 12 bytes (96 bits
-    of a hash: no two containers meet; and 16 characters fit a smaller allocation than 22)."""
+    """A cache id in keys: base64url of its first 96 bits (16 characters allocate less than 22)."""
     return base64.urlsafe_b64encode(uuid.UUID(cache_id).bytes[:12]).decode()
 
 

@@ -75,8 +75,7 @@ def _status_line(status: int) -> str:
 
 
 def hit_answers(app: web.Application) -> Callable[[BaseRequest], HitAnswer | None] | None:
-    """What answers a request the lane takes (None: the routed path answers it), or None when
-    this process keeps no copies of its own."""
+    """The lane (answering None to route a request), or None if this process keeps no copies."""
     services: Services = app[SERVICES]
     if not services.service.local.enabled:
         return None

@@ -80,8 +80,7 @@ def _provider(request: web.Request) -> str:
 
 @web.middleware
 async def answer_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every answer: errors in the gateway's shape (never a stack trace), then counted by
-    route and outcome with its duration, unless the handler counted it."""
+    """Errors in the gateway's shape (never a stack trace); answers counted unless ``COUNTED``."""
     started = time.perf_counter()
     try:
         response = await handler(request)
@@ -143,8 +142,7 @@ def _retrieval_label(outcome: Outcome, rules: Rules) -> str:
 
 
 def outcome_label(seen: object, status: int) -> str:
-    """The outcome word (metrics, stats, access log) of an answer: from what its handler left
-    under ``OUTCOME`` (a retrieval's (Outcome, Rules), or a word), else from its status."""
+    """An answer's outcome word (metrics, stats, access log): from ``OUTCOME``, else its status."""
     if isinstance(seen, tuple):
         return _retrieval_label(*seen)
     if isinstance(seen, str):

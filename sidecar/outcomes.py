@@ -54,8 +54,7 @@ class Refresher(Protocol):
     """Schedules background refreshes (the arq queue); absent when there is no service key."""
 
     async def refresh_stale(self, store: Any, renewal: tuple[str, str, int]) -> None:
-        """Have a worker renew ``(provider, container_id, due_ms)``, read stale (``store``: the
-        cache store, where the renewal is claimed)."""
+        """Have a worker renew ``(provider, container_id, due_ms)``, claimed in ``store``."""
 
     async def backlog(self) -> int | None:
         """Refresh jobs waiting, if known."""

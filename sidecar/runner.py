@@ -54,8 +54,7 @@ _ASKED_VERSION: web.RequestKey[tuple[int, int]] = web.RequestKey("asked_version"
 
 
 class _ConnectionLog(logging.LoggerAdapter[logging.Logger]):
-    """aiohttp's connection log: a refused request is one INFO line naming what was wrong, never
-    a traceback or a header value (a credential may be among them)."""
+    """aiohttp's connection log: a refused request is one INFO line, no traceback or header."""
 
     def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info")
@@ -69,8 +68,7 @@ class _ConnectionLog(logging.LoggerAdapter[logging.Logger]):
 
 
 class _GatewayShapedRefusal(AbstractStreamWriter):
-    """The writer of a request aiohttp's parser refused: whatever aiohttp answers it, the client
-    gets the gateway-shaped error of the same status, and the connection closes."""
+    """A refused request's writer: the gateway-shaped error of aiohttp's status, then close."""
 
     def __init__(self, writer: AbstractStreamWriter, count: Callable[[], None]) -> None:
         self._writer = writer
@@ -103,8 +101,7 @@ class _GatewayShapedRefusal(AbstractStreamWriter):
 def _requests(
     factory: Callable[..., BaseRequest], app: web.Application
 ) -> Callable[..., BaseRequest]:
-    """The server's request factory, for refused requests (aiohttp's stand-in message has no
-    header map) and for requests in another HTTP version than 1.x."""
+    """The server's request factory, for refused requests and other HTTP versions than 1.x."""
 
     def count() -> None:
         if SERVICES in app:
@@ -112,7 +109,7 @@ def _requests(
 
     def make(message: Any, payload: Any, protocol: Any, writer: Any, task: Any) -> BaseRequest:
         if message.version.major == 1:
-            if not isinstance(message.headers, dict):
+            if not isinstance(message.headers, dict):  # a dict: aiohttp's stand-in, refused
                 return factory(message, payload, protocol, writer, task)
             return factory(message, payload, protocol, _GatewayShapedRefusal(writer, count), task)
         asked = message.version
@@ -125,8 +122,7 @@ def _requests(
 
 
 def _front(app: web.Application, handler: Handler) -> Handler:
-    """The server's handler: a 505 for another HTTP version, the hit lane (off while tracing),
-    then the application (``handler``)."""
+    """The server's handler: a 505 for another HTTP version, the hit lane, the application."""
     answer = hit_answers(app) if SERVICES in app and not tracing.is_enabled() else None
 
     async def front(request: BaseRequest) -> web.StreamResponse:

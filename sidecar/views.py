@@ -39,8 +39,7 @@ _NATIVE = "/v1/containers/{container_id}"
 
 
 def requires_provider(route: str, settings: Settings) -> bool:
-    """Whether a retrieval route needs the ``provider`` query parameter: the native ``/v1``
-    route in front of the gateway does (straight against OpenAI it is OpenAI's own route)."""
+    """Whether a route needs ``?provider=``: the gateway's native ``/v1`` route (not OpenAI's)."""
     return route == _NATIVE and settings.upstream_kind == "bifrost"
 
 
@@ -102,8 +101,7 @@ def parse_provider(provider: str, required: bool, settings: Settings) -> str:
 
 
 def parse_container_id(value: str, param: str = "container_id") -> str:
-    """A plausible container (or file) id: 1-128 letters, digits, '_' or '-', not starting
-    with either; anything else, path tricks included, never reaches the upstream."""
+    """A plausible container (or file) id (``CONTAINER_ID``): path tricks never go upstream."""
     if not CONTAINER_ID.fullmatch(value):
         shown = value if len(value) <= 64 else value[:64] + "..."
         raise InvalidParameter(
@@ -127,8 +125,7 @@ def render(outcome: Outcome, provider: str, rules: Rules, latency_ms: int) -> we
 
 
 def hit_body(outcome: Outcome, provider: str, rules: Rules) -> bytes:
-    """The body of a hit on a process's own copy (``outcome.copy``) with latency 0: rendered
-    once per copy and threshold, then reused."""
+    """A hit's body from the process's own copy (latency 0): rendered once per threshold."""
     copy: Copy = outcome.copy
     cached = copy.hit_body
     if cached is not None and cached[0] == rules.threshold:

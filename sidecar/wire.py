@@ -130,9 +130,8 @@ _LATENCY = b"\x00"
 
 
 def split_gateway_answer(raw: bytes) -> tuple[bytes, bytes, Container]:
-    """A gateway's container answer as it came: the container's JSON, its ``extra_fields``
-    members (``latency`` marked, ``cache_debug`` dropped: each answer sets its own), and the
-    typed fields. Raises UpstreamMalformed for anything else."""
+    """A gateway's container answer: the container's JSON, its ``extra_fields`` members
+    (``latency`` marked, ``cache_debug`` dropped: each answer sets its own), the typed fields."""
     try:
         members = _raw_members.decode(raw)
         extra = _raw_members.decode(members.pop("extra_fields", msgspec.Raw(b"{}")))
@@ -156,10 +155,8 @@ def split_gateway_answer(raw: bytes) -> tuple[bytes, bytes, Container]:
 
 
 def openai_answer(raw: bytes, provider: str) -> tuple[bytes, bytes, Container]:
-    """An OpenAI-style container answer as the gateway would relay it: its container fields
-    (omitempty applied), and the ``extra_fields`` it builds, the provider's JSON in
-    ``raw_response`` (fields the gateway does not know, such as ``network_policy``, live
-    there). Raises UpstreamMalformed for anything else."""
+    """An OpenAI-style container answer as the gateway relays it: the known fields, and the
+    provider's JSON in ``extra_fields.raw_response`` (``network_policy`` and such live there)."""
     try:
         payload = msgspec.json.decode(raw)
     except msgspec.DecodeError:
@@ -182,8 +179,7 @@ def default_extra(provider: str) -> bytes:
 
 
 def render_container(body: bytes, extra: bytes, latency_ms: int, debug: CacheDebug) -> bytes:
-    """The answer to a retrieve: the stored container and ``extra_fields`` with this request's
-    ``latency`` and ``cache_debug``."""
+    """A retrieve's answer: the stored container, its ``extra_fields`` and this ``cache_debug``."""
     head, _, tail = extra.partition(_LATENCY)
     return b"".join(
         (body[:-1], b',"extra_fields":{', head, b'"latency":', str(latency_ms).encode(), tail,
