@@ -41,16 +41,13 @@ __all__ = [
     "outcome_label",
 ]
 
-#: What a handler leaves on its response for the access log: a retrieval's (Outcome, Rules),
-#: or a metrics outcome word.
+#: What a handler leaves for the access log: a retrieval's (Outcome, Rules), or an outcome word.
 OUTCOME: web.ResponseKey[object] = web.ResponseKey("outcome", object)
 #: Set by handlers that counted their own answer.
 COUNTED: web.ResponseKey[bool] = web.ResponseKey("counted", bool)
-#: A handler's ``route`` label when its routes are counted together (``passthrough``: the
-#: relay, ``admin``).
+#: The ``route`` label of handlers counted together (``passthrough``: the relay; ``admin``).
 ROUTE_GROUP: web.RequestKey[str] = web.RequestKey("route_group", str)
-#: The route an access line names for an answer whose route has no template of its own
-#: (the relay's ``relay:<family>``).
+#: The route an access line names when it has no template (the relay's ``relay:<family>``).
 ACCESS_ROUTE: web.RequestKey[str] = web.RequestKey("access_route", str)
 
 log = logging.getLogger(__name__)
@@ -111,8 +108,7 @@ def _error_answer(request: web.Request, exc: Exception) -> web.StreamResponse:
     return error_response(SidecarError("internal error in the sidecar"), _provider(request), kind)
 
 
-#: While the upstream fails, one warning per kind of failure every this many seconds (each
-#: failed request still has its access line): an outage under load is a few lines, not thousands.
+#: One warning per kind of upstream failure this often (each request keeps its access line).
 _WARN_EVERY_S = 5.0
 
 

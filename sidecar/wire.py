@@ -135,7 +135,7 @@ def split_gateway_answer(raw: bytes) -> tuple[bytes, bytes, Container]:
     try:
         members = _raw_members.decode(raw)
         extra = _raw_members.decode(members.pop("extra_fields", msgspec.Raw(b"{}")))
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except msgspec.DecodeError:  # a ValidationError too
         raise UpstreamMalformed(
             "upstream answered 200 with a body that is not a container"
         ) from None
