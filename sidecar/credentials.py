@@ -1,10 +1,9 @@
 """The caller's credential: the one definition of which headers identify a caller.
 
-Retrieval, the relay, cache seeding and forwarding all use the :class:`Credential` read here
-once per request, so no two places can disagree about who is asking. Its ``headers`` are exactly
-what the upstream authenticates with (and are forwarded as they are); its ``fingerprint``
-(HMAC-SHA256 under ``SIDECAR_KEY_SECRET``) is the only form of them that leaves the process:
-grants, locks and negative entries in Redis are keyed by it.
+Retrieval, the relay, seeding and forwarding all use the :class:`Credential` read here once per
+request. Its ``headers`` are what the upstream authenticates with (forwarded as they are); its
+``fingerprint`` (HMAC-SHA256 under ``SIDECAR_KEY_SECRET``) is the only form of them that leaves
+the process: grants, locks and negative entries in Redis are keyed by it.
 
 An identity header sent twice, or two different virtual keys in different headers, is refused
 (400) before anything is forwarded or cached: an upstream and a cache reading "the" credential
@@ -20,17 +19,11 @@ import hashlib
 import hmac
 import secrets
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 from sidecar.errors import AmbiguousCredential, InvalidParameter, MissingCredential
 
-__all__ = [
-    "ANONYMOUS",
-    "PASS_ALONG",
-    "Credential",
-    "CredentialReader",
-    "check_forwardable",
-    "identity_header",
-]
+__all__ = ["ANONYMOUS", "Credential", "CredentialReader", "check_forwardable", "identity_header"]
 
 # The gateway's virtual-key headers (transports/bifrost-http/lib/ctx.go): x-bf-vk with any value;
 # Authorization (Bearer), x-api-key and x-goog-api-key when the value starts with sk-bf-.
@@ -42,9 +35,9 @@ _EXTRA_HEADER_PREFIX = "x-bf-eh-"
 # OpenAI scopes a key further by organisation and project: part of the identity too.
 _OPENAI_IDENTITY = frozenset(("authorization", "openai-organization", "openai-project"))
 _CACHE_MAX = 4096
-#: Request headers that are not an identity but go to the upstream on every path: the gateway
-#: acts on them (transports/bifrost-http/lib/ctx.go), and trace context flows through.
-PASS_ALONG = {
+# Request headers that are not an identity but go to the upstream on every path: the gateway
+# acts on them (transports/bifrost-http/lib/ctx.go), and trace context flows through.
+_PASS_ALONG = {
     "bifrost": frozenset(
         ("x-bf-send-back-raw-response", "x-bf-session-id", "traceparent", "tracestate")
     ),
@@ -52,18 +45,13 @@ PASS_ALONG = {
 }
 
 
+@dataclass(frozen=True, slots=True, eq=False)
 class Credential:
-    """The identity headers of one request and their fingerprint."""
+    """The identity headers of one request and their fingerprint (its repr shows only that)."""
 
-    __slots__ = ("fingerprint", "headers")
-
-    def __init__(self, headers: tuple[tuple[str, str], ...], fingerprint: str) -> None:
-        self.headers = headers
-        """``(lower-case name, value)`` pairs, forwarded to the upstream exactly as they are."""
-        self.fingerprint = fingerprint
-
-    def __repr__(self) -> str:
-        return f"Credential(fingerprint={self.fingerprint!r})"
+    headers: tuple[tuple[str, str], ...] = field(repr=False)
+    """``(lower-case name, value)`` pairs, forwarded to the upstream exactly as they are."""
+    fingerprint: str
 
 
 ANONYMOUS = Credential((), "anonymous")
@@ -78,27 +66,21 @@ def identity_header(kind: str, name: str) -> bool:
 
 
 class CredentialReader:
-    """Reads credentials from request headers for one upstream kind.
-
-    Fingerprints are remembered per distinct set of header values (at most 4,096 sets, the
-    oldest forgotten first): a poller sends the same credential every time, and an HMAC per
-    request would be the hit path's largest cost.
-    """
+    """Reads credentials from request headers for one upstream kind, remembering up to 4,096
+    fingerprints (the oldest go first): a poller sends the same credential every time, and an
+    HMAC per request would be the hit path's largest cost."""
 
     def __init__(self, kind: str, secret: str | None) -> None:
         self._kind = kind
         self._openai = kind == "openai"
-        self._pass_along = PASS_ALONG[kind]
+        self._pass_along = _PASS_ALONG[kind]
         key = secret.encode() if secret else secrets.token_bytes(32)
         self._mac = hmac.new(key, digestmod=hashlib.sha256)
         self._known: dict[tuple[tuple[str, str], ...], Credential] = {}
 
     def read(self, headers: Iterable[tuple[str, str]]) -> Credential:
-        """The request's credential (``ANONYMOUS`` for none, gateway mode only).
-
-        Raises ``AmbiguousCredential`` for a repeated identity header or two different virtual
-        keys, and ``MissingCredential`` when an OpenAI-style upstream gets no key.
-        """
+        """The request's credential (``ANONYMOUS`` for none, gateway mode only); raises
+        ``AmbiguousCredential`` or (an OpenAI-style upstream given no key) ``MissingCredential``."""
         return self.scan(headers)[0]
 
     def scan(
@@ -117,17 +99,10 @@ class CredentialReader:
             if not value or (name == "authorization" and value.lower() in ("bearer", "basic")):
                 continue
             found.append((name, value))
-        if not found:
-            if self._openai:
-                raise MissingCredential(
-                    "a credential is required: send it as 'Authorization: Bearer <key>'"
-                )
+        if not found and not self._openai:
             return ANONYMOUS, tuple(passed)
         key = tuple(sorted(found))
-        credential = self._known.get(key)
-        if credential is None:
-            credential = self._make(key)
-        return credential, tuple(passed)
+        return self._known.get(key) or self._make(key), tuple(passed)
 
     def _make(self, pairs: tuple[tuple[str, str], ...]) -> Credential:
         names = [name for name, _ in pairs]
@@ -142,7 +117,7 @@ class CredentialReader:
                 "two different virtual keys in one request: send one credential",
                 param="authorization",
             )
-        if self._openai and "authorization" not in names:
+        if self._openai and "authorization" not in names:  # none at all, or only a scope
             raise MissingCredential(
                 "a credential is required: send it as 'Authorization: Bearer <key>'"
             )
@@ -160,8 +135,7 @@ class CredentialReader:
 
 
 def check_forwardable(name: str, value: str) -> str:
-    """``value``, if it can be sent on: a header value with bytes that are not UTF-8 (HTTP
-    allows them; aiohttp keeps them as surrogates) can be neither forwarded nor fingerprinted."""
+    """``value``, unless it is not UTF-8 (aiohttp keeps such bytes as surrogates): unforwardable."""
     if not value.isascii():
         try:
             value.encode()

@@ -11,25 +11,16 @@ CACHE_NAME = "bifrost-sidecar"
 
 
 def cache_headers(outcome: Outcome, *, rules: Rules | None = None) -> dict[str, str]:
-    """``Cache-Status`` for every answer; ``Age`` for answers from the cache.
-
-    RFC 9211 allows one ``detail`` per member (section 2.8: a token or a quoted string):
-    ``stale-if-error`` when a stale copy stood in for a failing upstream, and
-    ``ignored:<header>,...`` naming the request's control headers the sidecar did not take as
-    written (``Rules.ignored``: lower-case header names, never a caller's values), together
-    ``detail="stale-if-error ignored:x-bf-cache-ttl"``."""
-    freshness = outcome.freshness
+    """``Cache-Status`` for every answer, ``Age`` for answers from the cache. Its one ``detail``
+    (RFC 9211 2.8) holds ``stale-if-error`` and ``ignored:<header>,...`` (names, never values)."""
+    kind, freshness = outcome.kind, outcome.freshness
     parts = [CACHE_NAME]
-    if outcome.kind == "miss":
-        parts.append(f"fwd={outcome.forward or 'uri-miss'}")
+    if kind in ("miss", "stale_if_error"):
+        parts.append("fwd=stale" if kind != "miss" else f"fwd={outcome.forward or 'uri-miss'}")
         if outcome.upstream_status is not None:
             parts.append(f"fwd-status={outcome.upstream_status}")
         if outcome.stored:
             parts.append("stored")
-    elif outcome.kind == "stale_if_error":
-        parts.append("fwd=stale")
-        if outcome.upstream_status is not None:
-            parts.append(f"fwd-status={outcome.upstream_status}")
     else:
         parts.append("hit")
     if freshness is not None:
@@ -38,10 +29,10 @@ def cache_headers(outcome: Outcome, *, rules: Rules | None = None) -> dict[str, 
         parts.append("collapsed")
     if rules is not None and rules.ignored:
         detail = "ignored:" + ",".join(rules.ignored)
-        if outcome.kind == "stale_if_error":
+        if kind == "stale_if_error":
             detail = "stale-if-error " + detail
         parts.append(f'detail="{detail}"')
-    elif outcome.kind == "stale_if_error":
+    elif kind == "stale_if_error":
         parts.append("detail=stale-if-error")
     headers = {"Cache-Status": "; ".join(parts)}
     if freshness is not None:

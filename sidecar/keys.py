@@ -24,8 +24,7 @@ def cache_id_for(provider: str, container_id: str) -> str:
 
 
 def compact_id(cache_id: str) -> str:
-    """A cache id as it stands in keys: 16 characters, base64url of its first 12 bytes (96 bits
-    of a hash: no two containers meet; and 16 characters fit a smaller allocation than 22)."""
+    """A cache id in keys: base64url of its first 96 bits (16 characters allocate less than 22)."""
     return base64.urlsafe_b64encode(uuid.UUID(cache_id).bytes[:12]).decode()
 
 
@@ -37,24 +36,25 @@ def _tag_of(provider: str, container_id: str) -> str:
 class KeySpace:
     """Builds keys under one prefix (``SIDECAR_KEY_PREFIX``)."""
 
-    __slots__ = ("prefix",)
+    __slots__ = ("changes", "due", "prefix", "records", "retired", "stats")
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
-
-    @property
-    def changes(self) -> str:
+        self.changes = f"{prefix}:changes"
         """The channel on which record changes are announced (``sidecar.announce``)."""
-        return f"{self.prefix}:changes"
+        self.records = f"{prefix}:{{*}}:r"
+        """The ``SCAN`` pattern matching every record."""
+        self.stats = f"{prefix}:stats"
+        """Hash of fleet-wide counts (``GET /api/cache/stats``)."""
+        self.due = f"{prefix}:due"
+        """Sorted set: ``provider/container_id`` scored by when it stops being fresh and when it
+        was last read, packed in one number (``store.DUE_MARKS``)."""
+        self.retired = (f"{prefix}:hot",)
+        """Keys earlier versions kept and a worker removes at start (the read set, now in due)."""
 
     def record_of(self, cache_id: str) -> str:
         """The record of the container behind a public cache id."""
         return f"{self.prefix}:{{{compact_id(cache_id)}}}:r"
-
-    @property
-    def records(self) -> str:
-        """The ``SCAN`` pattern matching every record."""
-        return f"{self.prefix}:{{*}}:r"
 
     def _tag(self, provider: str, container_id: str) -> str:
         return f"{self.prefix}:{{{_tag_of(provider, container_id)}}}"
@@ -82,23 +82,6 @@ class KeySpace:
     def failing(self, provider: str, container_id: str) -> str:
         """Set while the upstream fails for this container: its last error and back-off."""
         return self._tag(provider, container_id) + ":f"
-
-    @property
-    def stats(self) -> str:
-        """Hash of fleet-wide counts (``GET /api/cache/stats``)."""
-        return f"{self.prefix}:stats"
-
-    @property
-    def due(self) -> str:
-        """Sorted set: ``provider/container_id`` scored by when it stops being fresh and when it
-        was last read, packed in one number (``store.DUE_MARKS``)."""
-        return f"{self.prefix}:due"
-
-    @property
-    def retired(self) -> tuple[str, ...]:
-        """Keys earlier versions kept and this one does not (a worker removes them at start):
-        the read set, now folded into the due set."""
-        return (f"{self.prefix}:hot",)
 
     def backoff(self, provider: str) -> str:
         """Set while a provider's 429 Retry-After runs; nobody refreshes from it until then."""

@@ -1,23 +1,17 @@
 """The hit lane: a retrieval this process can answer from its own copy, answered before routing.
 
-A poller's request is nearly always a hit on the process's own copy (``local``), and for it the
-generic machinery (route resolution over every proxied path, the middleware chain, a
-``web.Response`` with its header multidict, its serialisation) costs more than the answer.
-The lane takes the request as aiohttp's server hands it over, recognises the common shape of a
-retrieval (GET over HTTP/1.1 keep-alive, one of the three routes, a plain container id, no
-query but ``provider``, no cache-control header) and, when ``ContainerService.local_hit`` has
-the answer, writes the whole response in one piece (``HitAnswer``, a ``StreamResponse`` whose
-public ``prepare`` writes bytes serialised once): the same status, headers and body as the
-routed path, counted the same way. Anything else, and every miss, goes the routed way
-unchanged, so the lane can only make an answer faster, never different (tests/sidecar/
-test_lane.py compares the two byte for byte).
-
-Off while tracing is on (a span per request is the point there).
+For a poller's usual request (a hit on ``local``) route resolution, the middleware chain and a
+``web.Response`` cost more than the answer. The lane takes only the common shape (GET over
+HTTP/1.1 keep-alive, one of the retrieval routes, a plain container id, no query but
+``provider``, no cache-control header) and writes the routed path's exact bytes in one piece,
+counted the same way; anything else, and every miss, is routed (tests/sidecar/test_lane.py
+compares the two byte for byte). Off while tracing is on (a span per request is the point there).
 """
 
 from __future__ import annotations
 
 import email.utils
+import functools
 import time
 from collections.abc import Callable
 from http import HTTPStatus
@@ -31,40 +25,26 @@ from sidecar.errors import SidecarError
 from sidecar.headers import CACHE_NAME
 from sidecar.middleware import ACCESS_ROUTE, OUTCOME, count_answer
 from sidecar.outcomes import Query
-from sidecar.settings import PROVIDER_NAME, cache_provider
+from sidecar.settings import cache_provider
 from sidecar.state import SERVICES, Services
-from sidecar.views import (
-    CONTAINER_ID,
-    RETRIEVE_ROUTES,
-    hit_body,
-    parse_provider,
-    requires_provider,
-)
+from sidecar.views import CONTAINER_ID, RETRIEVE_ROUTES, hit_body, parse_provider, requires_provider
 
 __all__ = ["HitAnswer", "hit_answers"]
 
 
 _PROVIDER_QUERY = "provider="
-_STATUS_LINES: dict[int, str] = {}
 _SERVER = f"\r\nServer: {SERVER_SOFTWARE}\r\n\r\n"
-_dates: list[tuple[int, str]] = [(0, "")]
 
 
-def _http_date() -> str:
-    """Now as an IMF-fixdate (RFC 9110 5.6.7), made once a second."""
-    second = int(time.time())
-    if _dates[0][0] != second:
-        _dates[0] = (second, email.utils.formatdate(second, usegmt=True))
-    return _dates[0][1]
+@functools.lru_cache(maxsize=1)
+def _http_date(second: int) -> str:
+    """A second as an IMF-fixdate (RFC 9110 5.6.7): made once a second."""
+    return email.utils.formatdate(second, usegmt=True)
 
 
 class HitAnswer(web.StreamResponse):
-    """A hit's whole HTTP response, serialised once and written in one piece.
-
-    A ``StreamResponse`` whose public ``prepare`` writes the status line, headers and body
-    through the request's writer at once; ``headers`` stays empty (they are in the bytes).
-    What the connection handler and the access log read of a response (``status``,
-    ``keep_alive``, ``body_length``, ``OUTCOME``) is what it was built with."""
+    """A hit's whole HTTP response, serialised once and written by ``prepare`` in one piece
+    (``headers`` stays empty: they are in the bytes)."""
 
     def __init__(self, data: bytes, status: int, body_length: int) -> None:
         super().__init__(status=status)
@@ -89,17 +69,16 @@ class HitAnswer(web.StreamResponse):
         """Nothing left to write."""
 
 
+@functools.cache  # a record's status is one the upstream gave: a handful at most
 def _status_line(status: int) -> str:
-    line = _STATUS_LINES.get(status)
-    if line is None:  # a record's status is one the upstream gave: a handful at most
-        line = _STATUS_LINES[status] = f"HTTP/1.1 {status} {HTTPStatus(status).phrase}"
-    return line
+    return f"HTTP/1.1 {status} {HTTPStatus(status).phrase}"
 
 
 def hit_answers(app: web.Application) -> Callable[[BaseRequest], HitAnswer | None] | None:
-    """What answers a request the lane takes (None: the routed path answers it), or None when
-    this process keeps no copies of its own."""
+    """The lane (answering None to route a request), or None if this process keeps no copies."""
     services: Services = app[SERVICES]
+    if not services.service.local.enabled:
+        return None
     settings = services.settings
     plain = parse_rules({}, settings.freshness_threshold)
     routes = {
@@ -108,8 +87,6 @@ def hit_answers(app: web.Application) -> Callable[[BaseRequest], HitAnswer | Non
     }
     scan = services.credentials.scan
     local_hit = services.service.local_hit
-    if not services.service.local.enabled:
-        return None
 
     def answer(request: BaseRequest) -> HitAnswer | None:
         started = time.perf_counter()
@@ -123,12 +100,8 @@ def hit_answers(app: web.Application) -> Callable[[BaseRequest], HitAnswer | Non
         container_id, _, query = target[slash + 1 :].partition("?")
         if not CONTAINER_ID.fullmatch(container_id):
             return None
-        if query:
-            if not query.startswith(_PROVIDER_QUERY):
-                return None
-            query = query[len(_PROVIDER_QUERY) :]
-            if not PROVIDER_NAME.fullmatch(query):
-                return None
+        if query and not query.startswith(_PROVIDER_QUERY):
+            return None
         headers = request.headers
         if not request.keep_alive or "Expect" in headers:
             return None
@@ -137,7 +110,8 @@ def hit_answers(app: web.Application) -> Callable[[BaseRequest], HitAnswer | Non
             return None
         template, provider_required = route
         try:
-            provider = parse_provider(query, provider_required, settings)
+            # Raw, so anything escaped fails here: a name may not hold '%', '&' or '+'.
+            provider = parse_provider(query[len(_PROVIDER_QUERY) :], provider_required, settings)
             credential, passed = scan(headers.items())
         except SidecarError:
             return None  # the routed path answers it (the same error)
@@ -149,13 +123,12 @@ def hit_answers(app: web.Application) -> Callable[[BaseRequest], HitAnswer | Non
         if freshness is None:  # every hit has one; the routed path would answer otherwise
             return None
         body = hit_body(outcome, provider, rules)
-        # cache_headers(outcome, rules) for a plain hit, formatted at once (test_lane compares
-        # the lane's bytes with the routed answer's).
+        # headers.cache_headers of a plain hit, formatted at once (test_lane compares the bytes)
         data = (
             f"{_status_line(record.status_code)}\r\nCache-Status: {CACHE_NAME}; hit; "
             f"ttl={int(freshness.ttl_s // 1)}\r\nAge: {int(freshness.age_s)}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-            f"Date: {_http_date()}{_SERVER}"
+            f"Date: {_http_date(int(time.time()))}{_SERVER}"
         ).encode() + body
         count_answer(services, template, outcome, rules, time.perf_counter() - started)
         answer = HitAnswer(data, record.status_code, len(body))

@@ -41,16 +41,13 @@ __all__ = [
     "outcome_label",
 ]
 
-#: What a handler leaves on its response for the access log: a retrieval's (Outcome, Rules),
-#: or a metrics outcome word.
+#: What a handler leaves for the access log: a retrieval's (Outcome, Rules), or an outcome word.
 OUTCOME: web.ResponseKey[object] = web.ResponseKey("outcome", object)
 #: Set by handlers that counted their own answer.
 COUNTED: web.ResponseKey[bool] = web.ResponseKey("counted", bool)
-#: A handler's ``route`` label when its routes are counted together (``passthrough``: the
-#: relay, ``admin``).
+#: The ``route`` label of handlers counted together (``passthrough``: the relay; ``admin``).
 ROUTE_GROUP: web.RequestKey[str] = web.RequestKey("route_group", str)
-#: The route an access line names for an answer whose route has no template of its own
-#: (the relay's ``relay:<family>``).
+#: The route an access line names when it has no template (the relay's ``relay:<family>``).
 ACCESS_ROUTE: web.RequestKey[str] = web.RequestKey("access_route", str)
 
 log = logging.getLogger(__name__)
@@ -61,16 +58,11 @@ def error_response(
 ) -> web.Response:
     """The gateway-shaped answer for ``exc`` (``request_type``: what the request was, as the
     gateway names it; empty, and so left out, for requests that are not retrievals)."""
-    if isinstance(exc, UpstreamReplyError):
-        response = web.Response(body=exc.body, status=exc.status, content_type="application/json")
-        if exc.retry_after:
-            response.headers["Retry-After"] = exc.retry_after
-        return response
-    response = web.Response(
-        body=error_body(exc, provider, request_type),
-        status=exc.status,
-        content_type="application/json",
-    )
+    if isinstance(exc, UpstreamReplyError):  # the upstream's own error, already in the shape
+        body = exc.body
+    else:
+        body = error_body(exc, provider, request_type)
+    response = web.Response(body=body, status=exc.status, content_type="application/json")
     if exc.retry_after:
         response.headers["Retry-After"] = exc.retry_after
     return response
@@ -85,8 +77,7 @@ def _provider(request: web.Request) -> str:
 
 @web.middleware
 async def answer_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every answer: errors in the gateway's shape (never a stack trace), then counted by
-    route and outcome with its duration, unless the handler counted it."""
+    """Errors in the gateway's shape (never a stack trace); answers counted unless ``COUNTED``."""
     started = time.perf_counter()
     try:
         response = await handler(request)
@@ -103,7 +94,9 @@ def _error_answer(request: web.Request, exc: Exception) -> web.StreamResponse:
     if isinstance(exc, SidecarError):
         _log_error(request, exc)
         return error_response(exc, _provider(request), kind)
-    if isinstance(exc, web.HTTPException) and exc.status in (404, 405):
+    if isinstance(exc, web.HTTPException):
+        if exc.status not in (404, 405):
+            raise exc
         route = f"{request.method} {request.path[:200]}"
         error: SidecarError = (
             MethodNotAllowed(f"method not allowed: {route}")
@@ -111,14 +104,11 @@ def _error_answer(request: web.Request, exc: Exception) -> web.StreamResponse:
             else RouteNotFound(f"no route for {route}")
         )
         return error_response(error, _provider(request), kind)
-    if isinstance(exc, web.HTTPException):
-        raise exc
     log.error("unhandled error on %s %s", request.method, printable(request.path), exc_info=exc)
     return error_response(SidecarError("internal error in the sidecar"), _provider(request), kind)
 
 
-#: While the upstream fails, one warning per kind of failure every this many seconds (each
-#: failed request still has its access line): an outage under load is a few lines, not thousands.
+#: One warning per kind of upstream failure this often (each request keeps its access line).
 _WARN_EVERY_S = 5.0
 
 
@@ -148,8 +138,7 @@ def _retrieval_label(outcome: Outcome, rules: Rules) -> str:
 
 
 def outcome_label(seen: object, status: int) -> str:
-    """The outcome word (metrics, stats, access log) of an answer: from what its handler left
-    under ``OUTCOME`` (a retrieval's (Outcome, Rules), or a word), else from its status."""
+    """An answer's outcome word (metrics, stats, access log): from ``OUTCOME``, else its status."""
     if isinstance(seen, tuple):
         return _retrieval_label(*seen)
     if isinstance(seen, str):
@@ -161,14 +150,11 @@ def count_answer(
     services: Services, route: str, outcome: Outcome, rules: Rules, seconds: float
 ) -> None:
     """Count one retrieval answer (metrics and the fleet's stats)."""
-    label = _retrieval_label(outcome, rules)
-    metrics = services.metrics
     if outcome.kind != "miss" and outcome.freshness is not None:
-        metrics.served_age.observe(outcome.freshness.age_s)
+        services.metrics.served_age.observe(outcome.freshness.age_s)
     if outcome.collapsed:
-        metrics.collapsed.labels(outcome.collapsed).inc()
-    metrics.answered(route, label, seconds)
-    services.stats.add(f"answers.{label}")
+        services.metrics.collapsed.labels(outcome.collapsed).inc()
+    count_route(services, route, _retrieval_label(outcome, rules), seconds)
 
 
 def _observe(request: web.Request, response: web.StreamResponse, started: float) -> None:

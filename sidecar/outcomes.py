@@ -27,15 +27,14 @@ class Query(msgspec.Struct, frozen=True, gc=False):
     @property
     def headers(self) -> tuple[tuple[str, str], ...]:
         """Everything this request sends upstream: its credential and the passed headers."""
-        return self.credential.headers + self.passed if self.passed else self.credential.headers
+        return self.credential.headers + self.passed
 
 
 class Outcome(msgspec.Struct, frozen=True, gc=False):
     """How a retrieve was answered; ``record`` is the container (or the cached 404) served."""
 
     kind: str
-    """``hit``, ``stale``, ``negative``, ``miss`` or ``stale_if_error``: one spelling from
-    the answer to the metrics."""
+    """``hit``, ``stale``, ``negative``, ``miss`` or ``stale_if_error``: one spelling throughout."""
     record: Record
     cache_id: str
     freshness: Freshness | None = None
@@ -44,25 +43,18 @@ class Outcome(msgspec.Struct, frozen=True, gc=False):
     upstream_status: int | None = None
     """What the upstream answered when it was asked (``fwd-status``)."""
     collapsed: str = ""
-    """This request waited for a fetch another request started: in this ``process``, or on
-    another ``replica`` (through the Redis lock); empty when it did not wait."""
+    """Waited for another request's fetch in this ``process`` or on another ``replica``."""
     stored: bool = False
     """The upstream's answer was written to the cache."""
     copy: Any = None
     """The process's own copy the answer came from (a ``local.Copy``), if any."""
-
-    @property
-    def from_cache(self) -> bool:
-        """The answer came from the cache (``cache_hit``)."""
-        return self.kind != "miss"
 
 
 class Refresher(Protocol):
     """Schedules background refreshes (the arq queue); absent when there is no service key."""
 
     async def refresh_stale(self, store: Any, renewal: tuple[str, str, int]) -> None:
-        """Have a worker renew ``(provider, container_id, due_ms)``, read stale (``store``: the
-        cache store, where the renewal is claimed)."""
+        """Have a worker renew ``(provider, container_id, due_ms)``, claimed in ``store``."""
 
     async def backlog(self) -> int | None:
         """Refresh jobs waiting, if known."""

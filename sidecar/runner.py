@@ -1,18 +1,11 @@
-"""The application runner: what aiohttp answers before any handler runs, in the gateway's shape,
-and the hit lane (``sidecar.lane``) in front of the application's routing.
+"""The application runner: aiohttp's own answers in the gateway's shape, and the hit lane
+(``sidecar.lane``) in front of routing, through the public low-level ``Server``.
 
-Built on the runner's public low-level ``Server`` (its ``request_factory`` and
-``request_handler``) and aiohttp's public ``AbstractStreamWriter``:
-
-- aiohttp's HTTP parser refuses some requests outright (a bad header character, an over-long
-  line, a method that is not a token, an invalid URL) and answers them itself, in plain text,
-  logging a traceback per request. aiohttp offers no hook for that answer (aio-libs/aiohttp#3287),
-  but it writes it through the writer the request factory gave the refused request: that writer
-  writes the gateway-shaped 400 instead. The traceback becomes one INFO line naming what was
-  wrong, never a header value, and the answer names it too (the connection handler logs
-  through ``_ConnectionLog``, a public ``LoggerAdapter``).
-- A request that says HTTP/2.0 (or 0.9) over HTTP/1 gets a 505 (aiohttp would answer in the
-  version the request claims).
+aiohttp answers a request its parser refuses in plain text with a traceback per request and
+offers no hook for it (aio-libs/aiohttp#3287), but writes that answer through the writer the
+request factory gave the request: ours writes the gateway-shaped 400 instead, and the connection
+log (a public ``LoggerAdapter``) makes the traceback one INFO line that quotes nothing of the
+request. A request that says HTTP/2.0 (or 0.9) over HTTP/1 is answered 505.
 """
 
 from __future__ import annotations
@@ -53,37 +46,29 @@ _REASONS = (
     (http_exceptions.BadHttpMessage, "the request is malformed"),
 )
 
-
 #: Why the request being answered was refused (set by the connection log, read by the writer).
 _REFUSED: ContextVar[str] = ContextVar("refused", default="the request could not be read")
 
+#: The HTTP version a request came with, when it is not 1.x (it is answered 505).
+_ASKED_VERSION: web.RequestKey[tuple[int, int]] = web.RequestKey("asked_version", tuple)
+
 
 class _ConnectionLog(logging.LoggerAdapter[logging.Logger]):
-    """The log of aiohttp's connection handler (``sidecar.http``): a request its parser refused is
-    one INFO line naming what was wrong, never a traceback or a header value (a credential may
-    be among them); the reason also goes into the answer. Everything else is logged as asked."""
+    """aiohttp's connection log: a refused request is one INFO line, no traceback or header."""
 
-    def debug(self, msg: object, *args: Any, **kwargs: Any) -> None:
-        if not self._refused(args, kwargs.get("exc_info")):
-            self.logger.debug(msg, *args, **kwargs)
-
-    def exception(self, msg: object, *args: Any, **kwargs: Any) -> None:
-        if not self._refused(args, kwargs.get("exc_info")):
-            self.logger.exception(msg, *args, **kwargs)
-
-    def _refused(self, args: tuple[Any, ...], exc: object) -> bool:
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info")
         if not isinstance(exc, http_exceptions.HttpProcessingError):
-            return False
+            super().log(level, msg, *args, **kwargs)
+            return
         reason = next((text for kind, text in _REASONS if isinstance(exc, kind)), _REFUSED.get())
         _REFUSED.set(reason)
         remote = args[0] if args else "?"
         self.logger.info("refused a malformed request from %s (%d): %s", remote, exc.code, reason)
-        return True
 
 
 class _GatewayShapedRefusal(AbstractStreamWriter):
-    """The writer of a request aiohttp's parser refused: whatever aiohttp answers it, the client
-    gets the gateway-shaped error of the same status, and the connection closes."""
+    """A refused request's writer: the gateway-shaped error of aiohttp's status, then close."""
 
     def __init__(self, writer: AbstractStreamWriter, count: Callable[[], None]) -> None:
         self._writer = writer
@@ -103,34 +88,20 @@ class _GatewayShapedRefusal(AbstractStreamWriter):
         self._count()
         await self._writer.write_eof(head.encode() + body)
 
-    async def write(self, chunk: Any) -> None:
-        """aiohttp's body: not sent."""
+    async def _ignore(self, *args: Any, **kwargs: Any) -> None:
+        """aiohttp's own body and end: not sent (the whole answer went with the head)."""
 
-    async def write_eof(self, chunk: bytes = b"") -> None:
-        """Already written."""
+    def _never(self, *args: Any, **kwargs: Any) -> None:
+        """Neither compressed nor chunked."""
 
-    async def drain(self) -> None:
-        """Nothing buffered here."""
-
-    def enable_compression(self, encoding: str = "deflate", strategy: Any = None) -> None:
-        """Never compressed."""
-
-    def enable_chunking(self) -> None:
-        """Never chunked."""
-
-    def send_headers(self) -> None:
-        """Sent with the body."""
-
-
-#: The HTTP version a request came with, when it is not 1.x (it is answered 505).
-_ASKED_VERSION: web.RequestKey[tuple[int, int]] = web.RequestKey("asked_version", tuple)
+    write = write_eof = drain = _ignore
+    enable_compression = enable_chunking = _never
 
 
 def _requests(
     factory: Callable[..., BaseRequest], app: web.Application
 ) -> Callable[..., BaseRequest]:
-    """The server's request factory, for refused requests (aiohttp's stand-in message has no
-    header map) and for requests that say another HTTP version than 1.x (2.0 or 0.9)."""
+    """The server's request factory, for refused requests and other HTTP versions than 1.x."""
 
     def count() -> None:
         if SERVICES in app:
@@ -138,7 +109,7 @@ def _requests(
 
     def make(message: Any, payload: Any, protocol: Any, writer: Any, task: Any) -> BaseRequest:
         if message.version.major == 1:
-            if not isinstance(message.headers, dict):
+            if not isinstance(message.headers, dict):  # a dict: aiohttp's stand-in, refused
                 return factory(message, payload, protocol, writer, task)
             return factory(message, payload, protocol, _GatewayShapedRefusal(writer, count), task)
         asked = message.version
@@ -151,14 +122,18 @@ def _requests(
 
 
 def _front(app: web.Application, handler: Handler) -> Handler:
-    """The server's handler: a 505 for requests in another HTTP version, the hit lane (off while
-    tracing), then the application (``handler``)."""
+    """The server's handler: a 505 for another HTTP version, the hit lane, the application."""
     answer = hit_answers(app) if SERVICES in app and not tracing.is_enabled() else None
 
     async def front(request: BaseRequest) -> web.StreamResponse:
         try:
             if _ASKED_VERSION in request:
-                return _unsupported_version(request)
+                major, minor = request[_ASKED_VERSION]
+                log.info(
+                    "refused an HTTP/%d.%d request from %s (505)", major, minor, request.remote
+                )
+                error = UnsupportedVersion("this server speaks HTTP/1.0 and HTTP/1.1 only")
+                return error_response(error, "", "")
             if answer is not None and (served := answer(request)) is not None:
                 return served
         except Exception:  # a bug: the answer is still in the gateway's shape
@@ -169,22 +144,14 @@ def _front(app: web.Application, handler: Handler) -> Handler:
     return front
 
 
-def _unsupported_version(request: BaseRequest) -> web.StreamResponse:
-    error = UnsupportedVersion("this server speaks HTTP/1.0 and HTTP/1.1 only")
-    major, minor = request[_ASKED_VERSION]
-    log.info("refused an HTTP/%d.%d request from %s (505)", major, minor, request.remote)
-    return error_response(error, "", "")
-
-
 class SidecarRunner(web.AppRunner):
     """An ``AppRunner`` whose connections answer unreadable requests in the gateway's shape and
     give a client ``SIDECAR_CLIENT_HEADER_TIMEOUT_S`` to send a request's head."""
 
     def __init__(self, app: web.Application, **kwargs: Any) -> None:
         if SETTINGS in app:
-            # aiohttp's keep-alive timer runs from a connection's start and from each answer,
-            # and closes a connection still waiting for a whole request head when it fires:
-            # a header timeout, whatever bytes trickle in meanwhile.
+            # aiohttp's keep-alive timer runs from a connection's start and from each answer and
+            # closes a connection still waiting for a whole request head: a header timeout.
             kwargs.setdefault("keepalive_timeout", app[SETTINGS].client_header_timeout_s)
         kwargs.setdefault("logger", _ConnectionLog(log))
         super().__init__(app, **kwargs)

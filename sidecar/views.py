@@ -1,12 +1,12 @@
 """HTTP handlers for retrievals: parse, call the service, answer in the gateway's shape.
 
-A hit from the process's own copy usually never gets here: the hit lane (``sidecar.lane``)
-answers it before routing, with the copy's pre-rendered body (``hit_body``). What it leaves to
-the router (other shapes of request, cache-control headers, misses) is handled here.
+A hit on the process's own copy is usually answered before routing by the hit lane
+(``sidecar.lane``), with the copy's pre-rendered body (``hit_body``); the rest comes here.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 
@@ -20,13 +20,7 @@ from sidecar.middleware import COUNTED, OUTCOME, count_answer
 from sidecar.outcomes import Outcome, Query
 from sidecar.settings import PROVIDER_NAME, PROVIDERS, Settings, cache_provider
 from sidecar.state import SERVICES
-from sidecar.wire import (
-    REQUEST_TYPE,
-    CacheDebug,
-    default_extra,
-    render_container,
-    with_cache_debug,
-)
+from sidecar.wire import REQUEST_TYPE, CacheDebug, default_extra, render_container, with_cache_debug
 
 __all__ = [
     "CONTAINER_ID",
@@ -35,8 +29,6 @@ __all__ = [
     "parse_container_id",
     "parse_provider",
     "requires_provider",
-    "retrieve_native",
-    "retrieve_openai",
 ]
 
 #: A plausible container (or file) id: 1-128 letters, digits, '_' or '-', not starting with either.
@@ -46,45 +38,19 @@ _OPENAI = "/openai/containers/{container_id}"
 _NATIVE = "/v1/containers/{container_id}"
 
 
-async def retrieve_openai_v1(request: web.Request) -> web.Response:
-    """``GET /openai/v1/containers/{container_id}``: ``provider`` defaults to openai."""
-    return await _retrieve(request, _OPENAI_V1, provider_required=False)
-
-
-async def retrieve_openai(request: web.Request) -> web.Response:
-    """``GET /openai/containers/{container_id}``: ``provider`` defaults to openai."""
-    return await _retrieve(request, _OPENAI, provider_required=False)
-
-
-async def retrieve_native(request: web.Request) -> web.Response:
-    """``GET /v1/containers/{container_id}``: the gateway's native route, ``provider``
-    required; straight against OpenAI it is OpenAI's own route (an app's ``/v1`` base URL)."""
-    settings = request.app[SERVICES].settings
-    return await _retrieve(request, _NATIVE, provider_required=requires_provider(_NATIVE, settings))
-
-
-#: The retrieval routes and their handlers (each counts its answers under its own route).
-RETRIEVE_ROUTES = {
-    _OPENAI_V1: retrieve_openai_v1,
-    _OPENAI: retrieve_openai,
-    _NATIVE: retrieve_native,
-}
-
-
 def requires_provider(route: str, settings: Settings) -> bool:
-    """Whether a retrieval route needs the ``provider`` query parameter: the native ``/v1``
-    route in front of the gateway does."""
+    """Whether a route needs ``?provider=``: the gateway's native ``/v1`` route (not OpenAI's)."""
     return route == _NATIVE and settings.upstream_kind == "bifrost"
 
 
-async def _retrieve(request: web.Request, route: str, *, provider_required: bool) -> web.Response:
+async def _retrieve(request: web.Request, route: str) -> web.Response:
     started = time.perf_counter()
     services = request.app[SERVICES]
     settings = services.settings
     headers = request.headers
     credential, passed = services.credentials.scan(headers.items())
     provider = request.query.get("provider", "") if request.query_string else ""
-    provider = parse_provider(provider, provider_required, settings)
+    provider = parse_provider(provider, requires_provider(route, settings), settings)
     query = Query(
         provider=cache_provider(settings, provider),
         container_id=parse_container_id(request.match_info["container_id"]),
@@ -100,12 +66,15 @@ async def _retrieve(request: web.Request, route: str, *, provider_required: bool
     return response
 
 
-def parse_provider(provider: str, required: bool, settings: Settings) -> str:
-    """The ``provider`` query parameter: required on /v1, else ``openai``.
+#: The retrieval routes and their handlers (each counts its answers under its own route).
+RETRIEVE_ROUTES = {
+    route: functools.partial(_retrieve, route=route) for route in (_OPENAI_V1, _OPENAI, _NATIVE)
+}
 
-    In front of a gateway any name it may know (custom providers included) goes through and
-    the gateway decides; straight against OpenAI only the configured providers do.
-    """
+
+def parse_provider(provider: str, required: bool, settings: Settings) -> str:
+    """The ``provider`` query parameter (default ``openai``): in front of a gateway any name it
+    may know goes through and the gateway decides; straight against OpenAI, configured ones."""
     if not provider:
         if required:
             raise InvalidParameter("provider query parameter is required", param="provider")
@@ -132,8 +101,7 @@ def parse_provider(provider: str, required: bool, settings: Settings) -> str:
 
 
 def parse_container_id(value: str, param: str = "container_id") -> str:
-    """A plausible container (or file) id: 1-128 letters, digits, '_' or '-', not starting
-    with either; anything else, path tricks included, never reaches the upstream."""
+    """A plausible container (or file) id (``CONTAINER_ID``): path tricks never go upstream."""
     if not CONTAINER_ID.fullmatch(value):
         shown = value if len(value) <= 64 else value[:64] + "..."
         raise InvalidParameter(
@@ -145,21 +113,19 @@ def parse_container_id(value: str, param: str = "container_id") -> str:
 
 def render(outcome: Outcome, provider: str, rules: Rules, latency_ms: int) -> web.Response:
     """The response for an outcome: the container, or the 404, with ``cache_debug``."""
-    record = outcome.record
     if outcome.copy is not None and latency_ms == 0:
         body = hit_body(outcome, provider, rules)
     else:
         body = _render_body(outcome, provider, rules, latency_ms)
     headers = cache_headers(outcome, rules=rules)
     headers["Content-Type"] = "application/json"
-    response = web.Response(body=body, status=record.status_code, headers=headers)
+    response = web.Response(body=body, status=outcome.record.status_code, headers=headers)
     response[OUTCOME] = (outcome, rules)
     return response
 
 
 def hit_body(outcome: Outcome, provider: str, rules: Rules) -> bytes:
-    """The body of a hit on a process's own copy (``outcome.copy``) with latency 0: rendered
-    once per copy and threshold, then reused."""
+    """A hit's body from the process's own copy (latency 0): rendered once per threshold."""
     copy: Copy = outcome.copy
     cached = copy.hit_body
     if cached is not None and cached[0] == rules.threshold:

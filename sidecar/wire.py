@@ -31,16 +31,14 @@ REQUEST_TYPE = "container_retrieve"
 
 
 class CacheDebug(msgspec.Struct, omit_defaults=True, gc=False):
-    """``extra_fields.cache_debug``: what the cache did for this answer."""
+    """``extra_fields.cache_debug``: what the cache did for this answer (the gateway's fields
+    about models and tokens never apply to a container)."""
 
     cache_hit: bool
     cache_id: str | None = None
     hit_type: str | None = None
     requested_provider: str | None = None
-    requested_model: str | None = None
     provider_used: str | None = None
-    model_used: str | None = None
-    input_tokens: int | None = None
     threshold: float | None = None
     similarity: float | None = None
 
@@ -56,7 +54,6 @@ class _ErrorExtraFields(msgspec.Struct, omit_defaults=True, gc=False):
     provider: str = ""
     request_type: str = ""
     raw_response: msgspec.Raw | None = None
-    cache_debug: CacheDebug | None = None
 
 
 class _BifrostError(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
@@ -87,7 +84,7 @@ class Container(msgspec.Struct, gc=False):
 
 
 _encoder = msgspec.json.Encoder()
-_ALWAYS = ("id", "name", "created_at")  # sent even when empty; the rest is omitempty
+_ALWAYS = {"id": "", "name": "", "created_at": 0}  # sent even when empty; the rest is omitempty
 _ORDER = (
     "id", "object", "name", "created_at", "status", "expires_after",
     "last_active_at", "memory_limit", "metadata",
@@ -109,12 +106,11 @@ def normalize_container(payload: Any, *, keep_unknown: bool = True) -> tuple[byt
     for name in _ORDER:
         value = payload.get(name)
         if name in _ALWAYS:
-            out[name] = value if value is not None else ("" if name == "name" else 0)
+            out[name] = _ALWAYS[name] if value is None else value
         elif value not in (None, "", 0, {}, []) or value is False:
             out[name] = value
-    for name, value in payload.items():
-        if keep_unknown and name not in out and name not in _ORDER and name != "extra_fields":
-            out[name] = value
+    if keep_unknown:
+        out.update((k, v) for k, v in payload.items() if k not in _ORDER and k != "extra_fields")
     return _encoder.encode(out), container
 
 
@@ -133,22 +129,17 @@ _LATENCY = b"\x00"
 """Where ``latency`` stands among stored ``extra_fields`` members (NUL is never in JSON text)."""
 
 
-def _join(members: dict[str, msgspec.Raw]) -> bytes:
-    return b",".join(_encoder.encode(name) + b":" + bytes(value) for name, value in members.items())
-
-
 def split_gateway_answer(raw: bytes) -> tuple[bytes, bytes, Container]:
-    """A gateway's container answer as it came: the container's JSON, its ``extra_fields``
-    members (``latency`` marked, ``cache_debug`` dropped: each answer sets its own), and the
-    typed fields. Raises UpstreamMalformed for anything else."""
+    """A gateway's container answer: the container's JSON, its ``extra_fields`` members
+    (``latency`` marked, ``cache_debug`` dropped: each answer sets its own), the typed fields."""
     try:
         members = _raw_members.decode(raw)
         extra = _raw_members.decode(members.pop("extra_fields", msgspec.Raw(b"{}")))
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except msgspec.DecodeError:  # a ValidationError too
         raise UpstreamMalformed(
             "upstream answered 200 with a body that is not a container"
         ) from None
-    body = b"{" + _join(members) + b"}"
+    body = b"{" + b",".join(_encoder.encode(k) + b":" + bytes(v) for k, v in members.items()) + b"}"
     try:
         container = msgspec.json.decode(body, type=Container)
     except msgspec.DecodeError as exc:
@@ -164,29 +155,19 @@ def split_gateway_answer(raw: bytes) -> tuple[bytes, bytes, Container]:
 
 
 def openai_answer(raw: bytes, provider: str) -> tuple[bytes, bytes, Container]:
-    """An OpenAI-style container answer as the gateway would relay it: its container fields
-    (omitempty applied), and the ``extra_fields`` it builds, the provider's JSON in
-    ``raw_response`` (fields the gateway does not know, such as ``network_policy``, live
-    there). Raises UpstreamMalformed for anything else."""
+    """An OpenAI-style container answer as the gateway relays it: the known fields, and the
+    provider's JSON in ``extra_fields.raw_response`` (``network_policy`` and such live there)."""
     try:
         payload = msgspec.json.decode(raw)
     except msgspec.DecodeError:
         raise UpstreamMalformed("upstream answered 200 with a body that is not JSON") from None
     body, container = normalize_container(payload, keep_unknown=False)
-    extra = b",".join(
-        (
-            b'"request_type":' + _encoder.encode(REQUEST_TYPE),
-            b'"provider":' + _encoder.encode(provider),
-            _LATENCY,
-            b'"chunk_index":0',
-            b'"raw_response":' + raw.strip(),
-        )
-    )
-    return body, extra, container
+    return body, default_extra(provider) + b',"raw_response":' + raw.strip(), container
 
 
 def default_extra(provider: str) -> bytes:
-    """``extra_fields`` members for a record that has none stored (seeded from a list)."""
+    """The ``extra_fields`` members the gateway adds to a provider's container (and a record
+    stored without any gets)."""
     return b",".join(
         (
             b'"request_type":' + _encoder.encode(REQUEST_TYPE),
@@ -198,8 +179,7 @@ def default_extra(provider: str) -> bytes:
 
 
 def render_container(body: bytes, extra: bytes, latency_ms: int, debug: CacheDebug) -> bytes:
-    """The answer to a retrieve: the stored container and ``extra_fields`` with this request's
-    ``latency`` and ``cache_debug``."""
+    """A retrieve's answer: the stored container, its ``extra_fields`` and this ``cache_debug``."""
     head, _, tail = extra.partition(_LATENCY)
     return b"".join(
         (body[:-1], b',"extra_fields":{', head, b'"latency":', str(latency_ms).encode(), tail,
@@ -237,7 +217,7 @@ def gateway_error_from_openai(status: int, raw: bytes, provider: str) -> bytes:
         upstream = msgspec.json.decode(raw, type=_OpenAIEnvelope).error
         raw_response: msgspec.Raw | None = msgspec.Raw(raw)
     except msgspec.DecodeError:
-        upstream = _OpenAIError(message=f"upstream answered HTTP {status}")
+        upstream = _OpenAIError()
         raw_response = None
     return _encoder.encode(
         _BifrostError(
