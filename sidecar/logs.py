@@ -45,11 +45,8 @@ _SECRET = re.compile(
     re.IGNORECASE,
 )
 
-
-def _mask(match: re.Match[str]) -> str:
-    groups = match.groupdict()
-    prefix = groups["header"] or groups["bearer"] or groups["key"] or groups["userinfo"]
-    return f"{prefix}[REDACTED]{groups['at'] or ''}"
+# What the pattern keeps around the secret (groups that did not match are empty).
+_MASK = r"\g<header>\g<bearer>\g<key>\g<userinfo>[REDACTED]\g<at>"
 
 
 def printable(text: str, limit: int = 200) -> str:
@@ -63,7 +60,7 @@ def printable(text: str, limit: int = 200) -> str:
 
 def redact(text: str) -> str:
     """``text`` with anything that looks like a credential replaced by ``[REDACTED]``."""
-    return _SECRET.sub(_mask, text)
+    return _SECRET.sub(_MASK, text)
 
 
 def _clean(value: Any) -> Any:
@@ -183,16 +180,7 @@ def access_log_options(settings: Settings) -> dict[str, Any]:
 
 _SANE_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 _ids = itertools.count(1)
-_id_prefix = os.urandom(3).hex()
-
-
-def _new_process() -> None:
-    global _ids, _id_prefix
-    _ids = itertools.count(1)
-    _id_prefix = os.urandom(3).hex()
-
-
-os.register_at_fork(after_in_child=_new_process)
+_id_prefix = os.urandom(3).hex()  # one server process per container: no fork to follow
 
 
 def _request_id(request: BaseRequest) -> str:

@@ -110,7 +110,7 @@ def tracing_exporters(env: Mapping[str, str] | None = None) -> list[str]:
 
 def setup_tracing(service_name: str, *, exporter: SpanExporter | None = None) -> bool:
     """Start tracing in this process if the environment asks for it (or ``exporter`` is given,
-    for tests); True when on. Call once per process, after any fork, before creating the app."""
+    for tests); True when on. Call once per process, before creating the app."""
     global _state
     if _state is not None:
         return True
@@ -147,9 +147,8 @@ def _start(service_name: str, names: list[str], exporter: SpanExporter | None) -
         resource = resource.merge(Resource({"service.name": service_name}))
     # A test's exporter sends each span as it ends.
     processors: list[SpanProcessor] = [SimpleSpanProcessor(exporter)] if exporter else []
-    for name in names:
-        (point,) = entry_points(group=_EXPORTER_GROUP, name=name)
-        processors.append(BatchSpanProcessor(point.load()()))
+    points = entry_points(group=_EXPORTER_GROUP)
+    processors += [BatchSpanProcessor(points[name].load()()) for name in names]
     provider = TracerProvider(resource=resource)  # sampler: OTEL_TRACES_SAMPLER
     # Redis commands are sampled only under a sampled parent: queue polls make no traces.
     child_only = TracerProvider(
@@ -186,9 +185,7 @@ def shutdown_tracing() -> None:
     from opentelemetry.instrumentation.aiohttp_server import AioHttpServerInstrumentor
     from opentelemetry.instrumentation.redis import RedisInstrumentor
 
-    application = web.Application
-    AioHttpServerInstrumentor().uninstrument()
-    web.Application = application  # type: ignore[misc]
+    AioHttpServerInstrumentor().uninstrument()  # puts back the class it found: aiohttp's own
     RedisInstrumentor().uninstrument()
     state.provider.shutdown()
 
