@@ -77,11 +77,9 @@ def tracing_exporters(env: Mapping[str, str] | None = None) -> list[str]:
     if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return []
     names = [n.strip() for n in env.get("OTEL_TRACES_EXPORTER", "").split(",") if n.strip()]
-    if not names:
-        endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get(
-            "OTEL_EXPORTER_OTLP_ENDPOINT"
-        )
-        names = ["otlp"] if endpoint else []
+    endpoints = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+    if not names and any(env.get(name) for name in endpoints):
+        names = ["otlp"]
     if "none" in names:
         return []
     installed = {point.name for point in entry_points(group=_EXPORTER_GROUP)}
