@@ -12,7 +12,7 @@ from aiohttp import web
 
 from sidecar.errors import Forbidden, InvalidParameter, MissingCredential, NotFound, RouteNotFound
 from sidecar.middleware import OUTCOME, ROUTE_GROUP
-from sidecar.settings import Settings
+from sidecar.settings import Secret, Settings
 from sidecar.state import SERVICES, Services
 from sidecar.views import parse_container_id
 
@@ -21,18 +21,21 @@ __all__ = ["add_routes", "refuse_admin_token"]
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
+def _is_token(given: str, token: Secret) -> bool:
+    # Header values are decoded with surrogateescape: a non-UTF-8 one is a mismatch, not a 500.
+    given_bytes = given.strip().encode("utf-8", "surrogateescape")
+    return hmac.compare_digest(given_bytes, token.reveal().encode())
+
+
 def refuse_admin_token(request: web.Request, settings: Settings) -> None:
-    """Refuse (403) a request that carries the sidecar's admin token anywhere in its headers:
-    it is the sidecar's own and must never be relayed (an admin call with a typo in its path
-    would otherwise reach the upstream with it)."""
+    """Refuse (403) a request carrying the admin token in any header: it is never relayed (an
+    admin call with a typo in its path would otherwise take it upstream)."""
     token = settings.admin_token
     if token is None:
         return
-    secret = token.reveal().encode()
     for value in request.headers.values():
         scheme, _, rest = value.partition(" ")
-        given = rest if scheme.lower() == "bearer" else value
-        if hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), secret):
+        if _is_token(rest if scheme.lower() == "bearer" else value, token):
             raise Forbidden("the sidecar's admin token is never sent on: no such admin route")
 
 
@@ -45,7 +48,7 @@ def _authorize(request: web.Request) -> Services:
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not given.strip():
         raise MissingCredential("the admin token is required: 'Authorization: Bearer <token>'")
-    if not hmac.compare_digest(given.strip().encode(), token.reveal().encode()):
+    if not _is_token(given, token):
         raise Forbidden("that admin token is not valid")
     return services
 

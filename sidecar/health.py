@@ -20,11 +20,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready for traffic unless draining; Redis and upstream state are reported, not gating.
-
-    Redis being down does not make the sidecar unready: it serves fail-open, and in a native
-    sidecar pod its readiness gates the app's.
-    """
+    """Ready for traffic unless draining. Redis and the upstream are reported, never gating: the
+    sidecar serves fail-open, and in a native sidecar pod its readiness gates the app's."""
     services = request.app[SERVICES]
     draining = request.app[LIFECYCLE].draining
     last_failure = services.upstream.last_failure

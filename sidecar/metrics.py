@@ -1,14 +1,9 @@
 """Prometheus metrics of one process (a sidecar or a worker), counted in plain integers.
 
-The hot path pays an attribute increment per event: counters and histograms here are plain
-Python numbers, turned into Prometheus families only when ``/metrics`` is scraped (same names,
-labels and values as prometheus-client's own types would export). Every label child that can
-exist is created at start-up, at 0, so that the first event of a rare kind (a 429, a failed
-refresh) shows in ``rate()`` and ``increase()``. Label values come only from closed sets: a
-provider outside the configured ones is counted as ``other``, whatever a client sends.
-
-Every process serves its own ``/metrics``; sum counters across pods in queries. Gauges that
-describe shared state (``sidecar_refresh_backlog``) are exported by every worker: use ``max``.
+The hot path pays an attribute increment per event; the families are made at scrape time, with
+the names, labels and values prometheus-client's own types would export. Every label child is
+created at start-up, at 0, so the first rare event (a 429, a failed refresh) shows in
+``increase()``. Label values come only from closed sets: an unconfigured provider is ``other``.
 """
 
 from __future__ import annotations
@@ -18,31 +13,27 @@ import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
 )
 from prometheus_client.metrics_core import Metric
-from prometheus_client.registry import Collector
 
 from sidecar import __version__
 
 __all__ = [
-    "CALLERS",
     "CONTENT_TYPE",
     "OUTCOMES",
     "REFRESH_EVENTS",
-    "RELAY_FAMILIES",
-    "STATUS_CLASSES",
     "Metrics",
     "counter",
     "gauge",
     "status_class",
 ]
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 _LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
                     2.5, 5, 10)  # fmt: skip
 # Relayed exchanges run from a millisecond (a small JSON call) to an hour (a realtime session).
@@ -85,20 +76,18 @@ class CounterChild:
 
 
 class HistogramChild:
-    """One labelled histogram: a count per bucket (not cumulative), the sum and the count."""
+    """One labelled histogram: a count per bucket (not cumulative) and the sum."""
 
-    __slots__ = ("_bounds", "buckets", "count", "sum")
+    __slots__ = ("_bounds", "buckets", "sum")
 
     def __init__(self, bounds: Sequence[float]) -> None:
         self._bounds = bounds
         self.buckets = [0] * (len(bounds) + 1)
-        self.count = 0
         self.sum = 0.0
 
     def observe(self, value: float) -> None:
         """Count one observation."""
         self.buckets[bisect.bisect_left(self._bounds, value)] += 1
-        self.count += 1
         self.sum += value
 
 
@@ -150,24 +139,16 @@ class Family:
                 counters.add_metric(list(key), child.value)
             return counters
         histogram = HistogramMetricFamily(name, self.documentation, labels=self.label_names)
+        edges = [*(str(float(bound)) for bound in self.bounds), "+Inf"]
         for key, child in self.children.items():
-            total = child.sum
-            cumulative = list(itertools.accumulate(child.buckets))
-            edges = [*(_le(bound) for bound in self.bounds), "+Inf"]
-            histogram.add_metric(list(key), list(zip(edges, cumulative, strict=True)), total)
+            cumulative = itertools.accumulate(child.buckets)
+            histogram.add_metric(list(key), list(zip(edges, cumulative, strict=True)), child.sum)
         return histogram
 
 
-def _le(bound: float) -> str:
-    return str(float(bound))
-
-
 class Metrics:
-    """The metrics one process exports.
-
-    ``providers`` are the label values of provider-labelled metrics (anything else is
-    ``other``); ``routes`` are the retrieval routes whose answers this process counts.
-    """
+    """The metrics one process exports: ``providers`` label provider-labelled ones (anything
+    else is ``other``); ``routes`` are the retrieval routes whose answers it counts."""
 
     def __init__(
         self,
@@ -234,11 +215,6 @@ class Metrics:
             ["family"],
             buckets=_RELAY_BUCKETS,
         )
-        self.families = (
-            self.requests, self.request_seconds, self.served_age, self.upstream,
-            self.upstream_seconds, self.throttled, self.collapsed, self.refresh_jobs,
-            self.redis_errors, self.relayed, self.relay_seconds,
-        )  # fmt: skip
         self.upstream.create(provider_labels, STATUS_CLASSES, CALLERS)
         self.upstream_seconds.create(provider_labels, CALLERS)
         self.throttled.create(provider_labels)
@@ -251,8 +227,6 @@ class Metrics:
         for route in routes:
             self.route(route, OUTCOMES)
         self._watchers: list[Callable[[], Iterable[Metric]]] = []
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_Export(self))
 
     def provider(self, name: str) -> str:
         """The label value of a provider: its name if configured, else ``other``."""
@@ -286,22 +260,15 @@ class Metrics:
         )
         info.add_metric([__version__, self.component], 1)
         yield info
-        for family in self.families:
-            yield family.family()
+        for family in vars(self).values():  # every Family attribute, in declaration order
+            if isinstance(family, Family):
+                yield family.family()
         for watcher in self._watchers:
             yield from watcher()
 
     def render(self) -> bytes:
         """The text exposition of every metric."""
-        return generate_latest(self.registry)
-
-
-class _Export(Collector):
-    def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
-
-    def collect(self) -> Iterable[Metric]:
-        return self._metrics.collect()
+        return generate_latest(self)
 
 
 def gauge(

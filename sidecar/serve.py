@@ -36,8 +36,7 @@ def run_server(settings: Settings) -> int:
 async def _serve(settings: Settings) -> int:
     from sidecar import tracing
 
-    if tracing.setup_tracing(tracing.SIDECAR_SERVICE):
-        tracing.instrument_redis()
+    tracing.setup_tracing(tracing.SIDECAR_SERVICE)
     try:
         return await _serve_traced(settings)
     finally:

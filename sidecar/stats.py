@@ -1,7 +1,5 @@
-"""Fleet-wide counts for ``GET /api/cache/stats``: every process adds its own to a Redis hash.
-
-Counts are kept in memory and added with one ``HINCRBY`` pipeline per flush, so the hot path
-never waits on Redis for them; a flush that fails keeps its counts for the next one.
+"""Fleet-wide counts for ``GET /api/cache/stats``: every process adds its own to a Redis hash,
+with one ``HINCRBY`` pipeline per flush (never on the hot path); a failed flush keeps its counts.
 """
 
 from __future__ import annotations
@@ -23,9 +21,9 @@ class FleetStats:
         self._store = store
         self._pending: Counter[str] = Counter()
 
-    def add(self, name: str, amount: int = 1) -> None:
-        """Count something (``answers.hit``, ``upstream.worker``...)."""
-        self._pending[name] += amount
+    def add(self, name: str) -> None:
+        """Count one ``answers.<outcome>`` or ``upstream.<caller>``."""
+        self._pending[name] += 1
 
     async def flush(self) -> None:
         """Add what was counted since the last flush to the shared hash."""
@@ -58,8 +56,7 @@ class FleetStats:
             "answers": answers,
             "hit_ratio": round(from_cache / cacheable, 4) if cacheable else None,
             "upstream_calls": {
-                "sidecar": counts.get("upstream.sidecar", 0),
-                "worker": counts.get("upstream.worker", 0),
+                caller: counts.get(f"upstream.{caller}", 0) for caller in ("sidecar", "worker")
             },
             "upstream_calls_saved": from_cache,
         }

@@ -1,30 +1,20 @@
-"""OpenTelemetry tracing, off unless the standard ``OTEL_*`` variables turn it on.
+"""OpenTelemetry tracing, off (importing nothing, costing nothing) unless the standard ``OTEL_*``
+variables turn it on; the SDK reads the rest (service name, sampler, endpoint, propagators).
 
-On when ``OTEL_TRACES_EXPORTER`` names an exporter (``otlp``, ``console``, any installed one) or,
-without it, when ``OTEL_EXPORTER_OTLP_ENDPOINT``/``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` is set;
-``OTEL_SDK_DISABLED=true`` or ``OTEL_TRACES_EXPORTER=none`` keep it off. Everything else (the
-service name, sampler, batching, endpoint, headers, propagators) is read by the SDK itself.
-``otlp`` sends OTLP over HTTP (``http/protobuf``, the protocol the ``otel`` extra installs).
-
-While off, nothing here imports OpenTelemetry and every function is a no-op: the hit path pays
-nothing. While on: a SERVER span per request (the official aiohttp-server middleware; not for
-probes and metrics), a CLIENT span per upstream call whose ``traceparent`` goes upstream (the
-official aiohttp-client trace config), Redis commands as children of the request or job that
-sent them (never as traces of their own: queue polls and periodic flushes are not traced), and
-refresh jobs in spans linked to the request that enqueued them.
+While on: a SERVER span per request (not probes or metrics), a CLIENT span per upstream call
+sending ``traceparent`` on, Redis commands as children of the request or job that sent them
+(never traces of their own), and refresh jobs in traces linked to the request that enqueued them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import aiohttp
 from aiohttp import web
@@ -45,7 +35,6 @@ __all__ = [
     "client_trace_configs",
     "current_carrier",
     "current_trace_id",
-    "instrument_redis",
     "is_enabled",
     "job_span",
     "server_middlewares",
@@ -69,38 +58,28 @@ class TracingConfigError(ValueError):
     """The ``OTEL_*`` variables ask for something that cannot be; the message names it."""
 
 
-@dataclass(slots=True)
-class _Tracing:
+class _Tracing(NamedTuple):
     provider: TracerProvider
     tracer: Tracer
-    child_only: TracerProvider
-    """Samples only spans under a sampled parent: for Redis commands."""
     server_middleware: Any
-    redis_instrumented: bool = False
 
 
 _state: _Tracing | None = None
 
 
-def _truthy(value: str | None) -> bool:
-    return (value or "").strip().lower() == "true"
-
-
 def tracing_exporters(env: Mapping[str, str] | None = None) -> list[str]:
-    """The span exporters' entry-point names the environment asks for; empty: tracing off.
+    """The exporters' entry-point names the environment asks for (``OTEL_TRACES_EXPORTER``, else
+    ``otlp`` if an OTLP endpoint is set); empty: off. Imports no OpenTelemetry module.
 
     Raises :class:`TracingConfigError` for an exporter or OTLP protocol that is not installed.
-    Imports no OpenTelemetry module.
     """
     env = os.environ if env is None else env
-    if _truthy(env.get("OTEL_SDK_DISABLED")):
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return []
     names = [n.strip() for n in env.get("OTEL_TRACES_EXPORTER", "").split(",") if n.strip()]
-    if not names:
-        endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get(
-            "OTEL_EXPORTER_OTLP_ENDPOINT"
-        )
-        names = ["otlp"] if endpoint else []
+    endpoints = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+    if not names and any(env.get(name) for name in endpoints):
+        names = ["otlp"]
     if "none" in names:
         return []
     installed = {point.name for point in entry_points(group=_EXPORTER_GROUP)}
@@ -129,8 +108,7 @@ def tracing_exporters(env: Mapping[str, str] | None = None) -> list[str]:
 
 def setup_tracing(service_name: str, *, exporter: SpanExporter | None = None) -> bool:
     """Start tracing in this process if the environment asks for it (or ``exporter`` is given,
-    for tests: spans are exported as they end); True when on. Call once per process, after any
-    fork, before the app and its sessions are created."""
+    for tests); True when on. Call once per process, before creating the app."""
     global _state
     if _state is not None:
         return True
@@ -156,6 +134,7 @@ def _start(service_name: str, names: list[str], exporter: SpanExporter | None) -
         AioHttpServerInstrumentor,
         create_aiohttp_middleware,
     )
+    from opentelemetry.instrumentation.redis import RedisInstrumentor
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
@@ -164,13 +143,12 @@ def _start(service_name: str, names: list[str], exporter: SpanExporter | None) -
     resource = Resource.create({"service.version": __version__})
     if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
         resource = resource.merge(Resource({"service.name": service_name}))
-    processors: list[SpanProcessor] = []
-    if exporter is not None:
-        processors.append(SimpleSpanProcessor(exporter))
-    for name in names:
-        (point,) = entry_points(group=_EXPORTER_GROUP, name=name)
-        processors.append(BatchSpanProcessor(point.load()()))
+    # A test's exporter sends each span as it ends.
+    processors: list[SpanProcessor] = [SimpleSpanProcessor(exporter)] if exporter else []
+    points = entry_points(group=_EXPORTER_GROUP)
+    processors += [BatchSpanProcessor(points[name].load()()) for name in names]
     provider = TracerProvider(resource=resource)  # sampler: OTEL_TRACES_SAMPLER
+    # Redis commands are sampled only under a sampled parent: queue polls make no traces.
     child_only = TracerProvider(
         resource=resource, sampler=ParentBased(root=ALWAYS_OFF), shutdown_on_exit=False
     )
@@ -188,11 +166,11 @@ def _start(service_name: str, names: list[str], exporter: SpanExporter | None) -
         warnings.simplefilter("ignore", DeprecationWarning)
         AioHttpServerInstrumentor().instrument(tracer_provider=provider)
     web.Application = application  # type: ignore[misc]
+    RedisInstrumentor().instrument(tracer_provider=child_only)
     return _Tracing(
-        provider=provider,
-        tracer=provider.get_tracer(__name__, __version__),
-        child_only=child_only,
-        server_middleware=create_aiohttp_middleware(tracer_provider=provider),
+        provider,
+        provider.get_tracer(__name__, __version__),
+        create_aiohttp_middleware(tracer_provider=provider),
     )
 
 
@@ -203,14 +181,10 @@ def shutdown_tracing() -> None:
     if state is None:
         return
     from opentelemetry.instrumentation.aiohttp_server import AioHttpServerInstrumentor
+    from opentelemetry.instrumentation.redis import RedisInstrumentor
 
-    application = web.Application
-    AioHttpServerInstrumentor().uninstrument()
-    web.Application = application  # type: ignore[misc]
-    if state.redis_instrumented:
-        from opentelemetry.instrumentation.redis import RedisInstrumentor
-
-        RedisInstrumentor().uninstrument()
+    AioHttpServerInstrumentor().uninstrument()  # puts back the class it found: aiohttp's own
+    RedisInstrumentor().uninstrument()
     state.provider.shutdown()
 
 
@@ -222,26 +196,21 @@ def is_enabled() -> bool:
 def server_middlewares() -> list[Middleware]:
     """The middlewares that trace the sidecar's requests (first in the app's list): empty
     while tracing is off."""
-    state = _state
-    if state is None:
+    if _state is None:
         return []
-    from opentelemetry import trace
-
-    traced = state.server_middleware
-
-    async def remember_trace_id(request: web.Request, *, handler: Handler) -> web.StreamResponse:
-        span_context = trace.get_current_span().get_span_context()
-        if span_context.is_valid:
-            request[TRACE_ID] = format(span_context.trace_id, "032x")
-        return await handler(request)
+    traced = _state.server_middleware
 
     @web.middleware
     async def trace_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path in OPS_PATHS:
             return await handler(request)
-        response: web.StreamResponse = await traced(
-            request, functools.partial(remember_trace_id, handler=handler)
-        )
+
+        async def remember_trace_id(request: web.Request) -> web.StreamResponse:
+            if trace_id := current_trace_id():
+                request[TRACE_ID] = trace_id
+            return await handler(request)
+
+        response: web.StreamResponse = await traced(request, remember_trace_id)
         return response
 
     return [trace_middleware]
@@ -250,35 +219,21 @@ def server_middlewares() -> list[Middleware]:
 def client_trace_configs() -> list[aiohttp.TraceConfig]:
     """Trace configs for an upstream ``ClientSession``: a CLIENT span per call and the
     ``traceparent`` header sent along. Empty while tracing is off."""
-    state = _state
-    if state is None:
+    if _state is None:
         return []
     from opentelemetry.instrumentation.aiohttp_client import create_trace_config
 
-    return [create_trace_config(tracer_provider=state.provider)]
-
-
-def instrument_redis() -> None:
-    """Trace redis-py commands (every client in this process) as children of the request or
-    job that sends them; commands outside one are not traced. No-op while tracing is off."""
-    state = _state
-    if state is None or state.redis_instrumented:
-        return
-    from opentelemetry.instrumentation.redis import RedisInstrumentor
-
-    RedisInstrumentor().instrument(tracer_provider=state.child_only)
-    state.redis_instrumented = True
+    return [create_trace_config(tracer_provider=_state.provider)]
 
 
 def current_carrier() -> dict[str, str]:
     """The current trace context as W3C headers (``traceparent``, ``tracestate``), to send
     with an enqueued job; empty while tracing is off or outside a span."""
-    if _state is None:
-        return {}
-    from opentelemetry import propagate
-
     carrier: dict[str, str] = {}
-    propagate.inject(carrier)
+    if _state is not None:
+        from opentelemetry import propagate
+
+        propagate.inject(carrier)
     return carrier
 
 
@@ -300,23 +255,18 @@ def job_span(
 ) -> Iterator[None]:
     """Run a background job in a span of its own trace, linked to the span that enqueued it
     (``carrier``, from :func:`current_carrier`). No-op while tracing is off."""
-    state = _state
-    if state is None:
+    if _state is None:
         yield
         return
     from opentelemetry import propagate, trace
     from opentelemetry.context import Context
 
-    links = []
-    if carrier:
-        linked = trace.get_current_span(propagate.extract(carrier)).get_span_context()
-        if linked.is_valid:
-            links.append(trace.Link(linked))
-    with state.tracer.start_as_current_span(
+    linked = trace.get_current_span(propagate.extract(carrier or {})).get_span_context()
+    with _state.tracer.start_as_current_span(
         name,
         context=Context(),  # a root: the job is not part of the request's trace, only linked
         kind=trace.SpanKind.CONSUMER,
-        links=links,
+        links=[trace.Link(linked)] if linked.is_valid else [],
         attributes=dict(attributes or {}),
     ):
         yield

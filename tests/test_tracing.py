@@ -145,7 +145,6 @@ async def test_a_refresh_job_runs_in_a_span_linked_to_the_request(
 async def test_redis_commands_are_traced_only_inside_a_request_or_job(
     spans: InMemorySpanExporter, redis_url: str
 ) -> None:
-    tracing.instrument_redis()
     client = redis.asyncio.Redis.from_url(redis_url)
     try:
         await client.set("polled", "1")  # like a queue poll or a periodic flush
@@ -213,15 +212,15 @@ def test_with_nothing_configured_tracing_is_a_no_op_that_imports_nothing() -> No
         "from sidecar.app import create_app\n"
         "from sidecar.settings import load_settings\n"
         "assert tracing.setup_tracing('sidecar') is False\n"
-        "tracing.instrument_redis()\n"
         "assert tracing.server_middlewares() == []\n"
         "assert tracing.client_trace_configs() == []\n"
         "assert tracing.current_carrier() == {} and tracing.current_trace_id() == ''\n"
         "with tracing.job_span('refresh_batch', {'traceparent': '00-' + '1' * 32 + '-' + "
         "'2' * 16 + '-01'}):\n"
         "    pass\n"
-        "create_app(load_settings({}, upstream_url='http://gw:8080'))\n"
-        "logs.configure_logging_basic('INFO', 'json')\n"
+        "settings = load_settings({}, upstream_url='http://gw:8080', log_format='json')\n"
+        "create_app(settings)\n"
+        "logs.configure_logging(settings)\n"
         "tracing.shutdown_tracing()\n"
         "loaded = sorted(m for m in sys.modules if m.startswith('opentelemetry'))\n"
         "assert not loaded, loaded\n"

@@ -76,8 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    if tracing.setup_tracing(tracing.WORKER_SERVICE):
-        tracing.instrument_redis()
+    tracing.setup_tracing(tracing.WORKER_SERVICE)
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             runner.run(_run(settings, args.burst))

@@ -146,6 +146,17 @@ async def test_admin_endpoints_refuse_without_the_token(
             assert (await response.json())["error"]["message"]
 
 
+async def test_an_admin_token_that_is_not_utf8_is_refused_not_a_crash(
+    admin_sidecar: Running,
+) -> None:
+    host, port = admin_sidecar.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /api/cache/stats HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\r\n\r\n")
+    status_line = await reader.readline()
+    writer.close()
+    assert status_line.startswith(b"HTTP/1.1 403 ")
+
+
 async def test_purge_by_cache_id_and_by_container(
     admin_sidecar: Running, emulator: Emulator, http: aiohttp.ClientSession
 ) -> None:
