@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
@@ -15,6 +13,7 @@ from sidecar import admin, health, relay, tracing
 from sidecar.announce import listen_for_changes
 from sidecar.connections import close_redis, create_redis, create_subscriber
 from sidecar.credentials import CredentialReader
+from sidecar.flight import BackgroundTasks
 from sidecar.keys import KeySpace
 from sidecar.metrics import Metrics, counter, gauge
 from sidecar.middleware import answer_middleware
@@ -184,17 +183,13 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     flushes: list[Callable[[], Awaitable[None]]] = [services.stats.flush]
     if reads is not None:
         flushes.append(reads.flush)
-    tasks = [asyncio.create_task(flush_every(0.5, *flushes))]
+    tasks = BackgroundTasks()
+    tasks.spawn(flush_every(0.5, *flushes))
     subscriber = create_subscriber(app[SETTINGS], app[REDIS])
     if local.enabled:
-        listener = listen_for_changes(subscriber, services.store.keys, local)
-        tasks.append(asyncio.create_task(listener))
+        tasks.spawn(listen_for_changes(subscriber, services.store.keys, local))
     yield
-    for task in tasks:
-        task.cancel()
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    await tasks.close()
     if subscriber is not app[REDIS]:
         await subscriber.aclose()
 
