@@ -7,8 +7,7 @@ SidecarError                      an answer that is not a container
 │   ├── InvalidParameter          400: a bad path, query or header value, naming it
 │   ├── UnsupportedOperation      400: the provider has no containers API
 │   ├── Forbidden                 403: a wrong admin token
-│   ├── RouteNotFound             404: no such route
-│   ├── NotFound                  404: no such cache entry (admin)
+│   ├── NotFound                  404: no such route, or no such cache entry (admin)
 │   ├── MethodNotAllowed          405: the route takes other methods
 │   ├── MalformedRequest          400: the HTTP parser refused the request
 │   ├── RequestTimeout            408: the request's body stalled (relay)
@@ -39,7 +38,6 @@ __all__ = [
     "Overloaded",
     "RequestError",
     "RequestTimeout",
-    "RouteNotFound",
     "SidecarError",
     "StoreUnavailable",
     "UnsupportedOperation",
@@ -109,12 +107,8 @@ class Forbidden(RequestError, status=403, type="authentication_error", code="for
     """A credential that is not allowed here (the admin token)."""
 
 
-class RouteNotFound(RequestError, status=404, code="not_found"):
-    """No such route."""
-
-
 class NotFound(RequestError, status=404, code="not_found"):
-    """No such resource (a cache entry to purge)."""
+    """No such route, or no such resource (a cache entry to purge)."""
 
 
 class MethodNotAllowed(RequestError, status=405, code="method_not_allowed"):
