@@ -66,6 +66,12 @@ class Secret:
 
     __str__ = __repr__
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """The sidecar's and the worker's configuration. Field docs are the operator's reference."""
