@@ -28,7 +28,7 @@ from sidecar.store import Breaker, CacheStore
 from sidecar.upstream import Upstream, create_session
 from sidecar.views import RETRIEVE_ROUTES
 
-__all__ = ["REDIS", "SETTINGS", "create_app"]
+__all__ = ["SETTINGS", "create_app"]
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,6 @@ SETTINGS: web.AppKey[Settings] = web.AppKey("settings", Settings)
 REDIS: web.AppKey[Any] = web.AppKey("redis", object)
 HTTP: web.AppKey[aiohttp.ClientSession] = web.AppKey("http", aiohttp.ClientSession)
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
-EMBEDDED_SERVER: web.AppKey[Any] = web.AppKey("embedded_server", object)
 EMBEDDED_WORKER: web.AppKey[Any] = web.AppKey("embedded_worker", object)
 REFRESHER: web.AppKey[Any] = web.AppKey("refresher", object)
 
@@ -57,23 +56,16 @@ EmbeddedWorkerFactory = Callable[[Settings, Any, aiohttp.ClientSession, Metrics]
 
 
 def create_app(
-    settings: Settings,
-    *,
-    embedded_server: Any = None,
-    embedded_worker: EmbeddedWorkerFactory | None = None,
+    settings: Settings, *, embedded_worker: EmbeddedWorkerFactory | None = None
 ) -> web.Application:
-    """The sidecar's aiohttp application.
-
-    Without ``SIDECAR_REDIS_URL`` it runs on an embedded store (``embedded_server``, a fakeredis
-    server, may be shared) and, given ``embedded_worker``, refreshes in-process.
-    """
+    """The sidecar's aiohttp application; without ``SIDECAR_REDIS_URL`` it runs on an embedded
+    store and, given ``embedded_worker``, refreshes in-process."""
     app = web.Application(middlewares=[*tracing.server_middlewares(), answer_middleware])
     app[SETTINGS] = settings
     metrics = Metrics("sidecar", settings.container_providers, RETRIEVE_ROUTES)
     for group, outcomes in ROUTE_GROUPS.items():
         metrics.route(group, outcomes)
     app[METRICS] = metrics
-    app[EMBEDDED_SERVER] = embedded_server
     app[EMBEDDED_WORKER] = embedded_worker
     app[LIFECYCLE] = Lifecycle()
     app.cleanup_ctx.extend([_redis, _http, _refresher, _services, relay.relay_ctx, _background])
@@ -87,7 +79,7 @@ def create_app(
 
 
 async def _redis(app: web.Application) -> AsyncIterator[None]:
-    client = create_redis(app[SETTINGS], embedded_server=app[EMBEDDED_SERVER])
+    client = create_redis(app[SETTINGS])
     app[REDIS] = client
     yield
     await close_redis(client)

@@ -63,7 +63,7 @@ def _options(settings: Settings) -> dict[str, Any]:
     }
 
 
-def create_redis(settings: Settings, *, embedded_server: Any = None) -> Any:
+def create_redis(settings: Settings) -> Any:
     """The cache's Redis client; with no ``SIDECAR_REDIS_URL``, an embedded fakeredis store."""
     url = settings.redis_url
     if not url:
@@ -79,7 +79,7 @@ def create_redis(settings: Settings, *, embedded_server: Any = None) -> Any:
             "no SIDECAR_REDIS_URL: using the embedded in-process store (fakeredis); "
             "the cache is not shared with other processes"
         )
-        return fakeredis.FakeAsyncRedis(server=embedded_server or fakeredis.FakeServer())
+        return fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
     options = _options(settings)
     if settings.redis_cluster:
         log.info("cache on Redis Cluster %s", redact_url(url))
