@@ -1,9 +1,5 @@
-"""The upstream: a Bifrost gateway or an OpenAI-compatible API, answered in the gateway's shape.
-
-Third-party failures are translated here (``UpstreamTimeout``, ``UpstreamUnavailable``,
-``UpstreamMalformed``); an error the upstream answers comes back as an :class:`UpstreamReply`
-whose body is already a gateway ``BifrostError``.
-"""
+"""The upstream (a Bifrost gateway or an OpenAI-compatible API), answered in the gateway's shape:
+transport failures become ``Upstream*`` errors here, an answered error a gateway-shaped reply."""
 
 from __future__ import annotations
 
