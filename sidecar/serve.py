@@ -32,20 +32,16 @@ def run_server(settings: Settings) -> int:
         loop_factory = None
     else:
         loop_factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(_serve(settings))
-
-
-async def _serve(settings: Settings) -> int:
     if tracing.setup_tracing(tracing.SIDECAR_SERVICE):
         tracing.instrument_redis()
     try:
-        return await _serve_traced(settings)
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            return runner.run(_serve(settings))
     finally:
         tracing.shutdown_tracing()
 
 
-async def _serve_traced(settings: Settings) -> int:
+async def _serve(settings: Settings) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
