@@ -10,7 +10,7 @@ import re
 
 from aiohttp import web
 
-from sidecar.errors import Forbidden, InvalidParameter, MissingCredential, NotFound, RouteNotFound
+from sidecar.errors import Forbidden, InvalidParameter, MissingCredential, NotFound
 from sidecar.middleware import OUTCOME, ROUTE_GROUP
 from sidecar.settings import Secret, Settings
 from sidecar.state import SERVICES, Services
@@ -44,7 +44,7 @@ def _authorize(request: web.Request) -> Services:
     services = request.app[SERVICES]
     token = services.settings.admin_token
     if token is None:
-        raise RouteNotFound(f"no route for {request.method} {request.path[:200]}")
+        raise NotFound(f"no route for {request.method} {request.path[:200]}")
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not given.strip():
         raise MissingCredential("the admin token is required: 'Authorization: Bearer <token>'")

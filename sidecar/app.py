@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
@@ -15,6 +13,7 @@ from sidecar import admin, health, relay, tracing
 from sidecar.announce import listen_for_changes
 from sidecar.connections import close_redis, create_redis, create_subscriber
 from sidecar.credentials import CredentialReader
+from sidecar.flight import BackgroundTasks
 from sidecar.keys import KeySpace
 from sidecar.metrics import Metrics, counter, gauge
 from sidecar.middleware import answer_middleware
@@ -29,7 +28,7 @@ from sidecar.store import Breaker, CacheStore
 from sidecar.upstream import Upstream, create_session
 from sidecar.views import RETRIEVE_ROUTES
 
-__all__ = ["REDIS", "SETTINGS", "create_app"]
+__all__ = ["SETTINGS", "create_app"]
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +36,6 @@ SETTINGS: web.AppKey[Settings] = web.AppKey("settings", Settings)
 REDIS: web.AppKey[Any] = web.AppKey("redis", object)
 HTTP: web.AppKey[aiohttp.ClientSession] = web.AppKey("http", aiohttp.ClientSession)
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
-EMBEDDED_SERVER: web.AppKey[Any] = web.AppKey("embedded_server", object)
 EMBEDDED_WORKER: web.AppKey[Any] = web.AppKey("embedded_worker", object)
 REFRESHER: web.AppKey[Any] = web.AppKey("refresher", object)
 
@@ -58,23 +56,16 @@ EmbeddedWorkerFactory = Callable[[Settings, Any, aiohttp.ClientSession, Metrics]
 
 
 def create_app(
-    settings: Settings,
-    *,
-    embedded_server: Any = None,
-    embedded_worker: EmbeddedWorkerFactory | None = None,
+    settings: Settings, *, embedded_worker: EmbeddedWorkerFactory | None = None
 ) -> web.Application:
-    """The sidecar's aiohttp application.
-
-    Without ``SIDECAR_REDIS_URL`` it runs on an embedded store (``embedded_server``, a fakeredis
-    server, may be shared) and, given ``embedded_worker``, refreshes in-process.
-    """
+    """The sidecar's aiohttp application; without ``SIDECAR_REDIS_URL`` it runs on an embedded
+    store and, given ``embedded_worker``, refreshes in-process."""
     app = web.Application(middlewares=[*tracing.server_middlewares(), answer_middleware])
     app[SETTINGS] = settings
     metrics = Metrics("sidecar", settings.container_providers, RETRIEVE_ROUTES)
     for group, outcomes in ROUTE_GROUPS.items():
         metrics.route(group, outcomes)
     app[METRICS] = metrics
-    app[EMBEDDED_SERVER] = embedded_server
     app[EMBEDDED_WORKER] = embedded_worker
     app[LIFECYCLE] = Lifecycle()
     app.cleanup_ctx.extend([_redis, _http, _refresher, _services, relay.relay_ctx, _background])
@@ -88,7 +79,7 @@ def create_app(
 
 
 async def _redis(app: web.Application) -> AsyncIterator[None]:
-    client = create_redis(app[SETTINGS], embedded_server=app[EMBEDDED_SERVER])
+    client = create_redis(app[SETTINGS])
     app[REDIS] = client
     yield
     await close_redis(client)
@@ -184,17 +175,13 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     flushes: list[Callable[[], Awaitable[None]]] = [services.stats.flush]
     if reads is not None:
         flushes.append(reads.flush)
-    tasks = [asyncio.create_task(flush_every(0.5, *flushes))]
+    tasks = BackgroundTasks()
+    tasks.spawn(flush_every(0.5, *flushes))
     subscriber = create_subscriber(app[SETTINGS], app[REDIS])
     if local.enabled:
-        listener = listen_for_changes(subscriber, services.store.keys, local)
-        tasks.append(asyncio.create_task(listener))
+        tasks.spawn(listen_for_changes(subscriber, services.store.keys, local))
     yield
-    for task in tasks:
-        task.cancel()
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    await tasks.close()
     if subscriber is not app[REDIS]:
         await subscriber.aclose()
 

@@ -136,7 +136,7 @@ def inject(args: argparse.Namespace) -> int:
     from sidecar.webhook import CertificateFiles, create_injector_app
 
     try:
-        configure_logging(_logging_settings())
+        _configure_logging()
         template = Template.load(args.template, args.image)
         certificate = CertificateFiles(args.cert_file, args.key_file)
     except (SettingsError, TemplateError, OSError, ValueError) as exc:
@@ -149,10 +149,12 @@ def inject(args: argparse.Namespace) -> int:
     return 0
 
 
-def _logging_settings() -> Settings:
-    """Settings made of the environment's logging variables only (emulate, demo, inject)."""
+def _configure_logging() -> Settings:
+    """Configure logging from the environment's logging variables only (emulate, demo, inject)."""
     env = {name: os.environ[name] for name in _LOGGING_VARIABLES if name in os.environ}
-    return load_settings(env, upstream_kind="openai")
+    settings = load_settings(env, upstream_kind="openai")
+    configure_logging(settings)
+    return settings
 
 
 def emulate(args: argparse.Namespace) -> int:
@@ -163,10 +165,9 @@ def emulate(args: argparse.Namespace) -> int:
     from emulator.cli import config_from_args
 
     try:
-        log_settings = _logging_settings()
+        log_settings = _configure_logging()
     except SettingsError as exc:
         return _configuration_error(str(exc))
-    configure_logging(log_settings)
     config = config_from_args(args)
     log.info("emulator listening on http://%s:%d", args.host, args.port)
     web.run_app(
@@ -183,11 +184,10 @@ def emulate(args: argparse.Namespace) -> int:
 def demo(args: argparse.Namespace) -> int:
     """``sidecar demo``: emulator, sidecar and embedded store on localhost, a miss then a hit."""
     try:
-        log_settings = _logging_settings()
+        log_settings = _configure_logging()
         tracing.tracing_exporters()
     except (SettingsError, tracing.TracingConfigError) as exc:
         return _configuration_error(str(exc))
-    configure_logging(log_settings)
     from emulator.demo import run_demo
 
     tracing.setup_tracing(tracing.SIDECAR_SERVICE)

@@ -15,10 +15,10 @@ from sidecar.settings import Settings, SettingsError
 
 __all__ = [
     "SentinelTarget",
+    "close_redis",
     "create_redis",
     "create_subscriber",
     "parse_sentinel_url",
-    "redact_url",
 ]
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ class SentinelTarget(NamedTuple):
     password: str | None
 
 
-def redact_url(url: str) -> str:
+def _redact_url(url: str) -> str:
     """``url`` with any password replaced, for log lines."""
     return re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", url)
 
@@ -63,7 +63,7 @@ def _options(settings: Settings) -> dict[str, Any]:
     }
 
 
-def create_redis(settings: Settings, *, embedded_server: Any = None) -> Any:
+def create_redis(settings: Settings) -> Any:
     """The cache's Redis client; with no ``SIDECAR_REDIS_URL``, an embedded fakeredis store."""
     url = settings.redis_url
     if not url:
@@ -79,17 +79,17 @@ def create_redis(settings: Settings, *, embedded_server: Any = None) -> Any:
             "no SIDECAR_REDIS_URL: using the embedded in-process store (fakeredis); "
             "the cache is not shared with other processes"
         )
-        return fakeredis.FakeAsyncRedis(server=embedded_server or fakeredis.FakeServer())
+        return fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
     options = _options(settings)
     if settings.redis_cluster:
-        log.info("cache on Redis Cluster %s", redact_url(url))
+        log.info("cache on Redis Cluster %s", _redact_url(url))
         return aioredis.RedisCluster.from_url(url, **options)
     if url.startswith("redis+sentinel://"):
         target = parse_sentinel_url(url)
         log.info("cache on Sentinel master %r via %s", target.master, target.sentinels)
         sentinel = Sentinel(target.sentinels, **options)  # type: ignore[no-untyped-call]
         return sentinel.master_for(target.master, db=target.db, password=target.password, **options)
-    log.info("cache on Redis %s", redact_url(url))
+    log.info("cache on Redis %s", _redact_url(url))
     # A burst of requests past the pool's size waits for a connection (at most the socket
     # timeout) instead of failing at once ("Too many connections") and going upstream; and this
     # pool connects outside its lock, so one slow connect (a hung Redis accepts the connection,
@@ -101,11 +101,8 @@ def create_redis(settings: Settings, *, embedded_server: Any = None) -> Any:
 
 
 def create_subscriber(settings: Settings, cache: Any) -> Any:
-    """A client for the change channel: the cache's own, or on a cluster one node of it.
-
-    Cluster pub/sub is broadcast to every node, so any node hears every announcement; the async
-    cluster client offers no pub/sub of its own.
-    """
+    """A client for the change channel: the cache's own, or on a cluster one node of it (cluster
+    pub/sub reaches every node; the async cluster client has no pub/sub of its own)."""
     if settings.redis_cluster:
         return aioredis.Redis.from_url(settings.redis_url, **_options(settings))
     return cache

@@ -1,13 +1,15 @@
 """Go's ``time.ParseDuration``, exactly: the syntax of the gateway's ``x-bf-cache-ttl``.
 
 A port of ``ParseDuration``, ``leadingInt``, ``leadingFraction`` and ``quote`` in Go's
-``src/time/format.go``, step for step, so that the sidecar reads a value exactly when the
+``src/time/format.go``, check for check, so that the sidecar reads a value exactly when the
 gateway does: ``300ms``, ``-1.5h``, ``2h45m``, ``+.5us``, ``0``; units ns, us, µs (U+00B5),
 μs (U+03BC), ms, s, m, h; no unit only for ``0``. Go's unsigned 64-bit arithmetic is kept
 where it shows: the same overflow checks, and the same wraparound of the running total.
 """
 
 from __future__ import annotations
+
+import re
 
 __all__ = ["DurationError", "parse_duration"]
 
@@ -21,6 +23,8 @@ _UNITS = {
     "m": 60_000_000_000,
     "h": 3_600_000_000_000,
 }
+#: One term: Go's leadingInt, then leadingFraction after a '.', then the unit up to the next term.
+_TERM = re.compile(r"([0-9]*)(?:\.([0-9]*))?([^0-9.]*)")
 _TOP = 1 << 63  # Go's 1<<63: one past the largest Duration, and the smallest's magnitude
 _UINT64 = (1 << 64) - 1
 
@@ -41,42 +45,31 @@ def parse_duration(text: str) -> int:
     if not s:
         raise _invalid(text)
     total = 0
-    i, end = 0, len(s)
-    while i < end:
-        if not (s[i] == "." or "0" <= s[i] <= "9"):
+    i = 0
+    while i < len(s):
+        term = _TERM.match(s, i)
+        assert term is not None  # every group may be empty
+        i = term.end()
+        digits, decimals, name = term.groups()
+        # leadingInt fails once its running value passes 1<<63, so iff the whole number does
+        # (1<<63 has 19 digits: no int() of a long string).
+        significant = digits.lstrip("0") or "0"
+        if len(significant) > 19:
             raise _invalid(text)
-        # leadingInt: [0-9]*, failing past 1<<63.
-        start, whole = i, 0
-        while i < end and "0" <= s[i] <= "9":
-            if whole > _TOP // 10:
-                raise _invalid(text)
-            whole = whole * 10 + ord(s[i]) - 48
-            if whole > _TOP:
-                raise _invalid(text)
-            i += 1
-        before = i != start
-        # leadingFraction: [0-9]* after a '.', silently dropping digits past uint64 precision.
-        fraction, scale, after = 0, 1.0, False
-        if i < end and s[i] == ".":
-            i += 1
-            start, dropping = i, False
-            while i < end and "0" <= s[i] <= "9":
-                if not dropping:
-                    nxt = fraction * 10 + ord(s[i]) - 48
-                    if fraction > (_TOP - 1) // 10 or nxt > _TOP:
-                        dropping = True
-                    else:
-                        fraction, scale = nxt, scale * 10
-                i += 1
-            after = i != start
-        if not before and not after:  # no digits, e.g. ".s" or "-.s"
+        whole = int(significant)
+        if whole > _TOP:
             raise _invalid(text)
-        start = i
-        while i < end and not (s[i] == "." or "0" <= s[i] <= "9"):
-            i += 1
-        if i == start:
+        # leadingFraction silently drops the digits past uint64 precision.
+        fraction, scale = 0, 1.0
+        for digit in decimals or "":
+            nxt = fraction * 10 + int(digit)
+            if fraction > (_TOP - 1) // 10 or nxt > _TOP:
+                break
+            fraction, scale = nxt, scale * 10
+        if not digits and not decimals:  # no digits, e.g. ".s", "-.s" or "s"
+            raise _invalid(text)
+        if not name:
             raise DurationError(f"time: missing unit in duration {_quote(text)}")
-        name = s[start:i]
         unit = _UNITS.get(name)
         if unit is None:
             raise DurationError(f"time: unknown unit {_quote(name)} in duration {_quote(text)}")

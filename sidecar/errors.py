@@ -7,8 +7,7 @@ SidecarError                      an answer that is not a container
 │   ├── InvalidParameter          400: a bad path, query or header value, naming it
 │   ├── UnsupportedOperation      400: the provider has no containers API
 │   ├── Forbidden                 403: a wrong admin token
-│   ├── RouteNotFound             404: no such route
-│   ├── NotFound                  404: no such cache entry (admin)
+│   ├── NotFound                  404: no such route, or no such cache entry (admin)
 │   ├── MethodNotAllowed          405: the route takes other methods
 │   ├── MalformedRequest          400: the HTTP parser refused the request
 │   ├── RequestTimeout            408: the request's body stalled (relay)
@@ -39,7 +38,6 @@ __all__ = [
     "Overloaded",
     "RequestError",
     "RequestTimeout",
-    "RouteNotFound",
     "SidecarError",
     "StoreUnavailable",
     "UnsupportedOperation",
@@ -54,7 +52,8 @@ __all__ = [
 
 
 class SidecarError(Exception):
-    """An error answered in the gateway's ``BifrostError`` shape."""
+    """An error answered in the gateway's ``BifrostError`` shape; subclasses set that shape with
+    class keywords (``status``, ``type``, ``code``)."""
 
     status = 500
     type = ""
@@ -64,90 +63,72 @@ class SidecarError(Exception):
     retry_after: str | None = None
     """A ``Retry-After`` to answer with."""
 
-    def __init__(self, message: str, *, param: str = "", code: str = "") -> None:
+    def __init_subclass__(cls, *, status: int = 0, type: str = "", code: str = "") -> None:
+        super().__init_subclass__()
+        if status:
+            cls.status = status
+        if type:
+            cls.type = type
+        if code:
+            cls.code = code
+
+    def __init__(self, message: str, *, param: str = "") -> None:
         super().__init__(message)
         self.message = message
         if param:
             self.param = param
-        if code:
-            self.code = code
 
 
-class RequestError(SidecarError):
+class RequestError(SidecarError, status=400, type="invalid_request_error"):
     """The caller's mistake: a 4xx that is never cached and never reaches the upstream."""
 
-    status = 400
-    type = "invalid_request_error"
     is_bifrost_error = False
 
 
-class MissingCredential(RequestError):
-    """No credential header: 401."""
-
-    status = 401
-    type = "authentication_error"
-    code = "missing_credential"
+class MissingCredential(
+    RequestError, status=401, type="authentication_error", code="missing_credential"
+):
+    """No credential header."""
 
 
-class AmbiguousCredential(RequestError):
-    """An identity header sent twice, or two different virtual keys: 400, nothing forwarded."""
-
-    type = "authentication_error"
-    code = "ambiguous_credential"
+class AmbiguousCredential(RequestError, type="authentication_error", code="ambiguous_credential"):
+    """An identity header sent twice, or two different virtual keys: nothing is forwarded."""
 
 
-class InvalidParameter(RequestError):
-    """A path, query or header value that cannot be right: 400 naming it."""
-
-    code = "invalid_parameter"
+class InvalidParameter(RequestError, code="invalid_parameter"):
+    """A path, query or header value that cannot be right, named in the message."""
 
 
-class UnsupportedOperation(RequestError):
-    """The provider has no containers API: 400 (the gateway answers 500 on /openai/...)."""
-
-    code = "unsupported_operation"
+class UnsupportedOperation(RequestError, code="unsupported_operation"):
+    """The provider has no containers API (the gateway answers 500 on /openai/...)."""
 
 
-class RouteNotFound(RequestError):
-    """No such route: 404."""
-
-    status = 404
-    code = "not_found"
+class Forbidden(RequestError, status=403, type="authentication_error", code="forbidden"):
+    """A credential that is not allowed here (the admin token)."""
 
 
-class MethodNotAllowed(RequestError):
-    """A route that exists, with another method: 405."""
-
-    status = 405
-    code = "method_not_allowed"
+class NotFound(RequestError, status=404, code="not_found"):
+    """No such route, or no such resource (a cache entry to purge)."""
 
 
-class MalformedRequest(RequestError):
-    """A request the HTTP parser refused (bad header, over-long line, bad method...): 400."""
-
-    code = "malformed_request"
+class MethodNotAllowed(RequestError, status=405, code="method_not_allowed"):
+    """A route that exists, with another method."""
 
 
-class RequestTimeout(RequestError):
-    """A relayed request's body stalled longer than ``SIDECAR_RELAY_IDLE_TIMEOUT_S``: 408."""
-
-    status = 408
-    code = "request_timeout"
+class MalformedRequest(RequestError, code="malformed_request"):
+    """A request the HTTP parser refused (bad header, over-long line, bad method...)."""
 
 
-class UnsupportedVersion(RequestError):
-    """A request in an HTTP version other than 1.x: 505, as Go's server (the gateway) answers."""
-
-    status = 505
-    code = "http_version_not_supported"
+class RequestTimeout(RequestError, status=408, code="request_timeout"):
+    """A relayed request's body stalled longer than ``SIDECAR_RELAY_IDLE_TIMEOUT_S``."""
 
 
-class NotCached(RequestError):
-    """``Cache-Control: only-if-cached`` and nothing usable is cached: 504 (RFC 9111 5.2.1.7)."""
+class UnsupportedVersion(RequestError, status=505, code="http_version_not_supported"):
+    """A request in an HTTP version other than 1.x, answered as Go's server (the gateway) does."""
 
-    status = 504
-    type = "cache_miss"
-    code = "only_if_cached"
+
+class NotCached(RequestError, status=504, type="cache_miss", code="only_if_cached"):
+    """``Cache-Control: only-if-cached`` and nothing usable is cached (RFC 9111 5.2.1.7)."""
 
 
 class UpstreamReplyError(SidecarError):
@@ -161,69 +142,39 @@ class UpstreamReplyError(SidecarError):
         self.retry_after = retry_after
 
 
-class UpstreamBackingOff(SidecarError):
-    """The upstream failed for this container lately (for whoever asked): 503 with the time
+class UpstreamBackingOff(
+    SidecarError, status=503, type="upstream_error", code="upstream_backing_off"
+):
+    """The upstream failed for this container lately (for whoever asked): answered with the time
     left of its back-off, never another caller's answer."""
-
-    status = 503
-    type = "upstream_error"
-    code = "upstream_backing_off"
 
     def __init__(self, message: str, *, retry_after_s: int) -> None:
         super().__init__(message)
         self.retry_after = str(retry_after_s)
 
 
-class Overloaded(SidecarError):
+class Overloaded(SidecarError, status=503, type="server_error", code="sidecar_overloaded"):
     """Every upstream connection of a pool (retrievals', or the relay's) stayed busy past its
-    wait: 503. The sidecar's own limit, never counted against the upstream."""
+    wait: the sidecar's own limit, never counted against the upstream."""
 
-    status = 503
-    type = "server_error"
-    code = "sidecar_overloaded"
     retry_after = "1"
 
 
-class UpstreamFailure(SidecarError):
+class UpstreamFailure(SidecarError, status=502, type="upstream_error"):
     """The upstream could not be reached or made no sense: the gateway's own fault."""
 
-    status = 502
-    type = "upstream_error"
+
+class UpstreamTimeout(UpstreamFailure, status=504, code="upstream_timeout"):
+    """The upstream took longer than ``SIDECAR_UPSTREAM_TIMEOUT_S``."""
 
 
-class UpstreamTimeout(UpstreamFailure):
-    """The upstream took longer than ``SIDECAR_UPSTREAM_TIMEOUT_S``: 504."""
-
-    status = 504
-    code = "upstream_timeout"
+class UpstreamUnavailable(UpstreamFailure, code="upstream_unavailable"):
+    """The upstream could not be reached."""
 
 
-class UpstreamUnavailable(UpstreamFailure):
-    """The upstream could not be reached: 502."""
-
-    code = "upstream_unavailable"
-
-
-class UpstreamMalformed(UpstreamFailure):
-    """The upstream answered 200 with something that is not a container: 502."""
-
-    code = "upstream_malformed_response"
+class UpstreamMalformed(UpstreamFailure, code="upstream_malformed_response"):
+    """The upstream answered 200 with something that is not a container, or a redirect."""
 
 
 class StoreUnavailable(Exception):
     """Redis failed or is being skipped after a failure; callers serve from upstream."""
-
-
-class Forbidden(RequestError):
-    """A credential that is not allowed here (the admin token): 403."""
-
-    status = 403
-    type = "authentication_error"
-    code = "forbidden"
-
-
-class NotFound(RequestError):
-    """No such resource (a cache entry to purge): 404."""
-
-    status = 404
-    code = "not_found"

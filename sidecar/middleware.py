@@ -14,8 +14,8 @@ from sidecar import OPS_PATHS
 from sidecar.errors import (
     MethodNotAllowed,
     NotCached,
+    NotFound,
     RequestError,
-    RouteNotFound,
     SidecarError,
     UpstreamFailure,
     UpstreamReplyError,
@@ -101,7 +101,7 @@ def _error_answer(request: web.Request, exc: Exception) -> web.StreamResponse:
         error: SidecarError = (
             MethodNotAllowed(f"method not allowed: {route}")
             if exc.status == 405
-            else RouteNotFound(f"no route for {route}")
+            else NotFound(f"no route for {route}")
         )
         return error_response(error, _provider(request), kind)
     log.error("unhandled error on %s %s", request.method, printable(request.path), exc_info=exc)

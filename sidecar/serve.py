@@ -13,8 +13,11 @@ import signal
 
 from aiohttp import web
 
-from sidecar import __version__
-from sidecar.settings import Settings
+from sidecar import __version__, tracing
+from sidecar.app import create_app
+from sidecar.logs import access_log_options
+from sidecar.runner import SidecarRunner
+from sidecar.settings import Settings, upstream_base
 
 __all__ = ["run_server"]
 
@@ -29,26 +32,15 @@ def run_server(settings: Settings) -> int:
         loop_factory = None
     else:
         loop_factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(_serve(settings))
-
-
-async def _serve(settings: Settings) -> int:
-    from sidecar import tracing
-
     tracing.setup_tracing(tracing.SIDECAR_SERVICE)
     try:
-        return await _serve_traced(settings)
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            return runner.run(_serve(settings))
     finally:
         tracing.shutdown_tracing()
 
 
-async def _serve_traced(settings: Settings) -> int:
-    from sidecar.app import create_app
-    from sidecar.logs import access_log_options
-    from sidecar.runner import SidecarRunner
-    from sidecar.state import LIFECYCLE
-
+async def _serve(settings: Settings) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -69,10 +61,14 @@ async def _serve_traced(settings: Settings) -> int:
         log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc)
         await runner.cleanup()
         return 1
-    log.info("sidecar %s: %s upstream %s, listening on %s:%d", __version__,
-             settings.upstream_kind, settings.upstream_url or "https://api.openai.com",
-             settings.host, settings.port)  # fmt: skip
+    log.info(
+        "sidecar %s: %s upstream %s, listening on %s:%d",
+        __version__,
+        settings.upstream_kind,
+        upstream_base(settings),
+        settings.host,
+        settings.port,
+    )
     await stop.wait()
-    app[LIFECYCLE].draining = True
-    await runner.cleanup()
+    await runner.cleanup()  # the app's on_shutdown fails readiness before requests finish
     return 0

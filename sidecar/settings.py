@@ -212,7 +212,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
 
 _FIELDS = {f.name: f for f in msgspec.structs.fields(Settings)}
-_PER_PROVIDER_KEY = re.compile(r"^SIDECAR_SERVICE_API_KEY_([A-Z0-9_]+)$")
+_SECRETS = ("key_secret", "service_api_key", "admin_token")
+_PER_PROVIDER_KEY = re.compile(r"SIDECAR_SERVICE_API_KEY_[A-Z0-9_]+")
 #: What Kubernetes injects for a Service named ``sidecar...`` in the pod's namespace (service
 #: links): never ours, whatever the Service is called. ``SIDECAR_PORT=tcp://...`` (a Service
 #: named ``sidecar``) collides with a setting and is explained in ``_parse``.
@@ -222,6 +223,8 @@ _SERVICE_LINK = re.compile(
 )
 #: A provider name as the gateway may know it (its enum, or a custom provider's name).
 PROVIDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_BOOLEANS = {"1": True, "true": True, "yes": True, "on": True,
+             "0": False, "false": False, "no": False, "off": False}  # fmt: skip
 
 
 def _env_name(field: str) -> str:
@@ -236,23 +239,16 @@ def _dec_hook(tp: type, obj: Any) -> Any:
 
 def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
     """Read and validate the settings from ``env`` (default ``os.environ``) plus overrides."""
-    env = os.environ if env is None else env
     raw: dict[str, Any] = {}
-    service_keys: dict[str, str] = {}
-    key_variables: dict[str, tuple[str, ...]] = {}
-    for name, value in env.items():
+    per_provider: dict[str, str] = {}  # SIDECAR_SERVICE_API_KEY_<PROVIDER> variables
+    for name, value in (os.environ if env is None else env).items():
         if not name.startswith(ENV_PREFIX):
             continue
         field = name[len(ENV_PREFIX) :].lower()
-        match = _PER_PROVIDER_KEY.match(name)
         if field in _FIELDS and field != "service_api_keys":
             raw[field] = _parse(field, value)
-        elif match:
-            # SIDECAR_SERVICE_API_KEY_MY_OPENAI_EU is the key of provider my-openai-eu (or
-            # my_openai_eu): both spellings are kept; a provider looks up its own name.
-            suffix = match.group(1).lower()
-            service_keys[suffix] = service_keys[suffix.replace("_", "-")] = value
-            key_variables[name] = (suffix, suffix.replace("_", "-"))
+        elif _PER_PROVIDER_KEY.fullmatch(name):
+            per_provider[name] = value
         elif _SERVICE_LINK.match(name) or (
             name.endswith("_PORT") and value.startswith(("tcp://", "udp://", "sctp://"))
         ):
@@ -268,27 +264,22 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Set
             )
         else:
             raise SettingsError(f"{name}: unknown setting (see README, 'Configuration')")
-    for key in ("key_secret", "service_api_key", "admin_token"):
-        if raw.get(key) == "":
-            del raw[key]
-    raw["service_api_keys"] = service_keys
-    raw.update(overrides)
+    raw["service_api_keys"] = {
+        spelling: key for name, key in per_provider.items() for spelling in _spellings(name)
+    }
     try:
-        settings = msgspec.convert(raw, Settings, strict=False, dec_hook=_dec_hook)
+        settings = msgspec.convert({**raw, **overrides}, Settings, strict=False, dec_hook=_dec_hook)
     except msgspec.ValidationError as exc:
         raise SettingsError(_explain(exc)) from None
-    _check(settings)
-    for variable, spellings in key_variables.items():
-        if not settings.container_providers.intersection(spellings):
-            raise SettingsError(
-                f"{variable}: no such provider in SIDECAR_CONTAINER_PROVIDERS "
-                f"({', '.join(sorted(settings.container_providers))})"
-            )
+    _check(settings, per_provider)
     return settings
 
 
-_BOOLEANS = {"1": True, "true": True, "yes": True, "on": True,
-             "0": False, "false": False, "no": False, "off": False}  # fmt: skip
+def _spellings(variable: str) -> tuple[str, str]:
+    """``SIDECAR_SERVICE_API_KEY_MY_OPENAI_EU`` is the key of provider my_openai_eu or
+    my-openai-eu: both spellings are kept, and a provider looks up its own name."""
+    suffix = variable.removeprefix("SIDECAR_SERVICE_API_KEY_").lower()
+    return suffix, suffix.replace("_", "-")
 
 
 def _parse(field: str, value: str) -> Any:
@@ -302,6 +293,8 @@ def _parse(field: str, value: str) -> Any:
         return [part.strip() for part in value.split(",") if part.strip()]
     if _FIELDS[field].type is bool:
         return _BOOLEANS.get(value.strip().lower(), value)
+    if field in _SECRETS and not value.strip():
+        return None  # an empty secret is no secret
     return value.strip()
 
 
@@ -315,7 +308,7 @@ def _explain(exc: msgspec.ValidationError) -> str:
     return f"{variable}: {message.split(' - at ')[0]}"
 
 
-def _check(settings: Settings) -> None:
+def _check(settings: Settings, per_provider: Mapping[str, str]) -> None:
     if not settings.upstream_url:
         if settings.upstream_kind == "bifrost":
             raise SettingsError(
@@ -345,6 +338,12 @@ def _check(settings: Settings) -> None:
         )
     if not settings.container_providers:
         raise SettingsError("SIDECAR_CONTAINER_PROVIDERS: name at least one provider")
+    for variable in per_provider:
+        if not settings.container_providers.intersection(_spellings(variable)):
+            raise SettingsError(
+                f"{variable}: no such provider in SIDECAR_CONTAINER_PROVIDERS "
+                f"({', '.join(sorted(settings.container_providers))})"
+            )
 
 
 def cache_provider(settings: Settings, provider: str) -> str:

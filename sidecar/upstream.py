@@ -1,9 +1,5 @@
-"""The upstream: a Bifrost gateway or an OpenAI-compatible API, answered in the gateway's shape.
-
-Third-party failures are translated here (``UpstreamTimeout``, ``UpstreamUnavailable``,
-``UpstreamMalformed``); an error the upstream answers comes back as an :class:`UpstreamReply`
-whose body is already a gateway ``BifrostError``.
-"""
+"""The upstream (a Bifrost gateway or an OpenAI-compatible API), answered in the gateway's shape:
+transport failures become ``Upstream*`` errors here, an answered error a gateway-shaped reply."""
 
 from __future__ import annotations
 
@@ -97,22 +93,22 @@ class Upstream:
         self,
         session: aiohttp.ClientSession,
         settings: Settings,
-        metrics: Metrics | None = None,
-        caller: str = "sidecar",
-        stats: FleetStats | None = None,
+        metrics: Metrics,
+        caller: str,
+        stats: FleetStats,
     ) -> None:
-        self._stats = stats
-        self.session = session
+        self._session = session
         self._kind = settings.upstream_kind
+        self._base = upstream_base(settings)
         self._timeout_s = settings.upstream_timeout_s
         # The session's pool, counted here: a call that cannot get a connection in time is the
         # sidecar's own exhaustion (Overloaded), never taken for an upstream failure.
         self._slots = ConnectionSlots(
             settings.upstream_max_connections, settings.upstream_connect_timeout_s, "upstream"
         )
-        self._base = upstream_base(settings)
         self._metrics = metrics
         self._caller = caller
+        self._stats = stats
         self.last_failure: float | None = None
         """When the upstream last failed to answer (monotonic), for readiness reports."""
 
@@ -135,7 +131,7 @@ class Upstream:
         async with self._slots.hold():  # Overloaded when none comes free: no call, not counted
             try:
                 # Never a redirect: the caller's credential goes to the configured upstream only.
-                async with self.session.get(url, headers=headers, allow_redirects=False) as got:
+                async with self._session.get(url, headers=headers, allow_redirects=False) as got:
                     raw = await got.read()
                     status = got.status
                     retry_after = got.headers.get("Retry-After")
@@ -150,7 +146,7 @@ class Upstream:
                     f"the upstream is unreachable ({type(exc).__name__})"
                 ) from exc
             finally:
-                self.observe(provider, status, time.perf_counter() - started)
+                self._observe(provider, status, time.perf_counter() - started)
         if 300 <= status < 400:
             raise UpstreamMalformed(
                 f"the upstream answered a redirect (HTTP {status}); redirects are not followed"
@@ -167,19 +163,16 @@ class Upstream:
             return UpstreamReply(200, body, container, extra=extra)
         return UpstreamReply(status, self._error_body(status, raw, provider), None, retry_after)
 
-    def observe(self, provider: str, status: int | None, seconds: float) -> None:
+    def _observe(self, provider: str, status: int | None, seconds: float) -> None:
         """Count one retrieval's upstream call (the relay counts its own, apart)."""
         if status is None or status >= 500:
             self.last_failure = time.monotonic()
-        if self._stats is not None:
-            self._stats.add(f"upstream.{self._caller}")
-        if self._metrics is not None:
-            metrics = self._metrics
-            label = metrics.provider(provider)
-            metrics.upstream.labels(label, status_class(status), self._caller).inc()
-            metrics.upstream_seconds.labels(label, self._caller).observe(seconds)
-            if status == 429:
-                metrics.throttled.labels(label).inc()
+        self._stats.add(f"upstream.{self._caller}")
+        label = self._metrics.provider(provider)
+        self._metrics.upstream.labels(label, status_class(status), self._caller).inc()
+        self._metrics.upstream_seconds.labels(label, self._caller).observe(seconds)
+        if status == 429:
+            self._metrics.throttled.labels(label).inc()
 
     def _error_body(self, status: int, raw: bytes, provider: str) -> bytes:
         if self._kind == "bifrost" and _is_gateway_error(raw):
