@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
@@ -13,7 +15,6 @@ from sidecar import admin, health, relay, tracing
 from sidecar.announce import listen_for_changes
 from sidecar.connections import close_redis, create_redis, create_subscriber
 from sidecar.credentials import CredentialReader
-from sidecar.flight import BackgroundTasks
 from sidecar.keys import KeySpace
 from sidecar.metrics import Metrics, counter, gauge
 from sidecar.middleware import answer_middleware
@@ -175,13 +176,19 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     flushes: list[Callable[[], Awaitable[None]]] = [services.stats.flush]
     if reads is not None:
         flushes.append(reads.flush)
-    tasks = BackgroundTasks()
-    tasks.spawn(flush_every(0.5, *flushes))
+    tasks = [asyncio.create_task(flush_every(0.5, *flushes))]
     subscriber = create_subscriber(app[SETTINGS], app[REDIS])
     if local.enabled:
-        tasks.spawn(listen_for_changes(subscriber, services.store.keys, local))
+        listener = listen_for_changes(subscriber, services.store.keys, local)
+        tasks.append(asyncio.create_task(listener))
     yield
-    await tasks.close()
+    # Cancelled together, awaited one by one: gathered, the change listener on a cluster's
+    # subscriber was seen to outlive its cancellation (tests/cluster, the sentinel queue).
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
     if subscriber is not app[REDIS]:
         await subscriber.aclose()
 
