@@ -132,8 +132,6 @@ class RefreshRunner:
         )
         self._call_s: deque[float] = deque(maxlen=_TIMED_CALLS)
         self._refused_logged: dict[str, float] = {}
-        self._throttled: dict[str, bool] = {}
-        self._checking: set[str] = set()
 
     def lead_ms(self) -> int:
         """How long before an entry goes stale to renew it: twice the p95 of the recent calls'
@@ -201,6 +199,8 @@ class RefreshRunner:
             results["store-unavailable"] += len(wave)
             return []
         results["deduplicated"] += len(wave) - len(held)
+        for provider in {p for p, _, _ in held}:  # once a wave, not once a renewal
+            await self.throttle.active(provider)  # what ``throttle.left_ms`` knows, refreshed
         calls: list[Awaitable[None]] = []
         for renewal, (raw, failure) in zip(held, raws, strict=True):
             record = decode_record(raw) if raw is not None else None
@@ -236,6 +236,8 @@ class RefreshRunner:
             return "already-fresh", fresh_until_ms  # a caller revalidated it meanwhile
         if failure is not None and failure.left_ms > 0:
             return "failing", failure.until_ms  # nobody calls it until its back-off ends
+        if self.throttle.left_ms(provider) > 0:  # a 429 back-off: due again when it ends
+            return "throttled", self._after_backoff(renewal)
         return None, None
 
     async def _renew(
@@ -248,23 +250,20 @@ class RefreshRunner:
         results: Counter[str],
     ) -> None:
         provider, container_id, due_ms = renewal
-        if await self._backing_off(provider):
-            result, due = "throttled", self._after_backoff(renewal)
+        reply: UpstreamReply | None = None
+        try:
+            reply = await self._call(provider, container_id)
+            status = reply.status
+        except UpstreamFailure as exc:
+            status = exc.status
+        if reply is None or status >= 500:
+            result, due = "retried", await self._failed(provider, container_id, status)
         else:
-            reply: UpstreamReply | None = None
             try:
-                reply = await self._call(provider, container_id)
-                status = reply.status
-            except UpstreamFailure as exc:
-                status = exc.status
-            if reply is None or status >= 500:
-                result, due = "retried", await self._failed(provider, container_id, status)
-            else:
-                try:
-                    result = await self._store_reply(reply, record, raw, failing)
-                except StoreUnavailable:
-                    result = "store-unavailable"
-                due = self._after_backoff(renewal) if result == "throttled" else due_ms
+                result = await self._store_reply(reply, record, raw, failing)
+            except StoreUnavailable:
+                result = "store-unavailable"
+            due = self._after_backoff(renewal) if result == "throttled" else due_ms
         if result in _RESCHEDULED:
             # Renewed once the back-off is over or Redis is back: the claim must not outlive this
             # refresh (WriteBehind retries the reschedule).
@@ -291,18 +290,6 @@ class RefreshRunner:
         it, so that stale reads meanwhile claim nothing and queue no job."""
         provider, _, due_ms = renewal
         return max(due_ms, now_ms() + self.throttle.left_ms(provider))
-
-    async def _backing_off(self, provider: str) -> bool:
-        """Whether the provider's 429 back-off runs. While ``Throttle`` asks Redis, calls
-        starting meanwhile take its last answer (thousands of renewals would ask at once)."""
-        if provider in self._checking:
-            return self._throttled.get(provider, False)
-        self._checking.add(provider)
-        try:
-            self._throttled[provider] = await self.throttle.active(provider)
-        finally:
-            self._checking.discard(provider)
-        return self._throttled[provider]
 
     async def _call(self, provider: str, container_id: str) -> UpstreamReply:
         key = self.settings.service_key_for(provider)

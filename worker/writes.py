@@ -38,7 +38,7 @@ class WriteBehind:
         self._flushes: set[asyncio.Task[None]] = set()
         self._retry: asyncio.TimerHandle | None = None
 
-    async def save(self, record: Record, failing: bool = True) -> bool:
+    async def save(self, record: Record, failing: bool) -> bool:
         """Store a refreshed record (as ``CacheStore.save``, without grants); ``failing``: its
         container has a failure marker to clear."""
         self._records.append(record)
