@@ -31,7 +31,8 @@ def _quiet_job_starts(record: logging.LogRecord) -> bool:
     return True
 
 
-def _parser() -> argparse.ArgumentParser:
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``sidecar-worker`` console script."""
     parser = argparse.ArgumentParser(
         prog="sidecar-worker",
         description=(
@@ -49,12 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--burst", action="store_true", help="run the queued jobs, then exit (for tests and cron)"
     )
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``sidecar-worker`` console script."""
-    args = _parser().parse_args(argv)
+    args = parser.parse_args(argv)
     try:
         settings = load_settings()
         redis_settings = queue_redis_settings(settings)

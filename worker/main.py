@@ -16,7 +16,6 @@ from arq.worker import Worker, func
 
 from sidecar import tracing
 from sidecar.connections import close_redis, create_redis
-from sidecar.errors import StoreUnavailable
 from sidecar.metrics import Metrics
 from sidecar.queue import POLL_S, REFRESH_BATCH_JOB, Renewal, enqueue_batch, queue_redis_settings
 from sidecar.reads import flush_every
@@ -95,7 +94,8 @@ async def run_worker(
     runner = RefreshRunner(settings, redis, session, metrics)
     tasks = [
         asyncio.ensure_future(flush_every(1.0, runner.stats.flush)),
-        asyncio.ensure_future(_remove_retired(runner)),
+        # Earlier versions' keys go (in the background: Redis may be away at start-up).
+        asyncio.ensure_future(runner.store.remove_retired()),
     ]
     if not burst:
         enqueue = functools.partial(enqueue_batch, queue, settings)
@@ -127,12 +127,6 @@ async def run_worker(
         await close_redis(redis)
         await close_redis(queue)
     return jobs
-
-
-async def _remove_retired(runner: RefreshRunner) -> None:
-    """Earlier versions' keys go (in the background: Redis may be away at start-up)."""
-    with contextlib.suppress(StoreUnavailable):
-        await runner.store.remove_retired()
 
 
 def _worker(settings: Settings, ctx: dict[str, Any], outage: Outage, burst: bool) -> Worker:
@@ -205,10 +199,8 @@ async def _poll_until_stopped(worker: Worker, stopping: asyncio.Event) -> None:
         stop.cancel()
     if not running.done():
         worker.handle_sig_wait_for_completion(signal.SIGTERM)
-        with contextlib.suppress(asyncio.CancelledError):
-            await running
-        return
-    running.result()
+    with contextlib.suppress(asyncio.CancelledError):  # the graceful stop's end
+        await running
 
 
 async def _close(worker: Worker) -> None:

@@ -1,13 +1,10 @@
 """What a refresh does: one upstream call with the service credential, and the record rewritten.
 
-Every refresh is a renewal in a batch (``refresh_batch``, the workers' one job). A batch renews
-the due-set claims its planner took while it runs (a batch lost with its worker stops, and its
-claims lapse within seconds), reads each wave's records just before its calls, runs the calls
-concurrently under the provider cap and saves the answers in pipelines (``worker.writes``). An
-upstream failure is noted for everyone (``CacheStore.upstream_failed``) and the claim is given
-back for when the back-off ends. A container the service credential cannot see (401, 403, 404:
-another project's) is never deleted: its record is handed over to its callers
-(``inline_refresh``), and the workers leave it alone from then on.
+Every refresh is a renewal in a batch (``refresh_batch``), which renews its due-set claims while
+it runs: a batch lost with its worker stops, and its claims lapse within seconds. A failure or a
+back-off gives the claim back for when it ends. A container the service credential cannot see
+(401, 403, 404: another project's) is never deleted: it is handed over to its callers
+(``inline_refresh``).
 """
 
 from __future__ import annotations
@@ -39,7 +36,7 @@ from sidecar.upstream import Upstream, UpstreamReply
 from worker.limits import ProviderLimiter
 from worker.writes import WriteBehind
 
-__all__ = ["Claims", "RefreshRunner"]
+__all__ = ["RefreshRunner"]
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +58,10 @@ _TIMED_CALLS = 256
 _WAVE_MS = 20
 
 
-class Claims:
-    """A batch's due-set claims (``member -> expiry``), renewed every second while it runs; a
-    renewal whose claim lapsed meanwhile (another refresh may hold it now) is not made."""
+class BatchRun:
+    """A running batch: its results so far, and the due-set claims it holds (``member ->
+    expiry``), renewed every second; a renewal whose claim lapsed meanwhile (another refresh may
+    hold it now) is not made."""
 
     def __init__(
         self, store: CacheStore, renewals: Sequence[Renewal], until_ms: int, lease_ms: int
@@ -71,6 +69,7 @@ class Claims:
         self._store = store
         self._lease_ms = lease_ms
         self._until = {member(p, c): until_ms for p, c, _ in renewals}
+        self.results: Counter[str] = Counter()
 
     async def keep(self, renewals: Sequence[Renewal]) -> list[Renewal]:
         """Renew these renewals' claims; the renewals still held. Raises StoreUnavailable."""
@@ -167,57 +166,52 @@ class RefreshRunner:
     ) -> Counter[str]:
         """Wave by wave (the renewals due together): claims renewed and records read just
         before the calls (a caller's refresh meanwhile is seen), the calls concurrent."""
-        results: Counter[str] = Counter()
-        claims = Claims(self.store, renewals, held_until_ms, claim_ms(self.settings))
-        holding = asyncio.ensure_future(claims.hold())
+        batch = BatchRun(self.store, renewals, held_until_ms, claim_ms(self.settings))
+        holding = asyncio.ensure_future(batch.hold())
         calls: list[asyncio.Future[None]] = []
         try:
             for wave in _waves(renewals):
                 wait_ms = wave[0][2] - lead_ms - now_ms()
                 if wait_ms > 5:
                     await asyncio.sleep(wait_ms / 1000)
-                calls += map(asyncio.ensure_future, await self._wave(wave, claims, results))
+                calls += map(asyncio.ensure_future, await self._wave(wave, batch))
             await asyncio.gather(*calls)
         finally:
             holding.cancel()
             for call in calls:  # cancelled (the job timed out): so are its calls
                 call.cancel()
-        return results
+        return batch.results
 
-    async def _wave(
-        self, wave: list[Renewal], claims: Claims, results: Counter[str]
-    ) -> list[Awaitable[None]]:
+    async def _wave(self, wave: list[Renewal], batch: BatchRun) -> list[Awaitable[None]]:
         """Renew a wave's claims and read its records; the calls (and reschedules) to make."""
         try:
-            held = await claims.keep(wave)
+            held = await batch.keep(wave)
             raws = await self.store.read_many([(p, c) for p, c, _ in held])
         except StoreUnavailable:
             # Redis is away for this worker (its breaker may stay open after a hang): the claims
             # lapse within a lease, and refresh-ahead plans the renewals again.
             for renewal in wave:
-                claims.release(renewal)
-            results["store-unavailable"] += len(wave)
+                batch.release(renewal)
+            batch.results["store-unavailable"] += len(wave)
             return []
-        results["deduplicated"] += len(wave) - len(held)
+        batch.results["deduplicated"] += len(wave) - len(held)
         for provider in {p for p, _, _ in held}:  # once a wave, not once a renewal
             await self.throttle.active(provider)  # what ``throttle.left_ms`` knows, refreshed
         calls: list[Awaitable[None]] = []
         for renewal, (raw, failure) in zip(held, raws, strict=True):
             record = decode_record(raw) if raw is not None else None
             if raw is None or record is None:  # gone meanwhile: the claim lapses
-                claims.release(renewal)
-                results["lapsed"] += 1
+                batch.release(renewal)
+                batch.results["lapsed"] += 1
                 continue
             skip, due = self._skip(renewal, record, failure)
             if skip is None:
-                calls.append(
-                    self._renew(renewal, record, raw, failure is not None, claims, results)
-                )
+                calls.append(self._renew(renewal, record, raw, failure is not None, batch))
             elif skip == "inline":  # its callers revalidate it: the claim lapses unrenewed
-                claims.release(renewal)
-                results[skip] += 1
+                batch.release(renewal)
+                batch.results[skip] += 1
             else:
-                calls.append(self._reschedule(renewal, due, claims, results, skip))
+                calls.append(self._reschedule(renewal, due, batch, skip))
         return calls
 
     def _skip(
@@ -241,13 +235,7 @@ class RefreshRunner:
         return None, None
 
     async def _renew(
-        self,
-        renewal: Renewal,
-        record: Record,
-        raw: bytes,
-        failing: bool,
-        claims: Claims,
-        results: Counter[str],
+        self, renewal: Renewal, record: Record, raw: bytes, failing: bool, batch: BatchRun
     ) -> None:
         provider, container_id, due_ms = renewal
         reply: UpstreamReply | None = None
@@ -267,23 +255,18 @@ class RefreshRunner:
         if result in _RESCHEDULED:
             # Renewed once the back-off is over or Redis is back: the claim must not outlive this
             # refresh (WriteBehind retries the reschedule).
-            await self._reschedule(renewal, due, claims, results, result)
+            await self._reschedule(renewal, due, batch, result)
         else:
-            claims.release(renewal)
-            results[result] += 1
+            batch.release(renewal)
+            batch.results[result] += 1
 
     async def _reschedule(
-        self,
-        renewal: Renewal,
-        due_ms: int | None,
-        claims: Claims,
-        results: Counter[str],
-        result: str,
+        self, renewal: Renewal, due_ms: int | None, batch: BatchRun, result: str
     ) -> None:
         provider, container_id, _ = renewal
-        claims.release(renewal)
+        batch.release(renewal)
         written = await self._writes.reschedule(provider, container_id, due_ms)
-        results[result if written else "store-unavailable"] += 1
+        batch.results[result if written else "store-unavailable"] += 1
 
     def _after_backoff(self, renewal: Renewal) -> int:
         """When a renewal held back by its provider's 429 back-off is due again: at the end of
