@@ -143,7 +143,7 @@ async def refresh_backlog(pool: ArqRedis, settings: Settings) -> int:
 
 class ArqRefresher:
     """Queues refresh batches for the workers, connecting on first use; an unreachable queue
-    costs only the refresh (stale entries are served, then revalidated) and is logged once."""
+    costs only the refresh (stale entries are served, then revalidated), tried every 5 s."""
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self._settings = settings
