@@ -34,18 +34,19 @@ class EmbeddedWorker:
     def __init__(self, runner: RefreshRunner) -> None:
         self._runner = runner
         self._tasks = BackgroundTasks()
-        self._running = 0
+        self._batches = BackgroundTasks()
         self._tasks.spawn(run_refresh_ahead(runner, runner.store.redis, self.enqueue))
         self._tasks.spawn(flush_every(1.0, runner.stats.flush))
 
     async def close(self) -> None:
         """Stop refresh-ahead and the batches still running; finish the saves under way."""
         await self._tasks.close()
+        await self._batches.close()
         await self._runner.close()
 
     async def backlog(self) -> int | None:
         """Batches waiting or running in this process."""
-        return self._running
+        return len(self._batches)
 
     async def refresh_stale(self, store: CacheStore, renewal: Renewal) -> None:
         """Claim a stale read's renewal and run it (``sidecar.queue.refresh_stale``)."""
@@ -54,18 +55,14 @@ class EmbeddedWorker:
 
     async def enqueue(self, batch: Batch, carrier: Mapping[str, str] | None = None) -> bool:
         """Run a batch in a task of its own, from its start time."""
-        self._running += 1
-        self._tasks.spawn(self._run(batch, carrier))
+        self._batches.spawn(self._run(batch, carrier))
         return True
 
     async def _run(self, batch: Batch, carrier: Mapping[str, str] | None) -> None:
-        try:
-            await asyncio.sleep(max(0.0, (batch.start_ms - now_ms()) / 1000))
-            await self._runner.refresh_batch(
-                batch.renewals, batch.lead_ms, batch.held_until_ms, carrier
-            )
-        finally:
-            self._running -= 1
+        await asyncio.sleep(max(0.0, (batch.start_ms - now_ms()) / 1000))
+        await self._runner.refresh_batch(
+            batch.renewals, batch.lead_ms, batch.held_until_ms, carrier
+        )
 
 
 def start_embedded_worker(
