@@ -1,11 +1,11 @@
 """The refresh queue: its one job (a batch of claimed renewals), how to enqueue it, the backlog.
 
 Every refresh is a renewal in the due set (``store.py``): whoever plans it claims the container's
-entry there first (refresh-ahead a whole tick's worth, a stale read its own container), then
-queues one ``refresh_batch`` job for the workers (``worker/``). The claim is the one guard against
-a refresh running twice, and a lease: the running batch renews it, and a claim whose batch died
-lapses within seconds, when refresh-ahead plans the container again. The queue holds refresh
-jobs only, so its backlog is a count of them.
+entry there first (refresh-ahead a tick's worth, a stale read its own container), then queues one
+``refresh_batch`` job. The claim is the one guard against a refresh running twice, and a lease:
+the running batch renews it, and a claim whose batch died lapses within seconds, when
+refresh-ahead plans the container again. The queue holds refresh jobs only: its backlog counts
+them.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ __all__ = [
     "Batch",
     "Renewal",
     "claim_ms",
-    "create_queue_pool",
     "enqueue_batch",
     "queue_redis_settings",
     "refresh_backlog",
@@ -65,16 +64,13 @@ class Batch(NamedTuple):
 
 def claim_ms(settings: Settings) -> int:
     """How long a claim holds: two seconds past refresh-ahead's planning horizon (a tick and a
-    lead ahead), so that a batch's start, and each renewal by the running batch (every second),
-    comes before it lapses."""
+    lead), so a batch starts, and renews its claims every second, before they lapse."""
     return int((settings.refresh_tick_s + settings.refresh_lead_s + 2) * 1000)
 
 
 def queue_redis_settings(settings: Settings) -> RedisSettings:
-    """arq's connection settings: ``SIDECAR_QUEUE_REDIS_URL``, else the cache's Redis.
-
-    ``redis+sentinel://host1:26379,host2:26379/<master name>/<db>`` selects Sentinel.
-    """
+    """arq's connection settings: ``SIDECAR_QUEUE_REDIS_URL``, else the cache's Redis
+    (``redis+sentinel://host1:26379,host2:26379/<master name>/<db>`` selects Sentinel)."""
     url = settings.queue_redis_url or settings.redis_url
     if not url:
         raise SettingsError("SIDECAR_QUEUE_REDIS_URL: a queue needs a Redis (none configured)")
@@ -100,10 +96,9 @@ def queue_redis_settings(settings: Settings) -> RedisSettings:
 async def enqueue_batch(
     pool: ArqRedis, settings: Settings, batch: Batch, carrier: Mapping[str, str] | None = None
 ) -> None:
-    """Queue one ``refresh_batch`` job; ``carrier`` is the trace context of the request that
-    asked (the job's trace links to it). A job nobody started before its claims lapsed is
-    dropped: the renewals are planned again by then."""
-    # Workers poll the queue every 50 ms: the job starts that much early, its renewals on time.
+    """Queue one ``refresh_batch`` job, ``carrier`` the asking request's trace context; a job
+    not started before its claims lapse is dropped (its renewals are planned again by then)."""
+    # Workers poll every POLL_S: the job starts that much early, its renewals on time.
     delay_s = max(0.0, batch.start_ms / 1000 - time.time() - POLL_S)
     traced: dict[str, Any] = {"carrier": dict(carrier)} if carrier else {}
     await pool.enqueue_job(
@@ -126,9 +121,8 @@ async def refresh_stale(
     enqueue: Callable[[Batch, Mapping[str, str] | None], Awaitable[bool]],
     renewal: Renewal,
 ) -> None:
-    """A stale read's refresh: claim the container's due entry, then queue a batch of one
-    (linked to the reading request's trace). Another refresh holding the claim, or one that
-    made the entry fresh meanwhile, makes this one a duplicate."""
+    """A stale read's refresh: claim its due entry, then queue a batch of one linked to the
+    request's trace (a claim held by another refresh, or a fresh entry, is a duplicate)."""
     provider, container_id, due_ms = renewal
     now = now_ms()
     until = now + claim_ms(settings)
@@ -138,8 +132,7 @@ async def refresh_stale(
         return
     if not claimed:
         metrics.refresh_jobs.labels("deduplicated").inc()
-        return
-    if await enqueue(Batch(now, 0, [renewal], until), tracing.current_carrier()):
+    elif await enqueue(Batch(now, 0, [renewal], until), tracing.current_carrier()):
         metrics.refresh_jobs.labels("enqueued").inc()
 
 
@@ -148,17 +141,9 @@ async def refresh_backlog(pool: ArqRedis, settings: Settings) -> int:
     return int(await pool.zcount(settings.queue_name, "-inf", time.time_ns() // 1_000_000))
 
 
-async def create_queue_pool(settings: Settings) -> ArqRedis:
-    """A connection pool to the queue's Redis."""
-    return await create_pool(queue_redis_settings(settings), default_queue_name=settings.queue_name)
-
-
 class ArqRefresher:
-    """Queues refresh batches for the workers; connects to the queue on first use.
-
-    A queue that cannot be reached costs nothing but the refresh: stale entries keep being
-    served (and revalidated once they leave the stale window), and the outage is logged once.
-    """
+    """Queues refresh batches for the workers, connecting on first use; an unreachable queue
+    costs only the refresh (stale entries are served, then revalidated), tried every 5 s."""
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self._settings = settings
@@ -175,20 +160,19 @@ class ArqRefresher:
     async def backlog(self) -> int | None:
         """Refresh jobs due and not finished (None while the queue cannot be reached)."""
         pool = await self._queue()
-        if pool is None:
-            return None
         try:
-            return await refresh_backlog(pool, self._settings)
+            return await refresh_backlog(pool, self._settings) if pool is not None else None
         except (OSError, RedisError):
             return None
 
     async def _queue(self) -> ArqRedis | None:
-        if self._pool is not None or time.monotonic() < self._retry_at:
-            return self._pool
         async with self._connecting:
             if self._pool is None and time.monotonic() >= self._retry_at:
                 try:
-                    self._pool = await create_queue_pool(self._settings)
+                    self._pool = await create_pool(
+                        queue_redis_settings(self._settings),
+                        default_queue_name=self._settings.queue_name,
+                    )
                 except (OSError, RedisError) as exc:
                     self._retry_at = time.monotonic() + 5.0
                     log.warning("refresh queue unreachable (%s); retrying in 5s", exc)
@@ -196,8 +180,7 @@ class ArqRefresher:
 
     async def enqueue(self, batch: Batch, carrier: Mapping[str, str] | None = None) -> bool:
         """Queue a batch; False when the queue cannot be reached (its claims lapse)."""
-        pool = await self._queue()
-        if pool is None:
+        if (pool := await self._queue()) is None:
             return False
         try:
             await enqueue_batch(pool, self._settings, batch, carrier)

@@ -23,18 +23,16 @@ __all__ = ["main"]
 log = logging.getLogger("worker")
 
 
-class QuietJobStarts(logging.Filter):
-    """Drops arq's job-start lines (``→ job(...)``): the end line says what happened and how
-    long it took, one line a job. Kept at DEBUG."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        """False for a job-start line, unless DEBUG logging is on."""
-        if record.levelno == logging.INFO and str(record.msg).startswith("%6.2fs → "):
-            return logging.getLogger("worker").isEnabledFor(logging.DEBUG)
-        return True
+def _quiet_job_starts(record: logging.LogRecord) -> bool:
+    """arq's job-start lines (``→ job(...)``) only at DEBUG: the end line says what happened and
+    how long it took, one line a job."""
+    if record.levelno == logging.INFO and str(record.msg).startswith("%6.2fs → "):
+        return log.isEnabledFor(logging.DEBUG)
+    return True
 
 
-def _parser() -> argparse.ArgumentParser:
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``sidecar-worker`` console script."""
     parser = argparse.ArgumentParser(
         prog="sidecar-worker",
         description=(
@@ -52,12 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--burst", action="store_true", help="run the queued jobs, then exit (for tests and cron)"
     )
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``sidecar-worker`` console script."""
-    args = _parser().parse_args(argv)
+    args = parser.parse_args(argv)
     try:
         settings = load_settings()
         redis_settings = queue_redis_settings(settings)
@@ -66,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sidecar-worker: configuration error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings)
-    logging.getLogger("arq.worker").addFilter(QuietJobStarts())
+    logging.getLogger("arq.worker").addFilter(_quiet_job_starts)
     if args.check:
         return int(asyncio.run(async_check_health(redis_settings, queue_name=settings.queue_name)))
     if not settings.refresh_enabled:
@@ -88,9 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def _run(settings: Settings, burst: bool) -> None:
     """Run the worker until SIGTERM or SIGINT, then stop gracefully."""
     stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stopping.set)
+        asyncio.get_running_loop().add_signal_handler(signum, stopping.set)
     await run_worker(settings, burst=burst, stopping=stopping)
 
 
@@ -101,7 +93,3 @@ def _loop_factory() -> Any:
     except ImportError:  # pragma: no cover
         return None
     return uvloop.new_event_loop
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

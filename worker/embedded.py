@@ -1,8 +1,8 @@
 """The workers' jobs inside the sidecar process, for the embedded default (no Redis server).
 
-The same refresh path as the arq worker runs here on asyncio tasks (arq itself needs a real Redis
-server, which the embedded store is not): refresh-ahead plans claimed batches, a stale read
-claims a batch of its own, and each batch runs as a task.
+The arq worker's refresh path on asyncio tasks (arq needs a real Redis server, which the embedded
+store is not): refresh-ahead plans claimed batches, a stale read claims a batch of its own, and
+each batch runs as a task.
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ from typing import Any
 
 import aiohttp
 
-from sidecar import tracing
 from sidecar.flight import BackgroundTasks
 from sidecar.metrics import Metrics
-from sidecar.queue import REFRESH_BATCH_JOB, Batch, Renewal, refresh_stale
+from sidecar.queue import Batch, Renewal, refresh_stale
+from sidecar.reads import flush_every
 from sidecar.settings import Settings
 from sidecar.store import CacheStore, now_ms
 from worker.ahead import run_refresh_ahead
-from worker.main import WorkerDeps, build_deps
+from worker.refresh import RefreshRunner
 
 __all__ = ["EmbeddedWorker", "start_embedded_worker"]
 
@@ -29,62 +29,45 @@ log = logging.getLogger(__name__)
 
 
 class EmbeddedWorker:
-    """Runs refresh batches in-process."""
+    """Runs refresh-ahead and the refresh batches in-process."""
 
-    def __init__(self, deps: WorkerDeps) -> None:
-        self._deps = deps
+    def __init__(self, runner: RefreshRunner) -> None:
+        self._runner = runner
         self._tasks = BackgroundTasks()
-        self._running = 0
-
-    def start(self) -> None:
-        """Start refresh-ahead."""
-        deps = self._deps
-        self._tasks.spawn(
-            run_refresh_ahead(deps.settings, deps.planner, deps.metrics, deps.redis, self.enqueue)
-        )
+        self._batches = BackgroundTasks()
+        self._tasks.spawn(run_refresh_ahead(runner, runner.store.redis, self.enqueue))
+        self._tasks.spawn(flush_every(1.0, runner.stats.flush))
 
     async def close(self) -> None:
         """Stop refresh-ahead and the batches still running; finish the saves under way."""
         await self._tasks.close()
-        await self._deps.runner.close()
-        await self._deps.store.close()
+        await self._batches.close()
+        await self._runner.close()
 
     async def backlog(self) -> int | None:
         """Batches waiting or running in this process."""
-        return self._running
+        return len(self._batches)
 
     async def refresh_stale(self, store: CacheStore, renewal: Renewal) -> None:
         """Claim a stale read's renewal and run it (``sidecar.queue.refresh_stale``)."""
-        deps = self._deps
-        await refresh_stale(store, deps.settings, deps.metrics, self.enqueue, renewal)
+        runner = self._runner
+        await refresh_stale(store, runner.settings, runner.metrics, self.enqueue, renewal)
 
     async def enqueue(self, batch: Batch, carrier: Mapping[str, str] | None = None) -> bool:
         """Run a batch in a task of its own, from its start time."""
-        self._running += 1
-        self._tasks.spawn(self._run(batch, carrier))
+        self._batches.spawn(self._run(batch, carrier))
         return True
 
     async def _run(self, batch: Batch, carrier: Mapping[str, str] | None) -> None:
-        try:
-            await asyncio.sleep(max(0.0, (batch.start_ms - now_ms()) / 1000))
-            deps = self._deps
-            with tracing.job_span(
-                REFRESH_BATCH_JOB, carrier, {"bifrost.renewals": len(batch.renewals)}
-            ):
-                results = await deps.runner.refresh_batch(
-                    batch.renewals, batch.lead_ms, batch.held_until_ms
-                )
-            for result, times in results.items():
-                deps.count(result, times)
-        finally:
-            self._running -= 1
+        await asyncio.sleep(max(0.0, (batch.start_ms - now_ms()) / 1000))
+        await self._runner.refresh_batch(
+            batch.renewals, batch.lead_ms, batch.held_until_ms, carrier
+        )
 
 
 def start_embedded_worker(
     settings: Settings, redis: Any, session: aiohttp.ClientSession, metrics: Metrics
 ) -> EmbeddedWorker:
     """An embedded worker on the sidecar's own store, HTTP session and metrics, started."""
-    worker = EmbeddedWorker(build_deps(settings, redis, session, metrics))
-    worker.start()
     log.info("background refresh runs inside this process (embedded worker)")
-    return worker
+    return EmbeddedWorker(RefreshRunner(settings, redis, session, metrics))

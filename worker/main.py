@@ -5,71 +5,50 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import signal
 import time
-from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 from arq.connections import RedisSettings, create_pool
 from arq.worker import Worker, func
 
 from sidecar import tracing
 from sidecar.connections import close_redis, create_redis
-from sidecar.errors import StoreUnavailable
-from sidecar.keys import KeySpace
 from sidecar.metrics import Metrics
-from sidecar.queue import (
-    POLL_S,
-    REFRESH_BATCH_JOB,
-    Batch,
-    Renewal,
-    enqueue_batch,
-    queue_redis_settings,
-)
+from sidecar.queue import POLL_S, REFRESH_BATCH_JOB, Renewal, enqueue_batch, queue_redis_settings
 from sidecar.reads import flush_every
 from sidecar.settings import Settings
-from sidecar.stats import FleetStats
-from sidecar.store import REDIS_ERRORS, Breaker, CacheStore
-from sidecar.upstream import Upstream, create_session
-from worker.ahead import RefreshPlanner, run_refresh_ahead
+from sidecar.store import REDIS_ERRORS
+from sidecar.upstream import create_session
+from worker.ahead import run_refresh_ahead
 from worker.http import start_worker_http
-from worker.limits import ProviderLimiter
-from worker.refresh import RefreshRunner, event_of, summary
+from worker.refresh import RefreshRunner
 
-__all__ = [
-    "Outage",
-    "WorkerDeps",
-    "build_deps",
-    "refresh_batch",
-    "run_worker",
-    "worker_options",
-]
+__all__ = ["refresh_batch", "run_worker"]
 
 log = logging.getLogger(__name__)
 
 
 class Outage:
-    """An outage of something the worker needs: logged once when it starts and once when it
-    ends; the delay before each retry doubles from ``base_s`` to ``cap_s``."""
+    """An outage of something the worker needs, logged when it starts and when it ends; the
+    wait before each retry doubles from 0.1 s to 2 s."""
 
-    def __init__(self, what: str, base_s: float = 0.1, cap_s: float = 2.0) -> None:
+    def __init__(self, what: str) -> None:
         self._what = what
-        self._base_s = base_s
-        self._cap_s = cap_s
         self._since: float | None = None
-        self._delay_s = base_s
+        self._delay_s = 0.1
 
     def failed(self, exc: BaseException) -> float:
         """Note a failure; how long to wait before trying again."""
         if self._since is None:
             self._since = time.monotonic()
-            self._delay_s = self._base_s
+            self._delay_s = 0.1
             log.warning("%s unreachable (%s: %s): waiting for it, jobs resume when it is back",
                         self._what, type(exc).__name__, exc)  # fmt: skip
-            return self._delay_s
-        self._delay_s = min(self._cap_s, self._delay_s * 2)
+        else:
+            self._delay_s = min(2.0, self._delay_s * 2)
         return self._delay_s
 
     def recovered(self) -> None:
@@ -79,61 +58,6 @@ class Outage:
             self._since = None
 
 
-@dataclass(frozen=True, slots=True)
-class WorkerDeps:
-    """What the jobs use, built once per worker process at start-up."""
-
-    settings: Settings
-    redis: Any
-    session: aiohttp.ClientSession
-    store: CacheStore
-    runner: RefreshRunner
-    planner: RefreshPlanner
-    metrics: Metrics
-    stats: FleetStats
-
-    def count(self, result: str, times: int = 1) -> str:
-        """Count a refresh's result; returns it."""
-        self.metrics.refresh_jobs.labels(event_of(result)).inc(times)
-        return result
-
-    async def close(self) -> None:
-        """Finish the saves under way, then close the connections."""
-        await self.runner.close()
-        await self.store.close()
-        await self.session.close()
-        await close_redis(self.redis)
-
-
-def build_deps(
-    settings: Settings, redis: Any, session: aiohttp.ClientSession, metrics: Metrics
-) -> WorkerDeps:
-    """Wire the refresh machinery onto a cache Redis and an HTTP session."""
-    keys = KeySpace(settings.key_prefix)
-    breaker = Breaker(settings.redis_retry_after_s, on_failure=metrics.redis_errors.inc)
-    store = CacheStore(redis, keys, breaker)
-    stats = FleetStats(store)
-    limiter = ProviderLimiter(
-        redis,
-        keys,
-        settings.provider_concurrency,
-        call_s=settings.upstream_timeout_s,
-        local_limit=settings.upstream_max_connections,
-    )
-    upstream = Upstream(session, settings, metrics, caller="worker", stats=stats)
-    runner = RefreshRunner(store, upstream, limiter, settings)
-    return WorkerDeps(
-        settings=settings,
-        redis=redis,
-        session=session,
-        store=store,
-        runner=runner,
-        planner=RefreshPlanner(store, settings, runner.throttle, runner.lead_ms),
-        metrics=metrics,
-        stats=stats,
-    )
-
-
 async def refresh_batch(
     ctx: dict[str, Any],
     renewals: list[Renewal],
@@ -141,70 +65,11 @@ async def refresh_batch(
     held_until_ms: int,
     carrier: dict[str, str] | None = None,
 ) -> str:
-    """Job: renew claimed containers, each ``lead_ms`` before it goes stale; a stale read's
-    batch carries its request's trace context (``carrier``: the job's trace links to it)."""
-    deps: WorkerDeps = ctx["deps"]
-    attributes: dict[str, Any] = {"bifrost.renewals": len(renewals)}
-    if len(renewals) == 1:
-        attributes |= {"bifrost.provider": renewals[0][0], "bifrost.container_id": renewals[0][1]}
-    with tracing.job_span(REFRESH_BATCH_JOB, carrier, attributes):
-        results = await deps.runner.refresh_batch(
-            [(p, c, int(d)) for p, c, d in renewals], lead_ms, held_until_ms
-        )
-    for result, times in results.items():
-        deps.count(result, times)
-    return summary(results)
-
-
-async def _remove_retired(store: CacheStore) -> None:
-    """Earlier versions' keys go (in the background: Redis may be away at start-up)."""
-    with contextlib.suppress(StoreUnavailable):
-        await store.remove_retired()
-
-
-def _metrics(settings: Settings) -> Metrics:
-    return Metrics("worker", providers=settings.container_providers)
-
-
-def worker_options(settings: Settings, ctx: dict[str, Any], outage: Outage) -> dict[str, Any]:
-    """Keyword arguments of ``arq.Worker`` for these settings: one function, the batch job."""
-    # A renewal waits at most one upstream timeout for a provider slot, then makes one call; a
-    # batch also waits its turn for one of this process's connections. This bounds a job that
-    # hangs. A job lost with its worker is not run again (``max_tries=1``): its claims lapse and
-    # refresh-ahead plans its renewals again, within seconds instead of arq's lease.
-    timeout_s = settings.upstream_timeout_s * 4 + 10
-
-    async def connected(ctx: dict[str, Any]) -> None:
-        outage.recovered()
-        if not ctx.setdefault("ready", False):
-            ctx["ready"] = True
-            log.info(
-                "worker ready: queue %r, %d concurrent jobs, refresh-ahead every %ds for entries "
-                "read in the last %.0fs",
-                settings.queue_name,
-                settings.worker_max_jobs,
-                settings.refresh_tick_s,
-                settings.hot_window_s,
-            )
-
-    return {
-        "functions": [
-            func(
-                refresh_batch, name=REFRESH_BATCH_JOB, keep_result=0, max_tries=1, timeout=timeout_s
-            ),
-        ],
-        "redis_settings": _queue_settings(settings),
-        "queue_name": settings.queue_name,
-        "max_jobs": settings.worker_max_jobs,
-        "job_timeout": timeout_s,
-        "keep_result": 0,
-        "poll_delay": POLL_S,
-        "job_completion_wait": int(settings.shutdown_timeout_s),
-        "health_check_interval": 10,
-        "handle_signals": False,
-        "on_startup": connected,
-        "ctx": ctx,
-    }
+    """Job: renew claimed containers, each ``lead_ms`` before it goes stale (``carrier``: the
+    trace context of the stale read that asked); the results, for arq's job line."""
+    runner: RefreshRunner = ctx["runner"]
+    results = await runner.refresh_batch(renewals, lead_ms, held_until_ms, carrier)
+    return ", ".join(f"{n} {word}" for word, n in sorted(results.items())) or "nothing"
 
 
 async def run_worker(
@@ -214,14 +79,10 @@ async def run_worker(
     stopping: asyncio.Event | None = None,
     metrics: Metrics | None = None,
 ) -> int:
-    """Run a worker until ``stopping`` is set (then the jobs under way finish, within
-    ``SIDECAR_SHUTDOWN_TIMEOUT_S``); ``burst``: run the jobs queued now, then return (no
-    refresh-ahead). The number of jobs it ran.
-
-    arq's worker exits at the first Redis error. Here that is an outage: logged once when it
-    starts and once when it ends, and a new ``arq.Worker`` polls again after a back-off (0.1 s
-    doubling to 2 s).
-    """
+    """Run a worker until ``stopping`` is set (the jobs under way then finish, within
+    ``SIDECAR_SHUTDOWN_TIMEOUT_S``), or with ``burst`` until the jobs queued now ran (no
+    refresh-ahead); the number of jobs it ran. arq's worker exits at the first Redis error: here
+    that is an outage, and a new ``arq.Worker`` polls again after a back-off."""
     stopping = stopping or asyncio.Event()
     outage = Outage("refresh queue (redis)")
     queue = await _connect(settings, outage, stopping)
@@ -229,24 +90,22 @@ async def run_worker(
         return 0
     redis = create_redis(settings)
     session = create_session(settings, tracing.client_trace_configs())
-    deps = build_deps(settings, redis, session, metrics or _metrics(settings))
-    jobs = 0
+    metrics = metrics or Metrics("worker", providers=settings.container_providers)
+    runner = RefreshRunner(settings, redis, session, metrics)
     tasks = [
-        asyncio.ensure_future(flush_every(1.0, deps.stats.flush)),
-        asyncio.ensure_future(_remove_retired(deps.store)),
+        asyncio.ensure_future(flush_every(1.0, runner.stats.flush)),
+        # Earlier versions' keys go (in the background: Redis may be away at start-up).
+        asyncio.ensure_future(runner.store.remove_retired()),
     ]
     if not burst:
-
-        async def enqueue(batch: Batch) -> None:
-            await enqueue_batch(queue, settings, batch)
-
-        planner = run_refresh_ahead(settings, deps.planner, deps.metrics, queue, enqueue)
-        tasks.append(asyncio.ensure_future(planner))
-    http = await start_worker_http(deps, queue)
-    ctx: dict[str, Any] = {"deps": deps}
+        enqueue = functools.partial(enqueue_batch, queue, settings)
+        tasks.append(asyncio.ensure_future(run_refresh_ahead(runner, queue, enqueue)))
+    http = await start_worker_http(runner, queue)
+    ctx: dict[str, Any] = {"runner": runner}
+    jobs = 0
     try:
         while not stopping.is_set():
-            worker = Worker(**worker_options(settings, ctx, outage), burst=burst)
+            worker = _worker(settings, ctx, outage, burst)
             try:
                 await _poll_until_stopped(worker, stopping)
                 break  # stopped, or a burst is done
@@ -263,14 +122,53 @@ async def run_worker(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await deps.close()
+        await runner.close()
+        await session.close()
+        await close_redis(redis)
         await close_redis(queue)
     return jobs
 
 
+def _worker(settings: Settings, ctx: dict[str, Any], outage: Outage, burst: bool) -> Worker:
+    """An ``arq.Worker`` of the one job. A job lost with its worker is not run again
+    (``max_tries=1``): its claims lapse and refresh-ahead plans it again within seconds."""
+
+    async def connected(ctx: dict[str, Any]) -> None:
+        outage.recovered()
+        if not ctx.setdefault("ready", False):
+            ctx["ready"] = True
+            log.info(
+                "worker ready: queue %r, %d concurrent jobs, refresh-ahead every %ds for entries "
+                "read in the last %.0fs",
+                settings.queue_name,
+                settings.worker_max_jobs,
+                settings.refresh_tick_s,
+                settings.hot_window_s,
+            )
+
+    return Worker(
+        [func(refresh_batch, name=REFRESH_BATCH_JOB)],
+        redis_settings=_queue_settings(settings),
+        queue_name=settings.queue_name,
+        burst=burst,
+        max_jobs=settings.worker_max_jobs,
+        # A renewal waits at most one upstream timeout for a provider slot, then makes one call;
+        # a batch also waits its turn for one of this process's connections.
+        job_timeout=settings.upstream_timeout_s * 4 + 10,
+        keep_result=0,
+        max_tries=1,
+        poll_delay=POLL_S,
+        job_completion_wait=int(settings.shutdown_timeout_s),
+        health_check_interval=10,
+        handle_signals=False,
+        on_startup=connected,
+        ctx=ctx,
+    )
+
+
 def _queue_settings(settings: Settings) -> RedisSettings:
-    """The queue's connection settings, with no retries of arq's own: the waiting (and its one
-    log line an outage) is the worker's."""
+    """The queue's connection settings without arq's own retries: the worker waits (and logs
+    an outage once) itself."""
     return dataclasses.replace(queue_redis_settings(settings), conn_retries=0)
 
 
@@ -301,10 +199,8 @@ async def _poll_until_stopped(worker: Worker, stopping: asyncio.Event) -> None:
         stop.cancel()
     if not running.done():
         worker.handle_sig_wait_for_completion(signal.SIGTERM)
-        with contextlib.suppress(asyncio.CancelledError):
-            await running
-        return
-    running.result()
+    with contextlib.suppress(asyncio.CancelledError):  # the graceful stop's end
+        await running
 
 
 async def _close(worker: Worker) -> None:

@@ -1,21 +1,10 @@
 """What a refresh does: one upstream call with the service credential, and the record rewritten.
 
-Every refresh is a renewal of a batch (``refresh_batch``, the workers' one job): refresh-ahead
-plans batches of the entries callers read, a stale read a batch of its own container. One pipeline
-reads a wave's records just before its calls, the calls run concurrently under the provider cap,
-and the answers are saved in pipelines as they come in (``worker.writes``). Used by the arq jobs
-(``worker.main``) and the embedded worker.
-
-A batch holds the due-set claims its planner took (:class:`Claims`): it renews them while it
-runs, and the save of a refreshed record gives each back. A batch lost with its worker stops
-renewing: its claims lapse within seconds and refresh-ahead plans those containers again. An
-upstream failure is noted for everyone (``CacheStore.upstream_failed``) and the claim is given
-back for when the back-off ends: refresh-ahead retries the container then, if callers still
-read it.
-
-A container the service credential cannot see (401, 403, 404: another project's) is never
-deleted: its callers may still see it. The record is handed over to them (``inline_refresh``,
-same freshness and expiry), and the workers leave it alone from then on.
+Every refresh is a renewal in a batch (``refresh_batch``), which renews its due-set claims while
+it runs: a batch lost with its worker stops, and its claims lapse within seconds. A failure or a
+back-off gives the claim back for when it ends. A container the service credential cannot see
+(401, 403, 404: another project's) is never deleted: it is handed over to its callers
+(``inline_refresh``).
 """
 
 from __future__ import annotations
@@ -26,58 +15,53 @@ import logging
 import random
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
+from typing import Any
 
+import aiohttp
 import msgspec
 
+from sidecar import tracing
 from sidecar.errors import StoreUnavailable, UpstreamFailure
-from sidecar.keys import member
+from sidecar.keys import KeySpace, member
+from sidecar.metrics import Metrics
 from sidecar.policy import Policy
-from sidecar.queue import Renewal, claim_ms
+from sidecar.queue import REFRESH_BATCH_JOB, Renewal, claim_ms
 from sidecar.records import Record, decode_record
 from sidecar.settings import Settings
-from sidecar.store import CacheStore, Failure, now_ms
+from sidecar.stats import FleetStats
+from sidecar.store import Breaker, CacheStore, Failure, now_ms
 from sidecar.throttle import Throttle
 from sidecar.upstream import Upstream, UpstreamReply
 from worker.limits import ProviderLimiter
 from worker.writes import WriteBehind
 
-__all__ = ["Claims", "RefreshRunner", "event_of", "summary"]
+__all__ = ["RefreshRunner"]
 
 log = logging.getLogger(__name__)
 
-#: The ``sidecar_refresh_jobs_total`` events the workers count, and no others.
+#: The ``sidecar_refresh_jobs_total`` event of each result word; any other word (lapsed,
+#: terminal, inline, handed-over, already-fresh, throttled...) is "skipped": nothing needed
+#: doing, or someone else does it.
 _EVENTS = {"refreshed": "succeeded", "failed": "failed", "refused": "failed",
            "store-unavailable": "failed", "deduplicated": "deduplicated",
            "retried": "retried"}  # fmt: skip
-# Whatever else a refresh ends with (lapsed, terminal, inline, handed-over, already-fresh,
-# throttled, no-service-key) is "skipped": nothing needed doing, or someone else does it.
-
+# Results whose claim is given back for later rather than left to lapse.
+_RESCHEDULED = ("retried", "throttled", "store-unavailable")
 # A refused service credential is an operator's problem: said at most this often per provider.
 _REFUSED_LOG_EVERY_S = 60.0
-# Refresh-ahead renews an entry twice the upstream's recent p95 call time before it goes stale
-# (once enough calls were timed), at least this long before, at most SIDECAR_REFRESH_LEAD_S.
+# A renewal starts twice the recent p95 call time before its entry goes stale (once enough calls
+# were timed), at least this long before, at most SIDECAR_REFRESH_LEAD_S.
 _MIN_LEAD_MS = 50
 _TIMED_CALLS = 256
-# A batch reads its records in waves, each just before its calls: renewals due this close
-# together go in one wave.
+# Renewals due this close together form one wave (records read together just before the calls).
 _WAVE_MS = 20
 
 
-def event_of(result: str) -> str:
-    """The ``sidecar_refresh_jobs_total`` event of a refresh's result word."""
-    return _EVENTS.get(result, "skipped")
-
-
-def summary(results: Counter[str]) -> str:
-    """``"118 refreshed, 2 already-fresh"`` (for a batch's log line)."""
-    return ", ".join(f"{n} {word}" for word, n in sorted(results.items())) or "nothing"
-
-
-class Claims:
-    """The due-set claims a batch holds (``member -> expiry``): renewed every second while the
-    batch runs (a lease outlasts refresh-ahead's planning horizon by two seconds). A renewal
-    whose claim lapsed meanwhile (another refresh may hold it now) is not made."""
+class BatchRun:
+    """A running batch: its results so far, and the due-set claims it holds (``member ->
+    expiry``), renewed every second; a renewal whose claim lapsed meanwhile (another refresh may
+    hold it now) is not made."""
 
     def __init__(
         self, store: CacheStore, renewals: Sequence[Renewal], until_ms: int, lease_ms: int
@@ -85,6 +69,7 @@ class Claims:
         self._store = store
         self._lease_ms = lease_ms
         self._until = {member(p, c): until_ms for p, c, _ in renewals}
+        self.results: Counter[str] = Counter()
 
     async def keep(self, renewals: Sequence[Renewal]) -> list[Renewal]:
         """Renew these renewals' claims; the renewals still held. Raises StoreUnavailable."""
@@ -118,119 +103,141 @@ class Claims:
 
 
 class RefreshRunner:
-    """Refreshes containers; each refresh ends with a word (for logs and metrics)."""
+    """Refreshes containers on the cache's Redis; each refresh ends with a result word, counted
+    in ``sidecar_refresh_jobs_total`` and summed up in the job's log line."""
 
     def __init__(
-        self, store: CacheStore, upstream: Upstream, limiter: ProviderLimiter, settings: Settings
+        self, settings: Settings, redis: Any, session: aiohttp.ClientSession, metrics: Metrics
     ) -> None:
-        self.store = store
-        self.upstream = upstream
-        self.limiter = limiter
-        self.policy = Policy(settings)
-        self.throttle = Throttle(store, settings.retry_after_default_s, settings.retry_after_max_s)
-        self.writes = WriteBehind(store, self.policy)
-        self._settings = settings
-        self._max_lead_ms = int(settings.refresh_lead_s * 1000)
+        keys = KeySpace(settings.key_prefix)
+        self.settings = settings
+        self.metrics = metrics
+        self.store = CacheStore(
+            redis, keys, Breaker(settings.redis_retry_after_s, on_failure=metrics.redis_errors.inc)
+        )
+        self.stats = FleetStats(self.store)
+        self.throttle = Throttle(
+            self.store, settings.retry_after_default_s, settings.retry_after_max_s
+        )
+        self._policy = Policy(settings)
+        self._writes = WriteBehind(self.store, self._policy)
+        self._upstream = Upstream(session, settings, metrics, caller="worker", stats=self.stats)
+        self._limiter = ProviderLimiter(
+            redis,
+            keys,
+            settings.provider_concurrency,
+            call_s=settings.upstream_timeout_s,
+            local_limit=settings.upstream_max_connections,
+        )
         self._call_s: deque[float] = deque(maxlen=_TIMED_CALLS)
-        self.claim_ms = claim_ms(settings)
         self._refused_logged: dict[str, float] = {}
-        self._throttled: dict[str, bool] = {}
-        self._checking: set[str] = set()
 
     def lead_ms(self) -> int:
-        """How long before an entry goes stale refresh-ahead should renew it: long enough for
-        the call to be over by then (twice the p95 of the recent calls' time), no longer (an
-        earlier call is a more frequent one), and at most ``SIDECAR_REFRESH_LEAD_S``."""
+        """How long before an entry goes stale to renew it: twice the p95 of the recent calls'
+        time (an earlier call is a more frequent one), at most ``SIDECAR_REFRESH_LEAD_S``."""
+        max_lead_ms = int(self.settings.refresh_lead_s * 1000)
         if len(self._call_s) < _TIMED_CALLS // 8:
-            return self._max_lead_ms
+            return max_lead_ms
         timed = sorted(self._call_s)
         p95_ms = timed[int(len(timed) * 0.95)] * 1000
-        return min(self._max_lead_ms, max(_MIN_LEAD_MS, int(2 * p95_ms)))
+        return min(max_lead_ms, max(_MIN_LEAD_MS, int(2 * p95_ms)))
 
     async def refresh_batch(
+        self,
+        renewals: Sequence[Renewal],
+        lead_ms: int,
+        held_until_ms: int,
+        carrier: Mapping[str, str] | None = None,
+    ) -> Counter[str]:
+        """Renew claimed containers, each ``lead_ms`` before it goes stale, in a span linked to
+        the request that asked (``carrier``); a count per result word."""
+        attributes: dict[str, Any] = {"bifrost.renewals": len(renewals)}
+        if len(renewals) == 1:
+            provider, container_id, _ = renewals[0]
+            attributes |= {"bifrost.provider": provider, "bifrost.container_id": container_id}
+        with tracing.job_span(REFRESH_BATCH_JOB, carrier, attributes):
+            results = await self._run(renewals, lead_ms, held_until_ms)
+        for result, times in results.items():
+            self.metrics.refresh_jobs.labels(_EVENTS.get(result, "skipped")).inc(times)
+        return results
+
+    async def _run(
         self, renewals: Sequence[Renewal], lead_ms: int, held_until_ms: int
     ) -> Counter[str]:
-        """Renew claimed containers, each ``lead_ms`` before it goes stale: in waves of those
-        due together, each wave's claims renewed and its records read just before its calls (a
-        caller's refresh meanwhile is seen), the calls concurrent, the saves in pipelines. A
-        count per result word."""
-        results: Counter[str] = Counter()
-        claims = Claims(self.store, renewals, held_until_ms, self.claim_ms)
-        holding = asyncio.ensure_future(claims.hold())
+        """Wave by wave (the renewals due together): claims renewed and records read just
+        before the calls (a caller's refresh meanwhile is seen), the calls concurrent."""
+        batch = BatchRun(self.store, renewals, held_until_ms, claim_ms(self.settings))
+        holding = asyncio.ensure_future(batch.hold())
         calls: list[asyncio.Future[None]] = []
         try:
             for wave in _waves(renewals):
                 wait_ms = wave[0][2] - lead_ms - now_ms()
                 if wait_ms > 5:
                     await asyncio.sleep(wait_ms / 1000)
-                calls += [
-                    asyncio.ensure_future(call) for call in await self._wave(wave, claims, results)
-                ]
+                calls += map(asyncio.ensure_future, await self._wave(wave, batch))
             await asyncio.gather(*calls)
         finally:
             holding.cancel()
             for call in calls:  # cancelled (the job timed out): so are its calls
                 call.cancel()
-        return results
+        return batch.results
 
-    async def _wave(
-        self, wave: list[Renewal], claims: Claims, results: Counter[str]
-    ) -> list[Awaitable[None]]:
+    async def _wave(self, wave: list[Renewal], batch: BatchRun) -> list[Awaitable[None]]:
         """Renew a wave's claims and read its records; the calls (and reschedules) to make."""
         try:
-            held = await claims.keep(wave)
+            held = await batch.keep(wave)
             raws = await self.store.read_many([(p, c) for p, c, _ in held])
         except StoreUnavailable:
-            # Redis is away for this worker (its breaker may still be open after a hang): the
-            # claims lapse within a lease, and refresh-ahead plans the renewals again.
+            # Redis is away for this worker (its breaker may stay open after a hang): the claims
+            # lapse within a lease, and refresh-ahead plans the renewals again.
             for renewal in wave:
-                claims.release(renewal)
-            results["store-unavailable"] += len(wave)
+                batch.release(renewal)
+            batch.results["store-unavailable"] += len(wave)
             return []
-        results["deduplicated"] += len(wave) - len(held)
+        batch.results["deduplicated"] += len(wave) - len(held)
+        for provider in {p for p, _, _ in held}:  # once a wave, not once a renewal
+            await self.throttle.active(provider)  # what ``throttle.left_ms`` knows, refreshed
         calls: list[Awaitable[None]] = []
         for renewal, (raw, failure) in zip(held, raws, strict=True):
-            provider, _, due_ms = renewal
             record = decode_record(raw) if raw is not None else None
-            if raw is None or record is None:
-                claims.release(renewal)
-                results["lapsed"] += 1
+            if raw is None or record is None:  # gone meanwhile: the claim lapses
+                batch.release(renewal)
+                batch.results["lapsed"] += 1
                 continue
-            if self._settings.service_key_for(provider) is None:
-                skip: str | None = "no-service-key"
+            skip, due = self._skip(renewal, record, failure)
+            if skip is None:
+                calls.append(self._renew(renewal, record, raw, failure is not None, batch))
+            elif skip == "inline":  # its callers revalidate it: the claim lapses unrenewed
+                batch.release(renewal)
+                batch.results[skip] += 1
             else:
-                skip = self._skip(record, due_ms, failure)
-            due = self.policy.due_ms(record)
-            if skip == "already-fresh" and due is not None:
-                # Refreshed meanwhile (a caller's revalidation): its due entry is its own again.
-                calls.append(self._reschedule(renewal, due, claims, results, skip))
-            elif skip == "failing" and failure is not None:  # planned again when it is over
-                calls.append(self._reschedule(renewal, failure.until_ms, claims, results, skip))
-            elif skip in ("terminal", "no-service-key"):  # never renewed: out of the set
-                calls.append(self._reschedule(renewal, None, claims, results, skip))
-            elif skip is not None:  # renewed by its callers: the claim lapses unrenewed
-                claims.release(renewal)
-                results[skip] += 1
-            else:
-                calls.append(
-                    self._renew(renewal, record, raw, failure is not None, claims, results)
-                )
+                calls.append(self._reschedule(renewal, due, batch, skip))
         return calls
 
+    def _skip(
+        self, renewal: Renewal, record: Record, failure: Failure | None
+    ) -> tuple[str | None, int | None]:
+        """Why no worker needs to renew this container (None: one does), and when its due
+        entry is due again (None: never, it leaves the due set)."""
+        provider, _, due_ms = renewal
+        if self.settings.service_key_for(provider) is None:
+            return "no-service-key", None
+        if record.negative or record.terminal:
+            return "terminal", None
+        if record.inline_refresh:
+            return "inline", None  # the service credential cannot see it
+        if (fresh_until_ms := self._policy.fresh_until_ms(record)) > due_ms:
+            return "already-fresh", fresh_until_ms  # a caller revalidated it meanwhile
+        if failure is not None and failure.left_ms > 0:
+            return "failing", failure.until_ms  # nobody calls it until its back-off ends
+        if self.throttle.left_ms(provider) > 0:  # a 429 back-off: due again when it ends
+            return "throttled", self._after_backoff(renewal)
+        return None, None
+
     async def _renew(
-        self,
-        renewal: Renewal,
-        record: Record,
-        raw: bytes,
-        failing: bool,
-        claims: Claims,
-        results: Counter[str],
+        self, renewal: Renewal, record: Record, raw: bytes, failing: bool, batch: BatchRun
     ) -> None:
         provider, container_id, due_ms = renewal
-        if await self._backing_off(provider):
-            await self._reschedule(renewal, self._after_backoff(renewal), claims, results,
-                                   "throttled")  # fmt: skip
-            return
         reply: UpstreamReply | None = None
         try:
             reply = await self._call(provider, container_id)
@@ -238,74 +245,41 @@ class RefreshRunner:
         except UpstreamFailure as exc:
             status = exc.status
         if reply is None or status >= 500:
-            # Retried by refresh-ahead once the fleet-wide back-off ends (if still read).
-            until_ms = await self._failed(provider, container_id, status)
-            await self._reschedule(renewal, until_ms, claims, results, "retried")
-            return
-        try:
-            result = await self._store_reply(reply, record, raw, failing)
-        except StoreUnavailable:
-            result = "store-unavailable"
-        if result in ("throttled", "store-unavailable"):
-            # Renewed by refresh-ahead once the back-off is over, or once Redis is back: the
-            # claim must not outlive this refresh (WriteBehind retries the reschedule).
+            result, due = "retried", await self._failed(provider, container_id, status)
+        else:
+            try:
+                result = await self._store_reply(reply, record, raw, failing)
+            except StoreUnavailable:
+                result = "store-unavailable"
             due = self._after_backoff(renewal) if result == "throttled" else due_ms
-            await self._reschedule(renewal, due, claims, results, result)
-            return
-        claims.release(renewal)
-        results[result] += 1
+        if result in _RESCHEDULED:
+            # Renewed once the back-off is over or Redis is back: the claim must not outlive this
+            # refresh (WriteBehind retries the reschedule).
+            await self._reschedule(renewal, due, batch, result)
+        else:
+            batch.release(renewal)
+            batch.results[result] += 1
 
     async def _reschedule(
-        self,
-        renewal: Renewal,
-        due_ms: int | None,
-        claims: Claims,
-        results: Counter[str],
-        result: str,
+        self, renewal: Renewal, due_ms: int | None, batch: BatchRun, result: str
     ) -> None:
         provider, container_id, _ = renewal
-        claims.release(renewal)
-        written = await self.writes.reschedule(provider, container_id, due_ms)
-        results[result if written else "store-unavailable"] += 1
+        batch.release(renewal)
+        written = await self._writes.reschedule(provider, container_id, due_ms)
+        batch.results[result if written else "store-unavailable"] += 1
 
     def _after_backoff(self, renewal: Renewal) -> int:
-        """When a renewal held back by its provider's 429 back-off is due again: at the back-off's
-        end, so that stale reads meanwhile claim nothing and queue no job."""
+        """When a renewal held back by its provider's 429 back-off is due again: at the end of
+        it, so that stale reads meanwhile claim nothing and queue no job."""
         provider, _, due_ms = renewal
         return max(due_ms, now_ms() + self.throttle.left_ms(provider))
 
-    async def _backing_off(self, provider: str) -> bool:
-        """Whether the provider's 429 back-off runs. ``Throttle`` asks Redis now and then:
-        while it does, the calls starting meanwhile take its last answer instead of each
-        asking too (thousands of renewals would otherwise ask at once)."""
-        if provider in self._checking:
-            return self._throttled.get(provider, False)
-        self._checking.add(provider)
-        try:
-            active = await self.throttle.active(provider)
-        finally:
-            self._checking.discard(provider)
-        self._throttled[provider] = active
-        return active
-
-    def _skip(self, record: Record, due_ms: int, failure: Failure | None) -> str | None:
-        """Why this container needs no refresh from a worker, if it does not."""
-        if record.negative or record.terminal:
-            return "terminal"
-        if record.inline_refresh:
-            return "inline"  # its callers revalidate it: the service credential cannot see it
-        if self.policy.fresh_until_ms(record) > due_ms:
-            return "already-fresh"
-        if failure is not None and failure.left_ms > 0:
-            return "failing"  # the upstream fails for it: nobody calls until the back-off ends
-        return None
-
     async def _call(self, provider: str, container_id: str) -> UpstreamReply:
-        key = self._settings.service_key_for(provider)
+        key = self.settings.service_key_for(provider)
         assert key is not None
         started = time.perf_counter()
-        async with self.limiter.slot(provider):
-            reply = await self.upstream.retrieve(
+        async with self._limiter.slot(provider):
+            reply = await self._upstream.retrieve(
                 provider, container_id, (("authorization", f"Bearer {key.reveal()}"),)
             )
         self._call_s.append(time.perf_counter() - started)
@@ -318,8 +292,7 @@ class RefreshRunner:
         provider, container_id = record.provider, record.container_id
         if reply.status == 200:
             fresh = reply.record(provider, container_id, now_ms())
-            saved = await self.writes.save(fresh, failing)
-            return "refreshed" if saved else "store-unavailable"
+            return "refreshed" if await self._writes.save(fresh, failing) else "store-unavailable"
         if reply.status in (401, 403, 404):
             # Another project's container (or a credential refused for it): its callers keep it.
             inline = msgspec.structs.replace(record, inline_refresh=True)
@@ -350,10 +323,9 @@ class RefreshRunner:
         )
 
     async def _failed(self, provider: str, container_id: str, status: int) -> int:
-        """Note an upstream failure for everyone (sidecars and workers of every replica): nobody
-        calls the upstream for this container until its back-off ends. When it ends (unix ms,
-        with a little jitter so that a fleet's retries spread out)."""
-        settings = self._settings
+        """Note an upstream failure for every process: nobody calls the upstream for this
+        container until its back-off ends. When it ends (unix ms, jittered to spread retries)."""
+        settings = self.settings
         try:
             backoff_ms = await self.store.upstream_failed(
                 provider, container_id, status,
@@ -366,8 +338,9 @@ class RefreshRunner:
         return now_ms() + int(backoff_ms * random.uniform(1.0, 1.1))
 
     async def close(self) -> None:
-        """Finish the saves under way."""
-        await self.writes.close()
+        """Finish the saves under way, then close the store."""
+        await self._writes.close()
+        await self.store.close()
 
 
 def _waves(renewals: Sequence[Renewal]) -> list[list[Renewal]]:

@@ -13,19 +13,17 @@ from sidecar.store import CacheStore
 __all__ = ["WriteBehind"]
 
 
-#: Claims rescheduled that wait for Redis to come back, at most (oldest dropped past it: their
-#: claims lapse on their own).
+#: Reschedules waiting for Redis, at most (the oldest dropped past it: their claims lapse).
 _MAX_PENDING_RESCHEDULES = 100_000
 _RETRY_S = 1.0
 
 
 class WriteBehind:
-    """Saves refreshed records (and reschedules claims) in pipelines: whatever is ready within
-    ``delay_s`` of the first goes together. Each call answers whether its write succeeded.
+    """Saves refreshed records and reschedules claims in pipelines (whatever is ready within
+    ``delay_s`` of the first goes together); each call answers whether its write succeeded.
 
-    A claim rescheduled while Redis is away is rescheduled again once it is back (retried every
-    second): a claim that outlived its refresh would stop every other refresh of its container
-    until it lapsed, and hot containers would be served stale meanwhile."""
+    A reschedule that met a Redis outage is retried every second: a claim outliving its refresh
+    would stop every other refresh of its container, leaving a hot container stale."""
 
     def __init__(self, store: CacheStore, policy: Policy, delay_s: float = 0.005) -> None:
         self._store = store
@@ -38,7 +36,7 @@ class WriteBehind:
         self._flushes: set[asyncio.Task[None]] = set()
         self._retry: asyncio.TimerHandle | None = None
 
-    async def save(self, record: Record, failing: bool = True) -> bool:
+    async def save(self, record: Record, failing: bool) -> bool:
         """Store a refreshed record (as ``CacheStore.save``, without grants); ``failing``: its
         container has a failure marker to clear."""
         self._records.append(record)

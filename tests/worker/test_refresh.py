@@ -9,9 +9,19 @@ from typing import Any
 import aiohttp
 
 from sidecar.keys import KeySpace, member
+from sidecar.store import now_ms
 from tests.conftest import Emulator
 from tests.support import AUTH_A, KEY_A, backdate, background_idle, get, refresh_events, wait_for
-from tests.worker.conftest import queued_jobs, run_worker_burst, running_worker
+from tests.worker.conftest import (
+    SERVICE_KEY,
+    cache_container,
+    cache_store,
+    enqueue_refresh,
+    indexed,
+    queued_jobs,
+    run_worker_burst,
+    running_worker,
+)
 
 
 def debug(body: dict[str, Any]) -> dict[str, Any]:
@@ -225,3 +235,20 @@ async def test_a_workers_refresh_reaches_every_replicas_local_copy(
         return bool(body["status"] == "deleted")
 
     await wait_for(read_deleted)
+
+
+async def test_a_renewal_during_another_processes_429_back_off_waits_for_its_end(
+    refresh_settings: Any, emulator: Emulator
+) -> None:
+    settings = refresh_settings()
+    cid = (await emulator.create(SERVICE_KEY))["id"]
+    record = await cache_container(settings, cid, age_s=1)
+    async with cache_store(settings) as store:
+        await store.set_backoff("openai", 2000)  # a 429 another worker met
+    backoff_ends_ms = now_ms() + 2000
+    await enqueue_refresh(settings, cid, record.fetched_at_ms + 300)
+    await run_worker_burst(settings)
+    assert emulator.retrieves(cid) == 0  # nobody called the provider during the back-off
+    due_ms, _ = await indexed(settings, cid)
+    assert due_ms is not None
+    assert backoff_ends_ms - 200 <= due_ms <= backoff_ends_ms + 200
