@@ -80,7 +80,6 @@ def serve_debug(directory: str, trace: bool) -> None:
 
     from sidecar import cli, keys
     from sidecar.credentials import CredentialReader
-    from sidecar.queue import ArqRefresher
     from sidecar.service import ContainerService
 
     if trace:
@@ -100,8 +99,6 @@ def serve_debug(directory: str, trace: bool) -> None:
                           "throttle providers": len(obj.throttle._known)}  # fmt: skip
             elif isinstance(obj, CredentialReader):
                 sizes["credentials"] = len(obj._known)
-            elif isinstance(obj, ArqRefresher):
-                sizes["enqueue memo"] = len(obj._recent)
         if trace:
             tracemalloc.take_snapshot().dump(f"{directory}/snap-{taken}")
         Path(f"{directory}/tasks.txt").write_text(waiting_tasks())
