@@ -12,6 +12,7 @@ from typing import Any
 
 from sidecar.keys import KeySpace, parse_member
 from sidecar.local import LocalCache
+from sidecar.logs import Outage
 from sidecar.records import decode_record
 
 __all__ = ["announce_delete", "announce_record", "announce_revoke", "listen_for_changes"]
@@ -55,15 +56,14 @@ async def listen_for_changes(
 ) -> None:
     """Apply announcements to ``local``. While the channel is lost copies only age out; what
     was announced meanwhile is unknown, so every copy is dropped once it is back."""
-    connected = True
+    outage = Outage(log, "change announcements", "copies only age out meanwhile")
     while True:
         try:
             async with redis.pubsub(ignore_subscribe_messages=True) as pubsub:
                 await pubsub.subscribe(keys.changes)
-                if not connected:
+                if outage.since is not None:
                     local.clear()
-                    connected = True
-                    log.info("change announcements back")
+                    outage.recovered()
                 while True:
                     message = await pubsub.get_message(timeout=1.0)
                     if message is not None:
@@ -71,7 +71,5 @@ async def listen_for_changes(
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # any Redis trouble: we may miss announcements
-            if connected:
-                connected = False
-                log.info("change announcements lost (%s); retrying every %.1fs", exc, retry_s)
+            outage.failed(exc)
             await asyncio.sleep(retry_s)

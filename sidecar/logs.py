@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ACCESS_LOGGER",
     "AccessLogger",
+    "Outage",
     "access_log_options",
     "configure_logging",
     "log_handler",
@@ -146,6 +147,41 @@ class _JsonFormatter(_UtcFormatter, MsgspecFormatter):
         for key, value in record.__dict__.items():
             if key not in skip and not key.startswith("_"):
                 log_data[key] = value
+
+
+class Outage:
+    """The outages of something this process needs: a WARNING when one starts (again at most
+    every ``every_s`` while it lasts or flaps), an INFO line when it ends."""
+
+    def __init__(self, logger: logging.Logger, what: str, meanwhile: str, every_s: float = 30.0):
+        self._log, self._what, self._meanwhile, self._every_s = logger, what, meanwhile, every_s
+        self.since: float | None = None
+        self.total_s = 0.0
+        self._logged_at: float | None = None
+        self._logged = False
+
+    def failed(self, exc: BaseException) -> bool:
+        """Note a failure; True if it starts an outage."""
+        now = time.monotonic()
+        starts = self.since is None
+        if starts:
+            self.since = now
+        if self._logged_at is None or now - self._logged_at >= self._every_s:
+            self._logged_at, self._logged = now, True
+            self._log.warning("%s unavailable (%s: %s): %s", self._what, type(exc).__name__, exc,
+                              self._meanwhile)  # fmt: skip
+        return starts
+
+    def recovered(self) -> None:
+        """Note a success: the end of an outage."""
+        if self.since is None:
+            return
+        lasted_s = time.monotonic() - self.since
+        self.total_s += lasted_s
+        self.since = None
+        if self._logged:
+            self._logged = False
+            self._log.info("%s reachable again after %.1fs", self._what, lasted_s)
 
 
 def log_handler(fmt: str = "text", stream: TextIO | None = None) -> logging.Handler:

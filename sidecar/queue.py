@@ -24,6 +24,7 @@ from redis.exceptions import RedisError
 from sidecar import tracing
 from sidecar.connections import close_redis, parse_sentinel_url
 from sidecar.errors import StoreUnavailable
+from sidecar.logs import Outage
 from sidecar.metrics import Metrics
 from sidecar.settings import Settings, SettingsError
 from sidecar.store import CacheStore, now_ms
@@ -151,6 +152,7 @@ class ArqRefresher:
         self._pool: ArqRedis | None = None
         self._retry_at = 0.0
         self._connecting = asyncio.Lock()
+        self._outage = Outage(log, "refresh queue", "stale entries are served, then revalidated")
 
     async def close(self) -> None:
         """Close the queue connection."""
@@ -175,7 +177,9 @@ class ArqRefresher:
                     )
                 except (OSError, RedisError) as exc:
                     self._retry_at = time.monotonic() + 5.0
-                    log.warning("refresh queue unreachable (%s); retrying in 5s", exc)
+                    self._outage.failed(exc)
+                else:
+                    self._outage.recovered()
         return self._pool
 
     async def enqueue(self, batch: Batch, carrier: Mapping[str, str] | None = None) -> bool:
@@ -185,8 +189,9 @@ class ArqRefresher:
         try:
             await enqueue_batch(pool, self._settings, batch, carrier)
         except (OSError, RedisError) as exc:
-            log.debug("enqueue of a refresh batch failed: %s", exc)
+            self._outage.failed(exc)
             return False
+        self._outage.recovered()
         return True
 
     async def refresh_stale(self, store: CacheStore, renewal: Renewal) -> None:

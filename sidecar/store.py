@@ -20,6 +20,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from sidecar.announce import announce_delete, announce_record, announce_revoke
 from sidecar.errors import StoreUnavailable
 from sidecar.keys import KeySpace, member, parse_member
+from sidecar.logs import Outage
 from sidecar.policy import Policy
 from sidecar.records import Record, decode_record, encode_record
 
@@ -181,9 +182,6 @@ def read_by_ms(mark: int, now: int) -> int | None:
 #: What a Redis failure may raise (cluster client errors are not RedisErrors).
 REDIS_ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
 
-# An outage is logged when it starts, then at most this often while it flaps.
-_LOG_EVERY_S = 30.0
-
 
 def now_ms() -> int:
     """Wall-clock unix milliseconds (records are shared across machines)."""
@@ -195,8 +193,7 @@ class Breaker:
 
     A timeout opens it, and a background ``probe`` (a PING) tries every ``retry_after_s`` until
     Redis answers. A refused connection does not open it: retrying costs nothing, and on a
-    cluster it concerns one node's slots only. An outage is logged when it starts (at most every
-    30 s while it flaps) and when it ends.
+    cluster it concerns one node's slots only.
     """
 
     def __init__(
@@ -207,15 +204,12 @@ class Breaker:
         self.probe: Callable[[], Awaitable[object]] | None = None
         self._open = False
         self._probing: asyncio.Task[None] | None = None
-        self.down_since: float | None = None
-        self._logged_at = -_LOG_EVERY_S
-        self._outage_logged = False
-        self.down_seconds_total = 0.0
+        self.outage = Outage(log, "redis", "serving without it (fail-open) until it recovers")
 
     @property
     def down(self) -> bool:
         """True while Redis is considered unavailable."""
-        return self.down_since is not None
+        return self.outage.since is not None
 
     def check(self) -> None:
         """Raise StoreUnavailable while Redis is being skipped."""
@@ -223,23 +217,13 @@ class Breaker:
             raise StoreUnavailable("redis skipped: it timed out and has not answered since")
 
     def failure(self, exc: BaseException) -> None:
-        """Record a failure; the first of an outage is logged; a timeout opens the breaker."""
-        now = time.monotonic()
+        """Record a failure; a timeout opens the breaker."""
         if self._on_failure is not None:
             self._on_failure()
         if isinstance(exc, (TimeoutError, RedisTimeoutError)) and not self._open:
             self._open = True
             self._start_probing()
-        if self.down_since is None:
-            self.down_since = now
-        if now - self._logged_at >= _LOG_EVERY_S:
-            self._logged_at = now
-            self._outage_logged = True
-            log.warning(
-                "redis unavailable (%s: %s): serving without it (fail-open) until it recovers",
-                type(exc).__name__,
-                exc,
-            )
+        self.outage.failed(exc)
 
     def _start_probing(self) -> None:
         if self.probe is None or (self._probing is not None and not self._probing.done()):
@@ -262,18 +246,12 @@ class Breaker:
 
     def fail_open_seconds(self) -> float:
         """Seconds spent without Redis so far, the current outage included."""
-        current = time.monotonic() - self.down_since if self.down_since is not None else 0.0
-        return self.down_seconds_total + current
+        since = self.outage.since
+        return self.outage.total_s + (time.monotonic() - since if since is not None else 0.0)
 
     def success(self) -> None:
-        """Record a success; the end of an outage is logged."""
-        if self.down_since is not None:
-            outage = time.monotonic() - self.down_since
-            self.down_seconds_total += outage
-            self.down_since = None
-            if self._outage_logged:  # an end for every start that was logged
-                self._outage_logged = False
-                log.info("redis recovered after %.1fs of fail-open serving", outage)
+        """Record a success."""
+        self.outage.recovered()
 
     async def close(self) -> None:
         """Stop probing."""

@@ -16,6 +16,7 @@ from arq.worker import Worker, func
 
 from sidecar import tracing
 from sidecar.connections import close_redis, create_redis
+from sidecar.logs import Outage
 from sidecar.metrics import Metrics
 from sidecar.queue import POLL_S, REFRESH_BATCH_JOB, Renewal, enqueue_batch, queue_redis_settings
 from sidecar.reads import flush_every
@@ -31,31 +32,11 @@ __all__ = ["refresh_batch", "run_worker"]
 log = logging.getLogger(__name__)
 
 
-class Outage:
-    """An outage of something the worker needs, logged when it starts and when it ends; the
-    wait before each retry doubles from 0.1 s to 2 s."""
-
-    def __init__(self, what: str) -> None:
-        self._what = what
-        self._since: float | None = None
-        self._delay_s = 0.1
-
-    def failed(self, exc: BaseException) -> float:
-        """Note a failure; how long to wait before trying again."""
-        if self._since is None:
-            self._since = time.monotonic()
-            self._delay_s = 0.1
-            log.warning("%s unreachable (%s: %s): waiting for it, jobs resume when it is back",
-                        self._what, type(exc).__name__, exc)  # fmt: skip
-        else:
-            self._delay_s = min(2.0, self._delay_s * 2)
-        return self._delay_s
-
-    def recovered(self) -> None:
-        """Note a success; the end of an outage is logged."""
-        if self._since is not None:
-            log.info("%s reachable again after %.1fs", self._what, time.monotonic() - self._since)
-            self._since = None
+def _retry_in(outage: Outage, exc: BaseException) -> float:
+    """Note a failure; the wait before trying again, growing with the outage from 0.1 s to 2 s."""
+    outage.failed(exc)
+    assert outage.since is not None
+    return min(2.0, 0.1 + (time.monotonic() - outage.since) / 2)
 
 
 async def refresh_batch(
@@ -84,7 +65,7 @@ async def run_worker(
     refresh-ahead); the number of jobs it ran. arq's worker exits at the first Redis error: here
     that is an outage, and a new ``arq.Worker`` polls again after a back-off."""
     stopping = stopping or asyncio.Event()
-    outage = Outage("refresh queue (redis)")
+    outage = Outage(log, "refresh queue (redis)", "waiting for it, jobs resume when it is back")
     queue = await _connect(settings, outage, stopping)
     if queue is None:
         return 0
@@ -110,7 +91,7 @@ async def run_worker(
                 await _poll_until_stopped(worker, stopping)
                 break  # stopped, or a burst is done
             except REDIS_ERRORS as exc:
-                delay_s = outage.failed(exc)
+                delay_s = _retry_in(outage, exc)
             finally:
                 await _close(worker)
                 jobs += worker.jobs_complete + worker.jobs_failed
@@ -181,7 +162,7 @@ async def _connect(settings: Settings, outage: Outage, stopping: asyncio.Event) 
             )
         except REDIS_ERRORS as exc:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), outage.failed(exc))
+                await asyncio.wait_for(stopping.wait(), _retry_in(outage, exc))
         else:
             outage.recovered()
             return queue

@@ -66,7 +66,7 @@ async def test_local_copies_keep_answering_while_redis_is_down(
     await get(http, url)
     own_redis.stop()
     # The sidecar notices that announcements are lost.
-    await wait_for(lambda: "change announcements lost" in caplog.text)
+    await wait_for(lambda: "change announcements unavailable" in caplog.text)
     hits = []
     for _ in range(5):
         status, body, _ = await get(http, url)

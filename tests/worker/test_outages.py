@@ -52,7 +52,7 @@ async def test_a_worker_rides_out_a_redis_restart_and_logs_the_outage_once(
     await wait_for(refreshed, 5)
     assert worker.process.poll() is None  # the same process did it
     lines = worker.lines()
-    outages = [line for line in lines if "refresh queue (redis) unreachable" in line]
+    outages = [line for line in lines if "refresh queue (redis) unavailable" in line]
     recoveries = [line for line in lines if "refresh queue (redis) reachable again" in line]
     # Each outage the worker noticed is logged once, and its end once.
     assert 1 <= len(outages) == len(recoveries) <= 2, "\n".join(lines)
