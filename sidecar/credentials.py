@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from sidecar.errors import AmbiguousCredential, InvalidParameter, MissingCredential
+from sidecar.flight import remember
 
 __all__ = ["ANONYMOUS", "Credential", "CredentialReader", "check_forwardable", "identity_header"]
 
@@ -128,9 +129,7 @@ class CredentialReader:
         # grant key of 41 bytes takes a 48-byte allocation, one of 47 a 64-byte one).
         fingerprint = base64.urlsafe_b64encode(mac.digest()[:12]).decode()
         credential = Credential(pairs, fingerprint)
-        if len(self._known) >= _CACHE_MAX:
-            del self._known[next(iter(self._known))]
-        self._known[pairs] = credential
+        remember(self._known, pairs, credential, _CACHE_MAX)
         return credential
 
 

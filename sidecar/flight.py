@@ -1,4 +1,4 @@
-"""In-process concurrency: shared calls, owned background tasks and counted connections."""
+"""In-process machinery: shared calls, owned background tasks, counted connections, bounded maps."""
 
 from __future__ import annotations
 
@@ -10,12 +10,26 @@ from typing import Generic, TypeVar
 
 from sidecar.errors import Overloaded
 
-__all__ = ["BackgroundTasks", "ConnectionSlots", "SingleFlight"]
+__all__ = ["BackgroundTasks", "ConnectionSlots", "SingleFlight", "remember"]
 
 log = logging.getLogger(__name__)
 
 K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
+
+
+def remember(
+    table: dict[K, T], key: K, value: T, limit: int, stale: Callable[[T], bool] | None = None
+) -> None:
+    """Set ``table[key]`` as its newest entry, keeping at most ``limit`` entries: when it is
+    full, the ``stale`` ones go first, then the oldest."""
+    table.pop(key, None)
+    if len(table) >= limit:
+        for old in [k for k, v in table.items() if stale is not None and stale(v)]:
+            del table[old]
+        while len(table) >= limit:
+            del table[next(iter(table))]
+    table[key] = value
 
 
 class SingleFlight(Generic[K, T]):

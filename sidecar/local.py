@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import time
 
+from sidecar.flight import remember
 from sidecar.keys import cache_id_for
 from sidecar.policy import Policy
 from sidecar.records import Record
@@ -71,13 +72,10 @@ class LocalCache:
         key = (record.provider, record.container_id)
         current = self._records.get(key)
         if current is None or _newer(record, current):
-            self._records.pop(key, None)
-            self._records[key] = self._copy(record)
+            remember(self._records, key, self._copy(record), self._max)
         if fingerprint is not None and grant_expiry_ms > 0:
             grant_key = (record.provider, record.container_id, fingerprint)
-            self._grants.pop(grant_key, None)
-            self._grants[grant_key] = grant_expiry_ms
-        self._evict()
+            remember(self._grants, grant_key, grant_expiry_ms, self._max)
 
     def update(self, record: Record) -> None:
         """Replace the copy of a record another process rewrote (if this one keeps a copy)."""
@@ -103,12 +101,6 @@ class LocalCache:
         """Forget everything (e.g. announcements were missed)."""
         self._records.clear()
         self._grants.clear()
-
-    def _evict(self) -> None:
-        while len(self._records) > self._max:
-            del self._records[next(iter(self._records))]
-        while len(self._grants) > self._max:
-            del self._grants[next(iter(self._grants))]
 
 
 def _newer(record: Record, current: Copy) -> bool:

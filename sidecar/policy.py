@@ -43,7 +43,7 @@ class Freshness(msgspec.Struct, frozen=True, gc=False):
 
 
 class Policy:
-    """The freshness rules, from the settings."""
+    """The freshness and back-off rules, from the settings."""
 
     def __init__(self, settings: Settings) -> None:
         self._fresh_ms = int(settings.fresh_ttl_s * 1000)
@@ -51,6 +51,20 @@ class Policy:
         self._negative_ms = int(settings.negative_ttl_s * 1000)
         self._stale_ms = int(settings.max_stale_s * 1000)
         self._if_error_ms = int(settings.stale_if_error_s * 1000)
+        self._backoff_ms = int(settings.error_backoff_s * 1000)
+        self._backoff_max_ms = int(settings.error_backoff_max_s * 1000)
+
+    def backoff(self, floor_ms: int = 0) -> tuple[int, int, int]:
+        """The upstream back-off's ``(base, cap, keep)`` in ms (``_FAILED`` in the store reads
+        them): at least ``floor_ms`` (a Retry-After); the failure count is kept as long as a
+        stale-if-error copy may serve."""
+        base, cap = max(self._backoff_ms, floor_ms), max(self._backoff_max_ms, floor_ms)
+        return base, cap, self._if_error_ms
+
+    def backoff_ms(self, failures: int, floor_ms: int = 0) -> int:
+        """The back-off after ``failures`` in a row: doubling from base to cap."""
+        base, cap, _ = self.backoff(floor_ms)
+        return min(cap, base << min(failures - 1, 32))
 
     def fresh_until_ms(self, record: Record) -> int:
         """When ``record`` stops being fresh (unix ms)."""

@@ -31,7 +31,7 @@ from sidecar.errors import (
     UpstreamMalformed,
     UpstreamReplyError,
 )
-from sidecar.flight import BackgroundTasks, SingleFlight
+from sidecar.flight import BackgroundTasks, SingleFlight, remember
 from sidecar.keys import cache_id_for
 from sidecar.local import LocalCache
 from sidecar.outcomes import Outcome, Query, Refresher
@@ -88,8 +88,6 @@ class ContainerService:
         # Renewing a grant early wastes what is left of the record's freshness: at most this.
         window_s = max(settings.fresh_ttl_s / 5, settings.refresh_lead_s * 2)
         self._renew_ms = int(min(settings.fresh_ttl_s / 2, window_s) * 1000)
-        self._backoff_ms = int(settings.error_backoff_s * 1000)
-        self._backoff_max_ms = int(settings.error_backoff_max_s * 1000)
         self._failures: dict[tuple[str, str], Failure] = {}  # for when Redis cannot say
         self._flights: SingleFlight[FlightKey, Outcome] = SingleFlight()
         self._background = BackgroundTasks()
@@ -278,23 +276,16 @@ class ContainerService:
         floor_ms = retry_after_ms(retry_after, 0, self._settings.retry_after_max_s)
         try:
             backoff_ms = await self.store.upstream_failed(
-                provider, cid, status, base_ms=max(self._backoff_ms, floor_ms),
-                cap_ms=max(self._backoff_max_ms, floor_ms),
-                keep_ms=int(self._settings.stale_if_error_s * 1000),
-            )  # fmt: skip
+                provider, cid, status, self.policy, floor_ms
+            )
         except StoreUnavailable:
             previous = self._failures.get((provider, cid))
             count = previous.failures + 1 if previous is not None else 1
-            backoff_ms = min(self._backoff_max_ms, self._backoff_ms * 2 ** (count - 1))
-            backoff_ms = max(backoff_ms, floor_ms)
+            backoff_ms = self.policy.backoff_ms(count, floor_ms)
         else:
             count = 1
-        if len(self._failures) >= _MAX_FAILURES:
-            now = now_ms()
-            self._failures = {k: f for k, f in self._failures.items() if f.until_ms > now}
-            while len(self._failures) >= _MAX_FAILURES:
-                del self._failures[next(iter(self._failures))]
-        self._failures[(provider, cid)] = Failure(status, now_ms() + backoff_ms, count)
+        failure = Failure(status, now_ms() + backoff_ms, count)
+        remember(self._failures, (provider, cid), failure, _MAX_FAILURES, _over)
 
     async def _lock(
         self, query: Query, token: str, started: int, stale: Record | None
@@ -441,3 +432,7 @@ class ContainerService:
         except StoreUnavailable:
             return False
         return True
+
+
+def _over(failure: Failure) -> bool:
+    return failure.left_ms <= 0

@@ -483,19 +483,13 @@ class CacheStore:
         return await self.call(op)
 
     async def upstream_failed(
-        self,
-        provider: str,
-        container_id: str,
-        status: int,
-        *,
-        base_ms: int,
-        cap_ms: int,
-        keep_ms: int,
+        self, provider: str, container_id: str, status: int, policy: Policy, floor_ms: int = 0
     ) -> int:
-        """Start the container's back-off after an upstream failure; its length (ms). Each
-        failure in a row doubles it from ``base_ms`` to ``cap_ms``; the count outlives it by
-        ``keep_ms``. Until it ends no sidecar or worker calls the upstream for the container."""
+        """Start the container's back-off after an upstream failure (:meth:`Policy.backoff_ms`,
+        at least ``floor_ms``); its length (ms). Until it ends no sidecar or worker calls the
+        upstream for the container."""
         key = self.keys.failing(provider, container_id)
+        base_ms, cap_ms, keep_ms = policy.backoff(floor_ms)
         args = [now_ms(), base_ms, cap_ms, status, keep_ms]
         return int(await self.call(lambda: self._scripts["failed"](keys=[key], args=args)))
 

@@ -7,6 +7,7 @@ import email.utils
 import time
 
 from sidecar.errors import StoreUnavailable
+from sidecar.flight import remember
 from sidecar.store import CacheStore
 
 __all__ = ["Throttle", "retry_after_ms"]
@@ -61,13 +62,7 @@ class Throttle:
         return left_ms > 0
 
     def _remember(self, provider: str, state: tuple[float, float]) -> None:
-        self._known.pop(provider, None)
-        if len(self._known) >= _MAX_PROVIDERS:
-            now = time.monotonic()
-            self._known = {p: s for p, s in self._known.items() if s[0] > now}
-            while len(self._known) >= _MAX_PROVIDERS:
-                del self._known[next(iter(self._known))]
-        self._known[provider] = state
+        remember(self._known, provider, state, _MAX_PROVIDERS, _over)
 
     def left_ms(self, provider: str) -> int:
         """Milliseconds left of the provider's back-off as this process last heard of it."""
@@ -86,3 +81,7 @@ class Throttle:
         with contextlib.suppress(StoreUnavailable):
             await self._store.set_backoff(provider, wait_ms)
         return wait_ms / 1000
+
+
+def _over(state: tuple[float, float]) -> bool:
+    return state[0] <= time.monotonic()

@@ -325,16 +325,12 @@ class RefreshRunner:
     async def _failed(self, provider: str, container_id: str, status: int) -> int:
         """Note an upstream failure for every process: nobody calls the upstream for this
         container until its back-off ends. When it ends (unix ms, jittered to spread retries)."""
-        settings = self.settings
         try:
             backoff_ms = await self.store.upstream_failed(
-                provider, container_id, status,
-                base_ms=int(settings.error_backoff_s * 1000),
-                cap_ms=int(settings.error_backoff_max_s * 1000),
-                keep_ms=int(settings.stale_if_error_s * 1000),
-            )  # fmt: skip
+                provider, container_id, status, self._policy
+            )
         except StoreUnavailable:
-            backoff_ms = int(settings.error_backoff_s * 1000)
+            backoff_ms = self._policy.backoff_ms(1)
         return now_ms() + int(backoff_ms * random.uniform(1.0, 1.1))
 
     async def close(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from sidecar.errors import StoreUnavailable
+from sidecar.flight import remember
 from sidecar.keys import member
 from sidecar.policy import Policy
 from sidecar.records import Record
@@ -67,9 +68,8 @@ class WriteBehind:
             done.set_result(True)
         except StoreUnavailable:
             for name, due_ms in due.items():
-                if len(self._due) >= _MAX_PENDING_RESCHEDULES:
-                    del self._due[next(iter(self._due))]
-                self._due.setdefault(name, due_ms)
+                if name not in self._due:  # a later reschedule of it holds
+                    remember(self._due, name, due_ms, _MAX_PENDING_RESCHEDULES)
             if self._due and self._retry is None:
                 self._retry = asyncio.get_running_loop().call_later(_RETRY_S, self._retry_due)
             done.set_result(False)
