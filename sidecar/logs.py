@@ -16,6 +16,7 @@ from aiohttp.abc import AbstractAccessLogger
 from pythonjsonlogger.msgspec import MsgspecFormatter
 
 from sidecar import OPS_PATHS, tracing
+from sidecar.flight import remember
 
 if TYPE_CHECKING:
     from aiohttp.web_request import BaseRequest
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ACCESS_LOGGER",
     "AccessLogger",
+    "Every",
     "Outage",
     "access_log_options",
     "configure_logging",
@@ -149,25 +151,43 @@ class _JsonFormatter(_UtcFormatter, MsgspecFormatter):
                 log_data[key] = value
 
 
+class Every:
+    """Log lines of a kind at most every ``every_s`` per key (at most ``limit`` keys kept)."""
+
+    def __init__(self, every_s: float, limit: int = 256) -> None:
+        self.every_s = every_s
+        self._limit = limit
+        self._keys: dict[str, tuple[float, int]] = {}  # key -> (next line due, lines held back)
+
+    def due(self, key: str) -> int | None:
+        """None: hold this line back; else write it, and this many were held back before it."""
+        now = time.monotonic()
+        due_at, held = self._keys.get(key, (0.0, 0))
+        if now < due_at:
+            self._keys[key] = (due_at, held + 1)
+            return None
+        remember(self._keys, key, (now + self.every_s, 0), self._limit)
+        return held
+
+
 class Outage:
     """The outages of something this process needs: a WARNING when one starts (again at most
     every ``every_s`` while it lasts or flaps), an INFO line when it ends."""
 
     def __init__(self, logger: logging.Logger, what: str, meanwhile: str, every_s: float = 30.0):
-        self._log, self._what, self._meanwhile, self._every_s = logger, what, meanwhile, every_s
+        self._log, self._what, self._meanwhile = logger, what, meanwhile
+        self._every = Every(every_s, limit=1)
         self.since: float | None = None
         self.total_s = 0.0
-        self._logged_at: float | None = None
         self._logged = False
 
     def failed(self, exc: BaseException) -> bool:
         """Note a failure; True if it starts an outage."""
-        now = time.monotonic()
         starts = self.since is None
         if starts:
-            self.since = now
-        if self._logged_at is None or now - self._logged_at >= self._every_s:
-            self._logged_at, self._logged = now, True
+            self.since = time.monotonic()
+        if self._every.due("") is not None:
+            self._logged = True
             self._log.warning("%s unavailable (%s: %s): %s", self._what, type(exc).__name__, exc,
                               self._meanwhile)  # fmt: skip
         return starts

@@ -13,7 +13,6 @@ from aiohttp.typedefs import Handler
 from sidecar import OPS_PATHS
 from sidecar.errors import (
     MethodNotAllowed,
-    NotCached,
     NotFound,
     RequestError,
     SidecarError,
@@ -108,23 +107,16 @@ def _error_answer(request: web.Request, exc: Exception) -> web.StreamResponse:
     return error_response(SidecarError("internal error in the sidecar"), _provider(request), kind)
 
 
-#: One warning per kind of upstream failure this often (each request keeps its access line).
-_WARN_EVERY_S = 5.0
-
-
 def _log_error(request: web.Request, exc: SidecarError) -> None:
     """Levels that mean something: our upstream call failing is a warning; the upstream's own
     answers, the caller's mistakes and ``only-if-cached`` misses are normal answers."""
     if isinstance(exc, UpstreamFailure):
-        warned, kind, now = request.app[SERVICES].warned, type(exc).__name__, time.monotonic()
-        due, held = warned.get(kind, (0.0, 0))
-        if now < due:
-            warned[kind] = (due, held + 1)
-            return
-        warned[kind] = (now + _WARN_EVERY_S, 0)
-        more = f" ({held} more like it in the last {_WARN_EVERY_S:g}s)" if held else ""
-        log.warning("%s %s: %s%s", request.method, printable(request.path), exc.message, more)
-    elif isinstance(exc, (RequestError, NotCached)):
+        warnings = request.app[SERVICES].warnings
+        held = warnings.due(type(exc).__name__)
+        if held is not None:
+            more = f" ({held} more like it in the last {warnings.every_s:g}s)" if held else ""
+            log.warning("%s %s: %s%s", request.method, printable(request.path), exc.message, more)
+    elif isinstance(exc, RequestError):
         log.debug("%s %s: %d %s", request.method, printable(request.path), exc.status, exc.message)
     elif isinstance(exc, UpstreamReplyError) and exc.status >= 500:
         log.info(

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from sidecar.credentials import CredentialReader
+from sidecar.logs import Every
 from sidecar.metrics import Metrics
 from sidecar.service import ContainerService
 from sidecar.settings import Settings
@@ -28,8 +29,8 @@ class Services:
     upstream: Upstream
     metrics: Metrics
     stats: FleetStats
-    warned: dict[str, tuple[float, int]] = field(default_factory=dict)
-    """Upstream failures warned of lately: class -> (next warning due, warnings held back)."""
+    warnings: Every = field(default_factory=lambda: Every(5.0))
+    """One warning per kind of upstream failure this often (each request keeps its access line)."""
 
 
 @dataclass(slots=True)

@@ -24,6 +24,7 @@ import msgspec
 from sidecar import tracing
 from sidecar.errors import StoreUnavailable, UpstreamFailure
 from sidecar.keys import KeySpace, member
+from sidecar.logs import Every
 from sidecar.metrics import Metrics
 from sidecar.policy import Policy
 from sidecar.queue import REFRESH_BATCH_JOB, Renewal, claim_ms
@@ -48,8 +49,6 @@ _EVENTS = {"refreshed": "succeeded", "failed": "failed", "refused": "failed",
            "retried": "retried"}  # fmt: skip
 # Results whose claim is given back for later rather than left to lapse.
 _RESCHEDULED = ("retried", "throttled", "store-unavailable")
-# A refused service credential is an operator's problem: said at most this often per provider.
-_REFUSED_LOG_EVERY_S = 60.0
 # A renewal starts twice the recent p95 call time before its entry goes stale (once enough calls
 # were timed), at least this long before, at most SIDECAR_REFRESH_LEAD_S.
 _MIN_LEAD_MS = 50
@@ -130,7 +129,7 @@ class RefreshRunner:
             local_limit=settings.upstream_max_connections,
         )
         self._call_s: deque[float] = deque(maxlen=_TIMED_CALLS)
-        self._refused_logged: dict[str, float] = {}
+        self._refused = Every(60.0)  # an operator's problem: said once a minute per provider
 
     def lead_ms(self) -> int:
         """How long before an entry goes stale to renew it: twice the p95 of the recent calls'
@@ -301,7 +300,10 @@ class RefreshRunner:
                 log.debug("%s/%s is not visible to the service credential: left to its "
                           "callers", provider, container_id)  # fmt: skip
                 return "handed-over"
-            self._log_refused(provider, reply.status)
+            if self._refused.due(provider) is not None:
+                log.error("the service credential for %s was refused (HTTP %d): the containers "
+                          "it is refused for are revalidated by their callers; check "
+                          "SIDECAR_SERVICE_API_KEY", provider, reply.status)  # fmt: skip
             return "refused"
         if reply.status == 429:
             await self.throttle.obey(provider, reply.retry_after)
@@ -309,18 +311,6 @@ class RefreshRunner:
         log.warning("refresh of %s/%s: the upstream answered %d", provider, container_id,
                     reply.status)  # fmt: skip
         return "failed"
-
-    def _log_refused(self, provider: str, status: int) -> None:
-        now = time.monotonic()
-        if now - self._refused_logged.get(provider, -_REFUSED_LOG_EVERY_S) < _REFUSED_LOG_EVERY_S:
-            return
-        self._refused_logged[provider] = now
-        log.error(
-            "the service credential for %s was refused (HTTP %d): the containers it is refused "
-            "for are revalidated by their callers; check SIDECAR_SERVICE_API_KEY",
-            provider,
-            status,
-        )
 
     async def _failed(self, provider: str, container_id: str, status: int) -> int:
         """Note an upstream failure for every process: nobody calls the upstream for this
