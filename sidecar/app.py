@@ -16,7 +16,7 @@ from sidecar.announce import listen_for_changes
 from sidecar.connections import close_redis, create_redis, create_subscriber
 from sidecar.credentials import CredentialReader
 from sidecar.keys import KeySpace
-from sidecar.metrics import Metrics, counter, gauge
+from sidecar.metrics import Metrics, counter, gauge, process_gauges
 from sidecar.middleware import answer_middleware
 from sidecar.outcomes import Refresher
 from sidecar.queue import ArqRefresher
@@ -150,17 +150,11 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
 def _scrape_time(services: Services) -> list[Any]:
     breaker = services.store.breaker
     return [
-        gauge("sidecar_redis_up", "1 while this process can use Redis", 0 if breaker.down else 1),
+        *process_gauges(not breaker.down, services.service.throttle.remaining()),
         counter(
             "sidecar_redis_fail_open_seconds",
             "Seconds this process served from upstream because Redis was unavailable",
             breaker.fail_open_seconds(),
-        ),
-        gauge(
-            "sidecar_upstream_backoff_seconds",
-            "Seconds left of a provider's 429 back-off, as this process knows it",
-            services.service.throttle.remaining(),
-            label="provider",
         ),
         gauge(
             "sidecar_local_cache_entries",

@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from sidecar.metrics import CONTENT_TYPE, gauge
+from sidecar.metrics import CONTENT_TYPE, gauge, process_gauges
 from sidecar.queue import refresh_backlog
 from sidecar.store import REDIS_ERRORS
 from worker.refresh import RefreshRunner
@@ -77,16 +77,8 @@ async def start_worker_http(runner: RefreshRunner, queue: Any) -> web.AppRunner 
     metrics.watch(
         lambda: [
             gauge("sidecar_refresh_backlog", "Refresh jobs due and not finished", probe.backlog),
-            gauge(
-                "sidecar_redis_up",
-                "1 while this process can use Redis",
-                int(probe.up and not runner.store.breaker.down),
-            ),
-            gauge(
-                "sidecar_upstream_backoff_seconds",
-                "Seconds left of a provider's 429 back-off, as this process knows it",
-                runner.throttle.remaining(),
-                label="provider",
+            *process_gauges(
+                probe.up and not runner.store.breaker.down, runner.throttle.remaining()
             ),
         ]
     )
