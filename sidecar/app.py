@@ -23,7 +23,7 @@ from sidecar.queue import ArqRefresher
 from sidecar.reads import ReadTracker, flush_every
 from sidecar.service import ContainerService
 from sidecar.settings import Settings
-from sidecar.state import LIFECYCLE, SERVICES, Lifecycle, Services
+from sidecar.state import DRAINING, SERVICES, Services
 from sidecar.stats import FleetStats
 from sidecar.store import Breaker, CacheStore
 from sidecar.upstream import Upstream, create_session
@@ -68,7 +68,7 @@ def create_app(
         metrics.route(group, outcomes)
     app[METRICS] = metrics
     app[EMBEDDED_WORKER] = embedded_worker
-    app[LIFECYCLE] = Lifecycle()
+    app[DRAINING] = asyncio.Event()
     app.cleanup_ctx.extend([_redis, _http, _refresher, _services, relay.relay_ctx, _background])
     app.on_shutdown.append(_drain)
     for path, handler in RETRIEVE_ROUTES.items():
@@ -189,4 +189,4 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
 
 async def _drain(app: web.Application) -> None:
     """SIGTERM: readiness fails at once so no new traffic arrives while requests finish."""
-    app[LIFECYCLE].draining = True
+    app[DRAINING].set()

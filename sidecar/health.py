@@ -7,7 +7,7 @@ import time
 from aiohttp import web
 
 from sidecar.metrics import CONTENT_TYPE
-from sidecar.state import LIFECYCLE, SERVICES
+from sidecar.state import DRAINING, SERVICES
 
 __all__ = ["add_routes"]
 
@@ -23,7 +23,7 @@ async def readyz(request: web.Request) -> web.Response:
     """Ready for traffic unless draining. Redis and the upstream are reported, never gating: the
     sidecar serves fail-open, and in a native sidecar pod its readiness gates the app's."""
     services = request.app[SERVICES]
-    draining = request.app[LIFECYCLE].draining
+    draining = request.app[DRAINING].is_set()
     last_failure = services.upstream.last_failure
     upstream_failing = (
         last_failure is not None and time.monotonic() - last_failure < _UPSTREAM_FAILING_FOR_S
