@@ -73,7 +73,7 @@ def create_app(
     app.on_shutdown.append(_drain)
     for path, handler in RETRIEVE_ROUTES.items():
         app.router.add_get(path, handler, allow_head=False)
-    health.add_routes(app.router)
+    health.add_routes(app.router, ready=health.readyz, render=metrics.render)
     admin.add_routes(app.router)
     relay.add_route(app.router)  # last: everything else goes to the upstream as it came
     return app
