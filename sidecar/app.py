@@ -16,14 +16,14 @@ from sidecar.announce import listen_for_changes
 from sidecar.connections import close_redis, create_redis, create_subscriber
 from sidecar.credentials import CredentialReader
 from sidecar.keys import KeySpace
-from sidecar.metrics import Metrics, counter, gauge
+from sidecar.metrics import Metrics, counter, gauge, process_gauges
 from sidecar.middleware import answer_middleware
 from sidecar.outcomes import Refresher
 from sidecar.queue import ArqRefresher
 from sidecar.reads import ReadTracker, flush_every
 from sidecar.service import ContainerService
 from sidecar.settings import Settings
-from sidecar.state import LIFECYCLE, SERVICES, Lifecycle, Services
+from sidecar.state import DRAINING, SERVICES, Services
 from sidecar.stats import FleetStats
 from sidecar.store import Breaker, CacheStore
 from sidecar.upstream import Upstream, create_session
@@ -68,12 +68,12 @@ def create_app(
         metrics.route(group, outcomes)
     app[METRICS] = metrics
     app[EMBEDDED_WORKER] = embedded_worker
-    app[LIFECYCLE] = Lifecycle()
+    app[DRAINING] = asyncio.Event()
     app.cleanup_ctx.extend([_redis, _http, _refresher, _services, relay.relay_ctx, _background])
     app.on_shutdown.append(_drain)
     for path, handler in RETRIEVE_ROUTES.items():
         app.router.add_get(path, handler, allow_head=False)
-    health.add_routes(app.router)
+    health.add_routes(app.router, ready=health.readyz, render=metrics.render)
     admin.add_routes(app.router)
     relay.add_route(app.router)  # last: everything else goes to the upstream as it came
     return app
@@ -150,17 +150,11 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
 def _scrape_time(services: Services) -> list[Any]:
     breaker = services.store.breaker
     return [
-        gauge("sidecar_redis_up", "1 while this process can use Redis", 0 if breaker.down else 1),
+        *process_gauges(not breaker.down, services.service.throttle.remaining()),
         counter(
             "sidecar_redis_fail_open_seconds",
             "Seconds this process served from upstream because Redis was unavailable",
             breaker.fail_open_seconds(),
-        ),
-        gauge(
-            "sidecar_upstream_backoff_seconds",
-            "Seconds left of a provider's 429 back-off, as this process knows it",
-            services.service.throttle.remaining(),
-            label="provider",
         ),
         gauge(
             "sidecar_local_cache_entries",
@@ -195,4 +189,4 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
 
 async def _drain(app: web.Application) -> None:
     """SIGTERM: readiness fails at once so no new traffic arrives while requests finish."""
-    app[LIFECYCLE].draining = True
+    app[DRAINING].set()

@@ -30,6 +30,7 @@ __all__ = [
     "Metrics",
     "counter",
     "gauge",
+    "process_gauges",
     "status_class",
 ]
 
@@ -286,3 +287,16 @@ def gauge(
 def counter(name: str, documentation: str, value: float) -> Metric:
     """A counter computed at scrape time (``name`` without ``_total``)."""
     return CounterMetricFamily(name, documentation, value=value)
+
+
+def process_gauges(redis_up: bool, backoffs: dict[str, float]) -> list[Metric]:
+    """The gauges a sidecar and a worker both export: Redis usable, 429 back-offs left."""
+    return [
+        gauge("sidecar_redis_up", "1 while this process can use Redis", int(redis_up)),
+        gauge(
+            "sidecar_upstream_backoff_seconds",
+            "Seconds left of a provider's 429 back-off, as this process knows it",
+            backoffs,
+            label="provider",
+        ),
+    ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -15,7 +16,7 @@ from sidecar.stats import FleetStats
 from sidecar.store import CacheStore
 from sidecar.upstream import Upstream
 
-__all__ = ["LIFECYCLE", "SERVICES", "Lifecycle", "Services"]
+__all__ = ["DRAINING", "SERVICES", "Services"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,13 +34,6 @@ class Services:
     """One warning per kind of upstream failure this often (each request keeps its access line)."""
 
 
-@dataclass(slots=True)
-class Lifecycle:
-    """Where the process is in its life."""
-
-    draining: bool = False
-    """SIGTERM arrived: finishing in-flight requests, refusing readiness."""
-
-
 SERVICES: web.AppKey[Services] = web.AppKey("services", Services)
-LIFECYCLE: web.AppKey[Lifecycle] = web.AppKey("lifecycle", Lifecycle)
+DRAINING: web.AppKey[asyncio.Event] = web.AppKey("draining", asyncio.Event)
+"""Set on SIGTERM: in-flight requests finish while readiness fails."""

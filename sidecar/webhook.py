@@ -15,14 +15,15 @@ import os
 import ssl
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 import msgspec
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
+from sidecar import health
 from sidecar.inject import INJECTED, PREFIX, REFUSED, SKIPPED, Decision, Object, Template, decide
-from sidecar.metrics import CONTENT_TYPE
 
 __all__ = ["MAX_REVIEW_BYTES", "CertificateFiles", "create_injector_app"]
 
@@ -35,7 +36,6 @@ _RELOAD_EVERY_S = 60.0
 _POD = {"group": "", "version": "v1", "kind": "Pod"}
 _TEMPLATE = web.AppKey("template", Template)
 _PODS = web.AppKey("pods", Counter)
-_REGISTRY = web.AppKey("registry", CollectorRegistry)
 
 
 class CertificateFiles:
@@ -82,7 +82,7 @@ def create_injector_app(
     """The injector's application; with ``certificate``, its files are reloaded as they change."""
     app = web.Application(client_max_size=MAX_REVIEW_BYTES)
     app[_TEMPLATE] = template
-    app[_REGISTRY] = registry = CollectorRegistry()
+    registry = CollectorRegistry()
     about = "Pods reviewed by the injector, by outcome and reason"
     app[_PODS] = pods = Counter(
         "sidecar_injector_pods", about, ["outcome", "reason"], registry=registry
@@ -94,19 +94,13 @@ def create_injector_app(
         app.cleanup_ctx.append(certificate.reloading)
     app.router.add_post("/mutate", mutate)
     app.router.add_post("/mutate/namespace", mutate)
-    app.router.add_get("/healthz", _ok)
-    app.router.add_get("/readyz", _ok)  # the template is loaded before the port opens
-    app.router.add_get("/metrics", _metrics)
+    # Ready as soon as it serves: the template is loaded before the port opens.
+    health.add_routes(app.router, ready=_ok, healthz=_ok, render=partial(generate_latest, registry))
     return app
 
 
 async def _ok(request: web.Request) -> web.Response:
     return web.Response(text="ok\n")
-
-
-async def _metrics(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[_REGISTRY])
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
 async def mutate(request: web.Request) -> web.Response:

@@ -14,7 +14,8 @@ from typing import Any
 
 from aiohttp import web
 
-from sidecar.metrics import CONTENT_TYPE, gauge
+from sidecar import health
+from sidecar.metrics import gauge, process_gauges
 from sidecar.queue import refresh_backlog
 from sidecar.store import REDIS_ERRORS
 from worker.refresh import RefreshRunner
@@ -62,39 +63,23 @@ async def start_worker_http(runner: RefreshRunner, queue: Any) -> web.AppRunner 
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
-    async def healthz(request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
     async def readyz(request: web.Request) -> web.Response:
         if not probe.up:
             body = {"status": "queue unreachable", "error": probe.error}
             return web.json_response(body, status=503)
         return web.json_response({"status": "ready", "refresh_backlog": probe.backlog})
 
-    async def render(request: web.Request) -> web.Response:
-        return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE})
-
     metrics.watch(
         lambda: [
             gauge("sidecar_refresh_backlog", "Refresh jobs due and not finished", probe.backlog),
-            gauge(
-                "sidecar_redis_up",
-                "1 while this process can use Redis",
-                int(probe.up and not runner.store.breaker.down),
-            ),
-            gauge(
-                "sidecar_upstream_backoff_seconds",
-                "Seconds left of a provider's 429 back-off, as this process knows it",
-                runner.throttle.remaining(),
-                label="provider",
+            *process_gauges(
+                probe.up and not runner.store.breaker.down, runner.throttle.remaining()
             ),
         ]
     )
     app = web.Application()
     app.cleanup_ctx.append(probing)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", render, allow_head=False)
+    health.add_routes(app.router, ready=readyz, render=metrics.render)
     app_runner = web.AppRunner(app, access_log=None)
     await app_runner.setup()
     await web.TCPSite(app_runner, settings.host, settings.worker_metrics_port).start()
