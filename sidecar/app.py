@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 import aiohttp
@@ -15,12 +15,12 @@ from sidecar import admin, health, relay, tracing
 from sidecar.announce import listen_for_changes
 from sidecar.connections import close_redis, create_redis, create_subscriber
 from sidecar.credentials import CredentialReader
+from sidecar.flight import flush_every
 from sidecar.keys import KeySpace
 from sidecar.metrics import Metrics, counter, gauge
 from sidecar.middleware import answer_middleware
 from sidecar.outcomes import Refresher
 from sidecar.queue import ArqRefresher
-from sidecar.reads import ReadTracker, flush_every
 from sidecar.service import ContainerService
 from sidecar.settings import Settings
 from sidecar.state import LIFECYCLE, SERVICES, Lifecycle, Services
@@ -128,7 +128,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         upstream,
         settings,
         refresher=refresher,
-        reads=ReadTracker(store) if refresher is not None else None,
+        reads=stats if refresher is not None else None,
     )
     services = Services(
         settings=settings,
@@ -173,11 +173,8 @@ def _scrape_time(services: Services) -> list[Any]:
 
 async def _background(app: web.Application) -> AsyncIterator[None]:
     services = app[SERVICES]
-    local, reads = services.service.local, services.service.reads
-    flushes: list[Callable[[], Awaitable[None]]] = [services.stats.flush]
-    if reads is not None:
-        flushes.append(reads.flush)
-    tasks = [asyncio.create_task(flush_every(0.5, *flushes))]
+    local = services.service.local
+    tasks = [asyncio.create_task(flush_every(0.5, services.stats.flush))]
     subscriber = create_subscriber(app[SETTINGS], app[REDIS])
     if local.enabled:
         listener = listen_for_changes(subscriber, services.store.keys, local)
