@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 import aiohttp
@@ -15,12 +15,12 @@ from sidecar import admin, health, relay, tracing
 from sidecar.announce import listen_for_changes
 from sidecar.connections import close_redis, create_redis, create_subscriber
 from sidecar.credentials import CredentialReader
+from sidecar.flight import flush_every
 from sidecar.keys import KeySpace
 from sidecar.metrics import Metrics, counter, gauge, process_gauges
 from sidecar.middleware import answer_middleware
 from sidecar.outcomes import Refresher
 from sidecar.queue import ArqRefresher
-from sidecar.reads import ReadTracker, flush_every
 from sidecar.service import ContainerService
 from sidecar.settings import Settings
 from sidecar.state import DRAINING, SERVICES, Services
@@ -38,7 +38,6 @@ REDIS: web.AppKey[Any] = web.AppKey("redis", object)
 HTTP: web.AppKey[aiohttp.ClientSession] = web.AppKey("http", aiohttp.ClientSession)
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 EMBEDDED_WORKER: web.AppKey[Any] = web.AppKey("embedded_worker", object)
-REFRESHER: web.AppKey[Any] = web.AppKey("refresher", object)
 
 #: The ``route`` label values besides the retrieval routes (a closed set).
 ROUTE_GROUPS = {"passthrough": ("bypass", "error"), "admin": ("bypass", "error"),
@@ -53,7 +52,9 @@ class ClosableRefresher(Refresher, Protocol):
 
 
 #: Builds the in-process worker of the embedded default.
-EmbeddedWorkerFactory = Callable[[Settings, Any, aiohttp.ClientSession, Metrics], ClosableRefresher]
+EmbeddedWorkerFactory = Callable[
+    [Settings, Any, aiohttp.ClientSession, Metrics, FleetStats], ClosableRefresher
+]
 
 
 def create_app(
@@ -69,7 +70,7 @@ def create_app(
     app[METRICS] = metrics
     app[EMBEDDED_WORKER] = embedded_worker
     app[DRAINING] = asyncio.Event()
-    app.cleanup_ctx.extend([_redis, _http, _refresher, _services, relay.relay_ctx, _background])
+    app.cleanup_ctx.extend([_redis, _http, _services, relay.relay_ctx, _background])
     app.on_shutdown.append(_drain)
     for path, handler in RETRIEVE_ROUTES.items():
         app.router.add_get(path, handler, allow_head=False)
@@ -92,7 +93,7 @@ async def _http(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
-async def _refresher(app: web.Application) -> AsyncIterator[None]:
+def _start_refresher(app: web.Application, stats: FleetStats) -> ClosableRefresher | None:
     settings = app[SETTINGS]
     refresher: ClosableRefresher | None = None
     if not settings.refresh_enabled:
@@ -103,17 +104,14 @@ async def _refresher(app: web.Application) -> AsyncIterator[None]:
     elif settings.redis_url:
         refresher = ArqRefresher(settings, app[METRICS])
     elif app[EMBEDDED_WORKER] is not None:
-        refresher = app[EMBEDDED_WORKER](settings, app[REDIS], app[HTTP], app[METRICS])
+        refresher = app[EMBEDDED_WORKER](settings, app[REDIS], app[HTTP], app[METRICS], stats)
     else:
         log.warning("embedded store without an embedded worker: background refresh is off")
-    app[REFRESHER] = refresher
-    yield
-    if refresher is not None:
-        await refresher.close()
+    return refresher
 
 
 async def _services(app: web.Application) -> AsyncIterator[None]:
-    settings, metrics, refresher = app[SETTINGS], app[METRICS], app[REFRESHER]
+    settings, metrics = app[SETTINGS], app[METRICS]
     secret = settings.key_secret.reveal() if settings.key_secret else None
     if secret is None:
         log.warning(
@@ -123,13 +121,14 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     breaker = Breaker(settings.redis_retry_after_s, on_failure=metrics.redis_errors.inc)
     store = CacheStore(app[REDIS], KeySpace(settings.key_prefix), breaker)
     stats = FleetStats(store)
+    refresher = _start_refresher(app, stats)
     upstream = Upstream(app[HTTP], settings, metrics, caller="sidecar", stats=stats)
     service = ContainerService(
         store,
         upstream,
         settings,
         refresher=refresher,
-        reads=ReadTracker(store) if refresher is not None else None,
+        reads=stats if refresher is not None else None,
     )
     services = Services(
         settings=settings,
@@ -144,6 +143,8 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     metrics.watch(lambda: _scrape_time(services))
     yield
     await service.close()
+    if refresher is not None:
+        await refresher.close()
     await store.close()
 
 
@@ -166,11 +167,8 @@ def _scrape_time(services: Services) -> list[Any]:
 
 async def _background(app: web.Application) -> AsyncIterator[None]:
     services = app[SERVICES]
-    local, reads = services.service.local, services.service.reads
-    flushes: list[Callable[[], Awaitable[None]]] = [services.stats.flush]
-    if reads is not None:
-        flushes.append(reads.flush)
-    tasks = [asyncio.create_task(flush_every(0.5, *flushes))]
+    local = services.service.local
+    tasks = [asyncio.create_task(flush_every(0.5, services.stats.flush))]
     subscriber = create_subscriber(app[SETTINGS], app[REDIS])
     if local.enabled:
         listener = listen_for_changes(subscriber, services.store.keys, local)

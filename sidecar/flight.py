@@ -1,4 +1,4 @@
-"""In-process machinery: shared calls, owned background tasks, counted connections, bounded maps."""
+"""In-process machinery: shared calls, owned tasks, counted connections, bounded maps, flushes."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Generic, TypeVar
 
 from sidecar.errors import Overloaded
 
-__all__ = ["BackgroundTasks", "ConnectionSlots", "SingleFlight", "remember"]
+__all__ = ["BackgroundTasks", "ConnectionSlots", "SingleFlight", "flush_every", "remember"]
 
 log = logging.getLogger(__name__)
 
@@ -120,3 +120,13 @@ class ConnectionSlots:
             yield
         finally:
             self._free.release()
+
+
+async def flush_every(interval_s: float, flush: Callable[[], Awaitable[None]]) -> None:
+    """Run ``flush`` every interval until cancelled, then once more."""
+    try:
+        while True:
+            await asyncio.sleep(interval_s)
+            await flush()
+    finally:
+        await asyncio.shield(flush())

@@ -36,9 +36,9 @@ from sidecar.keys import cache_id_for
 from sidecar.local import LocalCache
 from sidecar.outcomes import Outcome, Query, Refresher
 from sidecar.policy import Policy, State
-from sidecar.reads import ReadTracker
 from sidecar.records import Record
 from sidecar.settings import Settings, cache_provider
+from sidecar.stats import FleetStats
 from sidecar.store import CacheStore, Failure, Lookup, now_ms
 from sidecar.throttle import Throttle, retry_after_ms
 from sidecar.upstream import Upstream, UpstreamReply
@@ -70,7 +70,7 @@ class ContainerService:
         *,
         refresher: Refresher | None = None,
         local: LocalCache | None = None,
-        reads: ReadTracker | None = None,
+        reads: FleetStats | None = None,
     ) -> None:
         self.store = store
         self.upstream = upstream
@@ -130,7 +130,7 @@ class ContainerService:
         admit it (no await: the hit lane answers with it before any routing)."""
         provider, cid, rules = query.provider, query.container_id, query.rules
         if self.reads is not None:
-            self.reads.note(provider, cid)
+            self.reads.note_read(provider, cid)
         if rules.no_cache:
             return None
         now = now_ms()

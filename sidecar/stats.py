@@ -1,32 +1,46 @@
-"""Fleet-wide counts for ``GET /api/cache/stats``: every process adds its own to a Redis hash,
-with one ``HINCRBY`` pipeline per flush (never on the hot path); a failed flush keeps its counts.
+"""What a process collects between flushes (never on the hot path): fleet-wide counts for
+``GET /api/cache/stats``, added to a Redis hash with one ``HINCRBY`` pipeline (a failed flush
+keeps them), and the containers read, marked in the refresh-ahead index with one ``ZADD`` (a
+failed flush drops them: the next reads mark them again).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter
 from typing import Any
 
 from sidecar.errors import StoreUnavailable
+from sidecar.keys import member
 from sidecar.store import CacheStore
 
 __all__ = ["FleetStats"]
 
 
 class FleetStats:
-    """Counts of answers and upstream calls, shared by every sidecar and worker."""
+    """Counts of answers and upstream calls, shared by every sidecar and worker, and this
+    process's reads."""
 
     def __init__(self, store: CacheStore) -> None:
         self._store = store
         self._pending: Counter[str] = Counter()
+        self._reads: set[str] = set()
 
     def add(self, name: str) -> None:
         """Count one ``answers.<outcome>`` or ``upstream.<caller>``."""
         self._pending[name] += 1
 
+    def note_read(self, provider: str, container_id: str) -> None:
+        """Remember that a container was read."""
+        self._reads.add(member(provider, container_id))
+
     async def flush(self) -> None:
-        """Add what was counted since the last flush to the shared hash."""
+        """Write the reads and add the counts noted since the last flush."""
+        if self._reads:
+            names, self._reads = list(self._reads), set()
+            with contextlib.suppress(StoreUnavailable):
+                await self._store.mark_read(names, time.time_ns() // 1_000_000)
         if not self._pending:
             return
         pending, self._pending = self._pending, Counter()

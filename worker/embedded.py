@@ -17,8 +17,8 @@ import aiohttp
 from sidecar.flight import BackgroundTasks
 from sidecar.metrics import Metrics
 from sidecar.queue import Batch, Renewal, refresh_stale
-from sidecar.reads import flush_every
 from sidecar.settings import Settings
+from sidecar.stats import FleetStats
 from sidecar.store import CacheStore, now_ms
 from worker.ahead import run_refresh_ahead
 from worker.refresh import RefreshRunner
@@ -36,7 +36,6 @@ class EmbeddedWorker:
         self._tasks = BackgroundTasks()
         self._batches = BackgroundTasks()
         self._tasks.spawn(run_refresh_ahead(runner, runner.store.redis, self.enqueue))
-        self._tasks.spawn(flush_every(1.0, runner.stats.flush))
 
     async def close(self) -> None:
         """Stop refresh-ahead and the batches still running; finish the saves under way."""
@@ -66,8 +65,13 @@ class EmbeddedWorker:
 
 
 def start_embedded_worker(
-    settings: Settings, redis: Any, session: aiohttp.ClientSession, metrics: Metrics
+    settings: Settings,
+    redis: Any,
+    session: aiohttp.ClientSession,
+    metrics: Metrics,
+    stats: FleetStats,
 ) -> EmbeddedWorker:
-    """An embedded worker on the sidecar's own store, HTTP session and metrics, started."""
+    """An embedded worker on the sidecar's own store, HTTP session, metrics and stats (which the
+    sidecar flushes), started."""
     log.info("background refresh runs inside this process (embedded worker)")
-    return EmbeddedWorker(RefreshRunner(settings, redis, session, metrics))
+    return EmbeddedWorker(RefreshRunner(settings, redis, session, metrics, stats))

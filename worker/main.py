@@ -16,10 +16,10 @@ from arq.worker import Worker, func
 
 from sidecar import tracing
 from sidecar.connections import close_redis, create_redis
+from sidecar.flight import flush_every
 from sidecar.logs import Outage
 from sidecar.metrics import Metrics
 from sidecar.queue import POLL_S, REFRESH_BATCH_JOB, Renewal, enqueue_batch, queue_redis_settings
-from sidecar.reads import flush_every
 from sidecar.settings import Settings
 from sidecar.store import REDIS_ERRORS
 from sidecar.upstream import create_session

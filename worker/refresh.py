@@ -106,7 +106,12 @@ class RefreshRunner:
     in ``sidecar_refresh_jobs_total`` and summed up in the job's log line."""
 
     def __init__(
-        self, settings: Settings, redis: Any, session: aiohttp.ClientSession, metrics: Metrics
+        self,
+        settings: Settings,
+        redis: Any,
+        session: aiohttp.ClientSession,
+        metrics: Metrics,
+        stats: FleetStats | None = None,
     ) -> None:
         keys = KeySpace(settings.key_prefix)
         self.settings = settings
@@ -114,7 +119,7 @@ class RefreshRunner:
         self.store = CacheStore(
             redis, keys, Breaker(settings.redis_retry_after_s, on_failure=metrics.redis_errors.inc)
         )
-        self.stats = FleetStats(self.store)
+        self.stats = stats or FleetStats(self.store)  # a sidecar's own, in the embedded default
         self.throttle = Throttle(
             self.store, settings.retry_after_default_s, settings.retry_after_max_s
         )
