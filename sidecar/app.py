@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Protocol
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -44,16 +44,9 @@ ROUTE_GROUPS = {"passthrough": ("bypass", "error"), "admin": ("bypass", "error")
                 "unmatched": ("error",)}  # fmt: skip
 
 
-class ClosableRefresher(Refresher, Protocol):
-    """A refresher with resources of its own."""
-
-    async def close(self) -> None:
-        """Release them."""
-
-
 #: Builds the in-process worker of the embedded default.
 EmbeddedWorkerFactory = Callable[
-    [Settings, Any, aiohttp.ClientSession, Metrics, FleetStats], ClosableRefresher
+    [Settings, Any, aiohttp.ClientSession, Metrics, FleetStats], Refresher
 ]
 
 
@@ -93,9 +86,9 @@ async def _http(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
-def _start_refresher(app: web.Application, stats: FleetStats) -> ClosableRefresher | None:
+def _start_refresher(app: web.Application, stats: FleetStats) -> Refresher | None:
     settings = app[SETTINGS]
-    refresher: ClosableRefresher | None = None
+    refresher: Refresher | None = None
     if not settings.refresh_enabled:
         log.info(
             "no SIDECAR_SERVICE_API_KEY: background refresh is off; stale entries are "

@@ -58,3 +58,6 @@ class Refresher(Protocol):
 
     async def backlog(self) -> int | None:
         """Refresh jobs waiting, if known."""
+
+    async def close(self) -> None:
+        """Release its resources."""
