@@ -24,11 +24,11 @@ def remember(
     """Set ``table[key]`` as its newest entry, keeping at most ``limit`` entries: when it is
     full, the ``stale`` ones go first, then the oldest."""
     table.pop(key, None)
-    if len(table) >= limit:
-        for old in [k for k, v in table.items() if stale is not None and stale(v)]:
+    if len(table) >= limit and stale is not None:  # a scan, only where staleness can be told
+        for old in [k for k, v in table.items() if stale(v)]:
             del table[old]
-        while len(table) >= limit:
-            del table[next(iter(table))]
+    while len(table) >= limit:
+        del table[next(iter(table))]
     table[key] = value
 
 
