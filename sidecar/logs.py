@@ -188,9 +188,14 @@ class Outage:
             self.since = time.monotonic()
         if self._every.due("") is not None:
             self._logged = True
-            self._log.warning("%s unavailable (%s: %s): %s", self._what, type(exc).__name__, exc,
-                              self._meanwhile)  # fmt: skip
+            kind = type(exc).__name__
+            self._log.warning("%s unavailable (%s: %s): %s", self._what, kind, exc, self._meanwhile)
         return starts
+
+    def seconds(self) -> float:
+        """Seconds spent in outages so far, the current one included."""
+        current = time.monotonic() - self.since if self.since is not None else 0.0
+        return self.total_s + current
 
     def recovered(self) -> None:
         """Note a success: the end of an outage."""

@@ -246,8 +246,7 @@ class Breaker:
 
     def fail_open_seconds(self) -> float:
         """Seconds spent without Redis so far, the current outage included."""
-        since = self.outage.since
-        return self.outage.total_s + (time.monotonic() - since if since is not None else 0.0)
+        return self.outage.seconds()
 
     def success(self) -> None:
         """Record a success."""
